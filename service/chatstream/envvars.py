@@ -1,0 +1,33 @@
+"""Names of the environment variables the service reads.
+
+This module is the one place those names live. The operator imports it to set
+them on pods, so it must stay free of heavy imports (no torch, no fastapi).
+Standard OpenTelemetry settings use the ``OTEL_*`` names of the SDK itself.
+"""
+
+MODEL = "CHATSTREAM_MODEL"                      # builtin:smollm2-135m-instruct | hf:ORG/NAME[@rev] | /path
+REVISION = "CHATSTREAM_REVISION"                # hub revision (overrides an @rev in MODEL)
+SERVED_MODEL_NAME = "CHATSTREAM_SERVED_MODEL_NAME"
+HOST = "CHATSTREAM_HOST"
+PORT = "CHATSTREAM_PORT"
+DEVICE = "CHATSTREAM_DEVICE"                    # auto | cpu | cuda
+DTYPE = "CHATSTREAM_DTYPE"                      # auto | float32 | bfloat16 | float16
+MAX_CONCURRENT = "CHATSTREAM_MAX_CONCURRENT"    # num_of_concurrent_executions
+MAX_QUEUE = "CHATSTREAM_MAX_QUEUE"              # max_queue_size
+MAX_NEW_TOKENS = "CHATSTREAM_MAX_NEW_TOKENS"
+CONTEXT_LENGTH = "CHATSTREAM_CONTEXT_LENGTH"
+QUEUE_FULL_STATUS = "CHATSTREAM_QUEUE_FULL_STATUS"  # 503 (default) or 429
+SESSION_SECRET = "CHATSTREAM_SESSION_SECRET"
+SESSION_STORE = "CHATSTREAM_SESSION_STORE"      # memory | redis
+REDIS_URL = "CHATSTREAM_REDIS_URL"
+CACHE_DIR = "CHATSTREAM_CACHE_DIR"              # converted models live here
+SHUTDOWN_GRACE_SECONDS = "CHATSTREAM_SHUTDOWN_GRACE_SECONDS"
+TRACES_KEEP = "CHATSTREAM_TRACES_KEEP"          # traces kept in memory for /traces
+TRACE_CONTENT = "CHATSTREAM_TRACE_CONTENT"      # "true" records message content on spans
+
+# Standard OpenTelemetry SDK variables the operator sets from spec.tracing.
+OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"
+OTEL_EXPORTER_OTLP_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+OTEL_EXPORTER_OTLP_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+OTEL_TRACES_SAMPLER = "OTEL_TRACES_SAMPLER"
+OTEL_TRACES_SAMPLER_ARG = "OTEL_TRACES_SAMPLER_ARG"
