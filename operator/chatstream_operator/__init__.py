@@ -1,0 +1,1 @@
+"""Kubernetes operator for ChatStreamDeployment resources (chatstream.io/v1alpha1)."""

@@ -1,0 +1,44 @@
+"""`chatstream-operator` / `python -m chatstream_operator`: run the operator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import kopf
+
+from .resources import Images
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="chatstream-operator", description=__doc__)
+    p.add_argument("-n", "--namespace", action="append", default=[],
+                   help="watch only this namespace (repeatable); all namespaces when omitted")
+    p.add_argument("--liveness", default=os.environ.get("CHATSTREAM_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
+                   help="URL the liveness endpoint listens on ('' turns it off)")
+    p.add_argument("--log-format", choices=["json", "plain"], default="json")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--image", default=os.environ.get("CHATSTREAM_OPERATOR_IMAGE", Images.cpu),
+                   help="service image for resources that name none")
+    p.add_argument("--gpu-image", default=os.environ.get("CHATSTREAM_OPERATOR_GPU_IMAGE", Images.gpu),
+                   help="service image for resources that name none and want a GPU")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    fmt = kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN
+    kopf.configure(verbose=args.verbose, log_format=fmt)
+    from . import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.run(
+        standalone=True,  # one replica; no peering objects to create
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness or None,
+        memo=kopf.Memo(images=Images(cpu=args.image, gpu=args.gpu_image)),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The few Kubernetes API calls the operator makes (kubernetes client)."""
+
+from __future__ import annotations
+
+import json
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from . import resources
+
+_APPLY = "application/apply-patch+yaml"
+_MERGE = "application/merge-patch+json"
+
+
+def login() -> None:
+    """In-cluster credentials in a pod, $KUBECONFIG or ~/.kube/config outside."""
+    kubernetes.config.load_config()
+
+
+def _json(response) -> dict:
+    return json.loads(response.data)
+
+
+def apply(manifest: dict) -> dict:
+    """Server-side apply as the operator's field manager. Applying what is
+    already there writes nothing, so repeated reconciles (a restart, a
+    timer) leave resourceVersions alone."""
+    meta = manifest["metadata"]
+    kw = dict(field_manager=resources.MANAGER, force=True, _content_type=_APPLY, _preload_content=False)
+    if manifest["kind"] == "Deployment":
+        api = kubernetes.client.AppsV1Api()
+        resp = api.patch_namespaced_deployment(meta["name"], meta["namespace"], manifest, **kw)
+    elif manifest["kind"] == "Service":
+        api = kubernetes.client.CoreV1Api()
+        resp = api.patch_namespaced_service(meta["name"], meta["namespace"], manifest, **kw)
+    else:
+        raise ValueError(f"cannot apply a {manifest['kind']}")
+    return _json(resp)
+
+
+def create_secret_once(manifest: dict) -> None:
+    """Create the Secret unless it exists; an existing one is never rewritten."""
+    try:
+        kubernetes.client.CoreV1Api().create_namespaced_secret(manifest["metadata"]["namespace"], manifest)
+    except ApiException as err:
+        if err.status != 409:
+            raise
+
+
+def get_resource(namespace: str, name: str) -> dict | None:
+    api = kubernetes.client.CustomObjectsApi()
+    try:
+        return api.get_namespaced_custom_object(
+            resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
+def patch_status(namespace: str, name: str, status: dict) -> None:
+    api = kubernetes.client.CustomObjectsApi()
+    try:
+        api.patch_namespaced_custom_object_status(
+            resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name,
+            {"status": status}, _content_type=_MERGE,
+        )
+    except ApiException as err:
+        if err.status != 404:  # the resource went away meanwhile
+            raise

