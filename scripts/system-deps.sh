@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Debian packages the service tests use (a real browser for the chat page).
+# Idempotent: installs only what is missing. The cluster and image parts have
+# their own script (system-deps-cluster.sh).
+set -euo pipefail
+need=()
+command -v chromium >/dev/null || need+=(chromium)
+if ((${#need[@]})); then
+  echo "==> installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+if [[ -f scripts/system-deps-cluster.sh ]]; then
+  bash scripts/system-deps-cluster.sh
+fi

@@ -1,0 +1,23 @@
+"""What the engine tells a request's consumer, from the engine thread."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str                 # new text, never a split character, never part of a stop string
+    completion_tokens: int    # tokens generated so far
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str               # "stop" (EOS or stop string), "length", or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException

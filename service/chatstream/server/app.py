@@ -1,0 +1,129 @@
+"""The ChatStream server: the library's endpoints, the OpenAI API, probes, metrics and the chat page.
+
+The model loads on a background thread after the server starts, so that the
+liveness probe answers during a long load; ``/readyz`` turns true once it is
+loaded and false again while draining.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from ..config import Settings
+from .companion_api import add_companion_routes
+from .openai_api import build_router
+
+log = logging.getLogger("chatstream.server")
+STATIC = Path(__file__).parent / "static"
+
+
+class ServerState:
+    def __init__(self):
+        self.chat_stream = None
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+
+    def require(self):
+        if self.chat_stream is None:
+            detail = f"model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+            raise HTTPException(503, detail, headers={"Retry-After": "5"})
+        return self.chat_stream
+
+
+def build_chat_stream(settings: Settings):
+    from ..engine.loader import load_model
+    from ..stream import ChatStream
+    model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype,
+                                  revision=settings.revision)
+    return ChatStream(model=model, tokenizer=tokenizer, num_of_concurrent_executions=settings.max_concurrent,
+                      max_queue_size=settings.max_queue, max_new_tokens=settings.max_new_tokens,
+                      context_len=settings.context_length, temperature=settings.temperature, top_p=settings.top_p,
+                      too_many_request_as_http_error=settings.queue_full_status == 429,
+                      model_name=settings.served_model_name)
+
+
+def session_store(settings: Settings):
+    if settings.session_store == "redis":
+        from ..redis_store import RedisStore
+        return RedisStore(settings.redis_url)
+    return None
+
+
+def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
+    """An app serving ``chat_stream``, or one that loads the model named in ``settings``."""
+    settings = settings or Settings()
+    state = ServerState()
+
+    def load():
+        try:
+            state.chat_stream = build_chat_stream(settings)
+            log.info("model %s loaded; serving", settings.model)
+        except BaseException as exc:  # noqa: BLE001 - reported on /readyz, the process stays up
+            state.load_error = str(exc)
+            log.error("model load failed: %s", exc)
+        finally:
+            state.loaded.set()
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if chat_stream is not None:
+            state.chat_stream = chat_stream
+            state.loaded.set()
+        else:
+            threading.Thread(target=load, name="chatstream-model-load", daemon=True).start()
+        yield
+        if state.chat_stream is not None and chat_stream is None:
+            state.chat_stream.shutdown()
+
+    app = FastAPI(title="ChatStream", lifespan=lifespan)
+    app.state.server = state
+    from ..sessions import SessionMiddleware
+    app.add_middleware(SessionMiddleware, secret_key=settings.session_secret, store=session_store(settings))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+                             for e in exc.errors())
+        return JSONResponse({"error": {"message": problems, "type": "invalid_request_error",
+                                       "param": None, "code": "invalid_request_error"}}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": {"message": exc.detail, "type": "unavailable" if exc.status_code == 503
+                                       else "http_error"}}, status_code=exc.status_code, headers=exc.headers)
+
+    add_companion_routes(app, state.require)
+    app.include_router(build_router(state.require))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        cs = state.chat_stream
+        if cs is None:
+            return JSONResponse({"ready": False, "reason": state.load_error or "loading"}, status_code=503)
+        if cs.draining:
+            return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
+        return {"ready": True, "model": cs.model_name}
+
+    @app.get("/metrics")
+    async def metrics():
+        cs = state.chat_stream
+        body = cs.metrics.render() if cs is not None else b""
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/")
+    async def index():
+        return FileResponse(STATIC / "index.html")
+
+    return app

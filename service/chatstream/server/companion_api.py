@@ -1,0 +1,75 @@
+"""The original ChatStream's companion endpoints, added by ``append_apis``."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+
+def _session(request: Request):
+    manager = getattr(request.state, "session", None)
+    return manager.get_session() if manager is not None else None
+
+
+def add_companion_routes(app: FastAPI, get_chat_stream) -> None:
+    """``get_chat_stream()`` returns the ChatStream (or raises HTTPException 503 while loading)."""
+    @app.post("/chat_stream")
+    async def chat_stream_api(request: Request):
+        return await get_chat_stream().handle_chat_stream_request(request)
+
+    @app.post("/clear_context")
+    async def clear_context(request: Request):
+        session = _session(request)
+        if session is None:
+            return {"success": False, "message": "no session"}
+        session.pop("chat_prompt", None)
+        return {"success": True, "message": "Context successfully cleared"}
+
+    @app.get("/get_load")
+    async def get_load():
+        return {"success": True, "message": "success", "chatstream_workers": [get_chat_stream().get_load()]}
+
+    @app.get("/get_prompt")
+    async def get_prompt(request: Request):
+        session = _session(request)
+        prompt = session.get("chat_prompt") if session else None
+        return {"success": True, "message": "success" if prompt else "no prompt",
+                "prompt": prompt.create_prompt() if prompt and not prompt.is_empty() else None}
+
+    @app.post("/set_generation_params")
+    async def set_generation_params(request: Request):
+        try:
+            data = await request.json()
+        except ValueError:
+            return JSONResponse({"success": False, "message": "request body is not valid JSON"}, status_code=400)
+        if not isinstance(data, dict):
+            return JSONResponse({"success": False, "message": "request body must be a JSON object"}, status_code=400)
+        limits = {"temperature": (0.0, 2.0), "top_k_value": (0, 500), "top_p_value": (0.0, 1.0)}
+        params = {}
+        for key, (low, high) in limits.items():
+            value = data.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                return JSONResponse({"success": False, "message": f"{key} must be a number from {low} to {high}"},
+                                    status_code=400)
+            params[key] = value
+        if params.get("top_p_value") == 0:
+            return JSONResponse({"success": False, "message": "top_p_value must be above 0"}, status_code=400)
+        session = _session(request)
+        if session is None:
+            return {"success": False, "message": "no session", "generation_params": None}
+        session["generation_params"] = {**session.get("generation_params", {}), **params}
+        return {"success": True, "message": "success", "generation_params": _merged(get_chat_stream(), session)}
+
+    @app.get("/get_generation_params")
+    async def get_generation_params(request: Request):
+        session = _session(request)
+        if session is None:
+            return {"success": False, "message": "no session", "generation_params": None}
+        return {"success": True, "message": "success", "generation_params": _merged(get_chat_stream(), session)}
+
+
+def _merged(chat_stream, session: dict) -> dict:
+    base = {k: chat_stream.params[k] for k in ("temperature", "top_k_value", "top_p_value")}
+    return {**base, **(session.get("generation_params") or {})}

@@ -1,0 +1,53 @@
+"""Running the app under uvicorn with a graceful drain on SIGTERM.
+
+On the first SIGTERM (or Ctrl-C) readiness turns false and new requests get
+503, while streams in flight run to their end, for up to the grace period;
+then uvicorn shuts down. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import uvicorn
+
+from ..config import Settings
+from .app import create_app
+
+log = logging.getLogger("chatstream.server")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state, grace_seconds: float):
+        super().__init__(config)
+        self.state = state
+        self.grace_seconds = grace_seconds
+        self.draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        cs = self.state.chat_stream
+        if self.draining or cs is None:
+            return super().handle_exit(sig, frame)
+        self.draining = True
+        cs.draining = True
+        log.info("draining: %d streams in flight, up to %.0fs", cs.in_flight, self.grace_seconds)
+        threading.Thread(target=self._drain, args=(cs,), daemon=True).start()
+
+    def _drain(self, cs) -> None:
+        deadline = time.monotonic() + self.grace_seconds
+        while cs.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if cs.in_flight:
+            log.warning("grace period over with %d streams in flight; stopping", cs.in_flight)
+        else:
+            log.info("all streams finished; stopping")
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=5, access_log=False)
+    DrainingServer(config, app.state.server, settings.shutdown_grace_seconds).run()
