@@ -13,9 +13,11 @@ def _session(request: Request):
 
 def add_companion_routes(app: FastAPI, get_chat_stream) -> None:
     """``get_chat_stream()`` returns the ChatStream (or raises HTTPException 503 while loading)."""
-    @app.post("/chat_stream")
-    async def chat_stream_api(request: Request):
-        return await get_chat_stream().handle_chat_stream_request(request)
+    taken = {getattr(route, "path", None) for route in app.router.routes}
+    if "/chat_stream" not in taken:  # the application's own endpoint wins
+        @app.post("/chat_stream")
+        async def chat_stream_api(request: Request):
+            return await get_chat_stream().handle_chat_stream_request(request)
 
     @app.post("/clear_context")
     async def clear_context(request: Request):

@@ -1,0 +1,185 @@
+"""The pure builders: a ChatStreamDeployment in, Deployment/Service/Secret out."""
+
+from __future__ import annotations
+
+from chatstream import envvars
+from chatstream_operator import resources
+
+from builder_helpers import make_resource
+
+
+def container(dep: dict) -> dict:
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(dep: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(dep)["env"]}
+
+
+def test_defaults_give_a_runnable_cpu_deployment():
+    dep = resources.deployment(make_resource())
+    c = container(dep)
+    assert dep["metadata"]["name"] == "chat" and dep["metadata"]["namespace"] == "team-a"
+    assert dep["spec"]["replicas"] == 1
+    assert c["image"] == resources.Images().cpu
+    assert c["command"] == ["chatstream", "serve"]
+    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    e = env(dep)
+    assert e[envvars.MODEL] == "builtin:smollm2-135m-instruct"
+    assert e[envvars.PORT] == "8000"
+    assert e[envvars.MAX_CONCURRENT] == "4" and e[envvars.MAX_QUEUE] == "16"
+    assert e[envvars.MAX_NEW_TOKENS] == "256" and e[envvars.CONTEXT_LENGTH] == "2048"
+    assert e[envvars.DEVICE] == "auto" and e[envvars.DTYPE] == "auto"
+    assert e[envvars.SESSION_STORE] == "memory"
+    assert e[envvars.CACHE_DIR] == resources.CACHE_DIR
+    assert "nvidia.com/gpu" not in str(c["resources"])
+    assert c["resources"] == resources.DEFAULT_RESOURCES
+    # No tracing section: no sampler override, no exporter.
+    assert envvars.OTEL_EXPORTER_OTLP_ENDPOINT not in e and envvars.OTEL_TRACES_SAMPLER not in e
+    assert e[envvars.OTEL_SERVICE_NAME] == "chat"
+
+
+def test_children_are_owned_by_the_resource_and_selected_by_its_labels():
+    body = make_resource()
+    for child in (resources.deployment(body), resources.service(body), resources.session_secret(body, "s")):
+        [owner] = child["metadata"]["ownerReferences"]
+        assert owner == {
+            "apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment", "name": "chat",
+            "uid": "uid-1234", "controller": True, "blockOwnerDeletion": True,
+        }
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "chatstream-operator"
+    dep, svc = resources.deployment(body), resources.service(body)
+    assert dep["spec"]["selector"]["matchLabels"] == svc["spec"]["selector"] == dep["spec"]["template"]["metadata"]["labels"]
+    assert resources.selector("chat") == "app.kubernetes.io/instance=chat,app.kubernetes.io/name=chatstream"
+
+
+def test_builders_are_deterministic():
+    assert resources.deployment(make_resource()) == resources.deployment(make_resource())
+    assert resources.service(make_resource()) == resources.service(make_resource())
+
+
+def test_replicas_follow_the_spec_without_rolling_pods():
+    one = resources.deployment(make_resource({"model": {"source": "/models/x"}, "replicas": 1}))
+    five = resources.deployment(make_resource({"model": {"source": "/models/x"}, "replicas": 5}))
+    assert five["spec"]["replicas"] == 5
+    assert one["spec"]["template"] == five["spec"]["template"]
+
+
+def test_any_other_spec_change_changes_the_pod_template():
+    base = resources.deployment(make_resource())
+    changed = resources.deployment(make_resource({"model": {"source": "builtin:smollm2-135m-instruct"},
+                                                  "generation": {"maxNewTokens": 100}}))
+    key = resources.SPEC_HASH_ANNOTATION
+    assert base["spec"]["template"]["metadata"]["annotations"][key] != changed["spec"]["template"]["metadata"]["annotations"][key]
+
+
+def test_generation_is_recorded_for_status():
+    dep = resources.deployment(make_resource(generation=7))
+    assert dep["metadata"]["annotations"][resources.GENERATION_ANNOTATION] == "7"
+
+
+def test_cuda_asks_for_one_gpu_and_tolerates_gpu_nodes():
+    dep = resources.deployment(make_resource({"model": {"source": "hf:org/model", "device": "cuda"}}))
+    c = container(dep)
+    assert c["image"] == resources.Images().gpu
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in dep["spec"]["template"]["spec"]["tolerations"]
+
+
+def test_gpu_count_from_requests_moves_to_limits():
+    dep = resources.deployment(make_resource({
+        "model": {"source": "hf:org/model"},
+        "resources": {"requests": {"cpu": "4", "nvidia.com/gpu": 2}},
+    }))
+    assert container(dep)["resources"] == {"requests": {"cpu": "4"}, "limits": {"nvidia.com/gpu": 2}}
+
+
+def test_explicit_image_policy_node_selector_and_tolerations_pass_through():
+    dep = resources.deployment(make_resource({
+        "model": {"source": "builtin:smollm2-135m-instruct"},
+        "image": "registry.example/chatstream:1.2", "imagePullPolicy": "Always",
+        "nodeSelector": {"pool": "chat"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "chat", "effect": "NoSchedule"}],
+    }), resources.Images(cpu="x", gpu="y"))
+    pod = dep["spec"]["template"]["spec"]
+    assert container(dep)["image"] == "registry.example/chatstream:1.2"
+    assert container(dep)["imagePullPolicy"] == "Always"
+    assert pod["nodeSelector"] == {"pool": "chat"}
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "chat", "effect": "NoSchedule"}]
+
+
+def test_operator_default_images_apply_when_spec_names_none():
+    images = resources.Images(cpu="reg/cpu:1", gpu="reg/gpu:1")
+    assert container(resources.deployment(make_resource(), images))["image"] == "reg/cpu:1"
+
+
+def test_user_env_replaces_generated_values_and_adds_new_ones():
+    dep = resources.deployment(make_resource({
+        "model": {"source": "builtin:smollm2-135m-instruct"},
+        "env": [{"name": envvars.MAX_QUEUE, "value": "3"}, {"name": "EXTRA", "value": "1"}],
+    }))
+    names = [e["name"] for e in container(dep)["env"]]
+    assert names.count(envvars.MAX_QUEUE) == 1
+    assert env(dep)[envvars.MAX_QUEUE] == "3" and env(dep)["EXTRA"] == "1"
+
+
+def test_tracing_settings_become_standard_otel_variables():
+    e = env(resources.deployment(make_resource({
+        "model": {"source": "builtin:smollm2-135m-instruct"},
+        "tracing": {"otlpEndpoint": "http://collector:4318", "samplingRatio": 0.25},
+    })))
+    assert e[envvars.OTEL_EXPORTER_OTLP_ENDPOINT] == "http://collector:4318"
+    assert e[envvars.OTEL_TRACES_SAMPLER] == "parentbased_traceidratio"
+    assert e[envvars.OTEL_TRACES_SAMPLER_ARG] == "0.25"
+
+
+def test_redis_sessions_read_the_url_from_the_secret_and_drop_client_pinning():
+    body = make_resource({
+        "model": {"source": "builtin:smollm2-135m-instruct"},
+        "sessions": {"store": "redis", "redisURLSecretRef": {"name": "redis-url"}},
+    })
+    e = env(resources.deployment(body))
+    assert e[envvars.SESSION_STORE] == "redis"
+    assert e[envvars.REDIS_URL] == {"secretKeyRef": {"name": "redis-url", "key": "url"}}
+    assert resources.service(body)["spec"]["sessionAffinity"] == "None"
+    assert resources.service(make_resource())["spec"]["sessionAffinity"] == "ClientIP"
+
+
+def test_all_pods_share_one_session_secret():
+    body = make_resource()
+    e = env(resources.deployment(body))
+    assert e[envvars.SESSION_SECRET] == {"secretKeyRef": {"name": "chat-session", "key": "secret"}}
+    secret = resources.session_secret(body, "s3cret")
+    assert secret["metadata"]["name"] == "chat-session" and secret["stringData"] == {"secret": "s3cret"}
+
+
+def test_pods_are_locked_down_and_probed():
+    dep = resources.deployment(make_resource())
+    pod, c = dep["spec"]["template"]["spec"], container(dep)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+    }
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts[resources.CACHE_DIR]] and "emptyDir" in volumes[mounts["/tmp"]]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] == resources.STARTUP_BUDGET_SECONDS
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_termination_grace_outlasts_the_services_shutdown_grace():
+    body = make_resource({"model": {"source": "builtin:smollm2-135m-instruct"}, "shutdownGraceSeconds": 120})
+    dep = resources.deployment(body)
+    assert env(dep)[envvars.SHUTDOWN_GRACE_SECONDS] == "120"
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 120 + resources.PRESTOP_SLEEP_SECONDS
+    assert container(dep)["lifecycle"]["preStop"] == {"sleep": {"seconds": resources.PRESTOP_SLEEP_SECONDS}}
+
+
+def test_hub_revision_is_passed_on():
+    e = env(resources.deployment(make_resource({"model": {"source": "hf:org/model", "revision": "v2"}})))
+    assert e[envvars.REVISION] == "v2"

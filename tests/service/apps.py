@@ -1,0 +1,79 @@
+"""Test apps written exactly as DESIGN.md tells application developers to write them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+
+from fastapi import FastAPI, Request
+
+from chatstream import ChatStream
+
+
+class CallbackLog:
+    """Records every callback call: (path, message, conversation so far)."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str, str]] = []
+        self.changed = threading.Condition()
+
+    def record(self, request, message):
+        session = request.state.session.get_session()
+        prompt = session.get("chat_prompt")
+        with self.changed:
+            self.calls.append((request.url.path, message, prompt.create_prompt() if prompt else ""))
+            self.changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 60.0) -> list:
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.calls) >= count, timeout)
+            return list(self.calls)
+
+
+def make_app(model, tokenizer, **options) -> tuple[FastAPI, ChatStream, CallbackLog]:
+    options = {"num_of_concurrent_executions": 2, "max_queue_size": 5, "max_new_tokens": 32,
+               "context_len": 1024, "temperature": 0.0, **options}
+    chat_stream = ChatStream(model=model, tokenizer=tokenizer, device="cpu", **options)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await chat_stream.start_queue_worker()
+        yield
+        chat_stream.shutdown()
+
+    app = FastAPI(lifespan=lifespan)
+    chat_stream.append_middlewares(app, {"session": {"secret_key": "test-secret"}})
+    log = CallbackLog()
+
+    @app.post("/chat_stream")
+    async def stream_api(request: Request):
+        return await chat_stream.handle_chat_stream_request(request)
+
+    @app.post("/chat_stream_intercept")
+    async def stream_api_intercept(request: Request):
+        body = await request.body()
+        data = json.loads(body)  # {"user_input": str, "regenerate": bool}
+        assert "user_input" in data
+        return await chat_stream.handle_chat_stream_request(request, body)
+
+    @app.post("/chat_stream_callback")
+    async def stream_api_callback(request: Request):
+        def callback_func(request, message):
+            log.record(request, message)
+        return await chat_stream.handle_chat_stream_request(request, callback=callback_func)
+
+    @app.post("/chat_stream_async_callback")
+    async def stream_api_async_callback(request: Request):
+        async def callback_func(request, message):
+            log.record(request, message)
+        return await chat_stream.handle_chat_stream_request(request, callback=callback_func)
+
+    @app.post("/chat_stream_raising_callback")
+    async def stream_api_raising(request: Request):
+        def callback_func(request, message):
+            log.record(request, message)
+            raise RuntimeError("callback exploded")
+        return await chat_stream.handle_chat_stream_request(request, callback=callback_func)
+
+    chat_stream.append_apis(app)
+    return app, chat_stream, log
