@@ -56,9 +56,12 @@ def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger, **_) 
     try:
         deployment = _reconcile(plain, memo.images)
     except ApiException as err:
+        if err.status == 403 and "being terminated" in str(err.body):
+            logger.info("namespace is being deleted; nothing to reconcile")
+            return
         message = f"the API refused a child: {err.status} {err.reason}: {err.body}"
         patch.status.update(status.degraded(message, body.metadata.get("generation", 0), old, _now()))
-        raise kopf.TemporaryError(f"reconcile failed: {err.status} {err.reason}", delay=30) from err
+        raise kopf.TemporaryError(message, delay=30) from err
     new = status.from_deployment(deployment)
     new["conditions"] = status.merge_conditions(new["conditions"], old, _now())
     patch.status.update(new)
