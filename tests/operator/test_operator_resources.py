@@ -183,3 +183,14 @@ def test_termination_grace_outlasts_the_services_shutdown_grace():
 def test_hub_revision_is_passed_on():
     e = env(resources.deployment(make_resource({"model": {"source": "hf:org/model", "revision": "v2"}})))
     assert e[envvars.REVISION] == "v2"
+
+
+def test_builtin_models_are_seeded_from_the_image_into_the_cache():
+    dep = resources.deployment(make_resource())
+    [init] = dep["spec"]["template"]["spec"]["initContainers"]
+    assert init["image"] == container(dep)["image"]
+    assert resources.BAKED_MODELS_DIR in init["command"][-1] and resources.CACHE_DIR in init["command"][-1]
+    assert init["volumeMounts"] == [{"name": "cache", "mountPath": resources.CACHE_DIR}]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    hub = resources.deployment(make_resource({"model": {"source": "hf:org/model"}}))
+    assert "initContainers" not in hub["spec"]["template"]["spec"]

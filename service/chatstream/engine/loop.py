@@ -211,8 +211,10 @@ class Engine:
         self.cache.plan_decode(n, lengths.to(self.device), view_len)
         logits = self._forward(ids.to(self.device), lengths[:, None].to(self.device), mask[:, None, None].to(self.device))
         picks = sample(logits, [s.params for s in seqs], [self._seen(s) for s in seqs], [s.generator for s in seqs])
-        for seq, token in zip(list(seqs), picks):
+        batch = list(seqs)
+        for seq in batch:  # every row's new column is in the cache before any row moves
             seq.length += 1
+        for seq, token in zip(batch, picks):
             self._accept(seq, token)
 
     def _seen(self, seq: Sequence) -> torch.Tensor | None:
