@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian packages the service tests use (a real browser for the chat page).
+# Debian packages the service tests use: a real browser for the chat page and a
+# real Redis for shared sessions.
 # Idempotent: installs only what is missing. The cluster and image parts have
 # their own script (system-deps-cluster.sh).
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
+command -v redis-server >/dev/null || need+=(redis-server)
 if ((${#need[@]})); then
   echo "==> installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -35,6 +35,8 @@ def add_companion_routes(app: FastAPI, get_chat_stream) -> None:
     async def get_prompt(request: Request):
         session = _session(request)
         prompt = session.get("chat_prompt") if session else None
+        if prompt is not None and getattr(prompt, "tokenizer", None) is None:
+            prompt.set_tokenizer(get_chat_stream().tokenizer)  # a prompt loaded from a shared store
         return {"success": True, "message": "success" if prompt else "no prompt",
                 "prompt": prompt.create_prompt() if prompt and not prompt.is_empty() else None}
 

@@ -1,0 +1,114 @@
+"""The container images, run the way the operator runs them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+import time
+
+import httpx
+import pytest
+from image_helpers import free_port, have_podman, podman
+
+from chatstream import envvars
+from chatstream_operator import resources
+
+pytestmark = [
+    pytest.mark.images,
+    pytest.mark.skipif(not have_podman(), reason="needs podman and runc: scripts/system-deps-cluster.sh images"),
+]
+
+# What the operator's securityContext asks of every container.
+LOCKED_DOWN = ["--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--user=10001:10001"]
+
+
+def pod_env(port: int) -> list[str]:
+    """The service container's environment exactly as the operator builds it
+    for the builtin model (secret references filled in, loopback only)."""
+    body = {
+        "metadata": {"name": "image-test", "namespace": "default", "uid": "u", "generation": 1},
+        "spec": {
+            "model": {"source": "builtin:smollm2-135m-instruct", "dtype": "auto", "device": "cpu"},
+            "replicas": 1, "concurrency": {"maxConcurrentStreams": 2, "maxQueueSize": 4},
+            "generation": {"maxNewTokens": 48, "contextLength": 1024},
+            "sessions": {"store": "memory"}, "shutdownGraceSeconds": 5,
+        },
+    }
+    dep = resources.deployment(body)
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    env[envvars.SESSION_SECRET] = secrets.token_urlsafe(16)
+    env[envvars.HOST], env[envvars.PORT] = "127.0.0.1", str(port)
+    return [f"--env={k}={v}" for k, v in env.items()], dep
+
+
+@pytest.fixture
+def server(images):
+    """The CPU image as a pod runs it: the seed-cache init container fills
+    a writable cache volume, then the server starts on a read-only root."""
+    port = free_port()
+    env, dep = pod_env(port)
+    cache = tempfile.mkdtemp(prefix="chatstream-cache-")
+    os.chmod(cache, 0o777)
+    volumes = [f"--volume={cache}:{resources.CACHE_DIR}", "--tmpfs=/tmp:rw,mode=1777"]
+    init = dep["spec"]["template"]["spec"]["initContainers"][0]
+    podman("run", "--rm", "--network=host", *LOCKED_DOWN, *volumes, images["service"], *init["command"])
+    command = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    name = f"chatstream-test-{port}"
+    podman("run", "-d", "--rm", f"--name={name}", "--network=host", *LOCKED_DOWN, *volumes, *env,
+           images["service"], *command, "--temperature", "0")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            running = podman("ps", "-q", "--filter", f"name={name}", check=False).stdout.strip()
+            assert running, "server container exited:\n" + podman("logs", name, check=False).stderr
+            assert time.monotonic() < deadline, "server not ready in 180s:\n" + podman("logs", name, check=False).stderr
+            time.sleep(1)
+        yield url, name, cache
+    finally:
+        podman("stop", "--time=5", name, check=False)
+        podman("unshare", "rm", "-rf", cache, check=False)
+
+
+def test_service_image_streams_an_answer(server):
+    url, _, cache = server
+    chunks = []
+    with httpx.stream("POST", f"{url}/chat_stream", json={"user_input": "What is the capital of France?"}, timeout=120) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_text():
+            chunks.append(chunk)
+    answer = "".join(chunks)
+    assert len(chunks) > 1, "the answer came in one piece, not streamed"
+    assert "Paris" in answer, answer
+    # The model came from the image, seeded into the cache (not converted again).
+    assert os.path.isfile(os.path.join(cache, "models", "smollm2-135m-instruct", "model.safetensors"))
+
+
+def test_service_runs_as_non_root_on_a_read_only_root(server):
+    _, name, _ = server
+    assert podman("exec", name, "id", "-u").stdout.strip() == "10001"
+    denied = podman("exec", name, "touch", "/opt/chatstream/x", check=False)
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr
+    assert podman("exec", name, "touch", "/tmp/x").returncode == 0  # the writable scratch volume
+
+
+def test_images_default_to_a_non_root_user(images):
+    for image in images.values():
+        user = podman("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip()
+        assert user == "10001:10001", (image, user)
+        out = podman("run", "--rm", "--network=host", "--read-only", image, "id", "-u").stdout.strip()
+        assert out == "10001"
+
+
+def test_operator_image_has_the_operator_without_torch(images):
+    out = podman("run", "--rm", "--network=host", *LOCKED_DOWN, images["operator"], "chatstream-operator", "--help").stdout
+    assert "--liveness" in out
+    probe = podman("run", "--rm", "--network=host", *LOCKED_DOWN, images["operator"], "python", "-c",
+                   "import importlib.util as u; print(u.find_spec('torch') is None, u.find_spec('kopf') is not None)")
+    assert probe.stdout.split() == ["True", "True"]

@@ -1,0 +1,88 @@
+"""The chat page in a real headless Chromium (Debian's), driven by Playwright."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from chatstream.server.app import create_app
+
+from .apps import make_app
+
+pytestmark = pytest.mark.browser
+CHROMIUM = shutil.which("chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture
+def page(model_and_tokenizer, live_server):
+    if CHROMIUM is None:
+        pytest.fail("Debian chromium is not installed (scripts/system-deps.sh installs it)")
+    from playwright.sync_api import sync_playwright
+    _, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=64)
+    srv = live_server(create_app(chat_stream=chat_stream))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        pg = browser.new_page()
+        pg.goto(srv.url + "/")
+        pg.chat_stream = chat_stream
+        yield pg
+        browser.close()
+
+
+def answers(page):
+    return page.locator(".assistant")
+
+
+def test_chat_page_streams_regenerates_stops_and_clears(page):
+    page.fill("#input", "What is the capital of France?")
+    page.keyboard.press("Enter")
+    seen = set()
+    deadline = time.monotonic() + 60
+    while "Paris" not in answers(page).last.inner_text() and time.monotonic() < deadline:
+        seen.add(answers(page).last.inner_text())
+        time.sleep(0.02)
+    assert "Paris" in answers(page).last.inner_text()
+    assert len([s for s in seen if s]) >= 2, "the answer appeared in pieces as it streamed"
+    page.wait_for_selector("#send:not([disabled])")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "chat-page.png"))
+
+    page.fill("#input", "Write a very long story about a dragon.")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelectorAll('.assistant')[1].textContent.length > 10")
+    page.click("#stop")
+    page.wait_for_selector("#send:not([disabled])")
+    stopped = answers(page).nth(1).inner_text()
+    time.sleep(0.5)
+    assert answers(page).nth(1).inner_text() == stopped, "nothing arrives after Stop"
+    cs = page.chat_stream
+    deadline = time.monotonic() + 10
+    while (cs.admission.processing, cs.engine.active) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (cs.admission.processing, cs.engine.active) == (0, 0), "Stop ended the generation on the server"
+
+    page.click("#regenerate")
+    page.wait_for_function("document.querySelectorAll('.assistant')[1].textContent.length > 0")
+    page.wait_for_selector("#send:not([disabled])")
+    assert answers(page).count() == 2
+
+    page.click("#clear")
+    page.wait_for_function("document.querySelectorAll('.msg').length === 0")
+    page.fill("#input", "What is the capital of France?")
+    page.keyboard.press("Enter")
+    page.wait_for_function("(document.querySelector('.assistant') || {}).textContent?.includes('Paris')")
+
+
+def test_chat_page_shows_errors(page):
+    cs = page.chat_stream
+    cs.draining = True
+    page.fill("#input", "hello")
+    page.keyboard.press("Enter")
+    page.wait_for_selector(".msg.error")
+    assert "503" in page.locator(".msg.error").inner_text()

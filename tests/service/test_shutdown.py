@@ -1,0 +1,56 @@
+"""SIGTERM on the real `chatstream serve` process: drain, then exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import socket
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_streams_in_flight(tmp_path):
+    port = free_port()
+    env = {**os.environ, "CHATSTREAM_PORT": str(port), "CHATSTREAM_MAX_CONCURRENT": "2",
+           "CHATSTREAM_MAX_NEW_TOKENS": "120", "CHATSTREAM_SHUTDOWN_GRACE_SECONDS": "60"}
+    proc = subprocess.Popen([sys.executable, "-m", "chatstream", "serve", "--temperature", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.3)
+        with httpx.Client(base_url=url, timeout=120) as client:
+            with client.stream("POST", "/chat_stream", json={"user_input": "Write a long story about a cat."}) as r:
+                chunks = r.iter_text()
+                first = next(chunks)
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                with httpx.Client(base_url=url, timeout=10) as other:
+                    ready = other.get("/readyz")
+                    assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+                    refused = other.post("/chat_stream", json={"user_input": "hi"})
+                    assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+                rest = "".join(chunks)
+        assert len(first + rest) > 100, "the stream in flight ran to its end"
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
