@@ -25,6 +25,9 @@ GENERATION_ANNOTATION = f"{GROUP}/generation"
 GPU = "nvidia.com/gpu"
 
 CACHE_DIR = "/var/cache/chatstream"
+# Where the service images keep models converted at build time (see
+# service/Dockerfile); an init container seeds the pod's cache from there.
+BAKED_MODELS_DIR = "/opt/chatstream/models"
 PRESTOP_SLEEP_SECONDS = 5
 # Model loading can take minutes (a hub download, a GGUF conversion): the
 # startup probe gives it this long before the kubelet restarts the container.
@@ -200,6 +203,21 @@ def _container(body: dict, images: Images) -> dict:
     return container
 
 
+def _seed_cache(container: dict) -> dict:
+    """Init container copying the image's pre-converted builtin model into
+    the writable cache, so a pod starts in seconds instead of converting the
+    GGUF again (images without baked models skip the copy)."""
+    script = f"if [ -d {BAKED_MODELS_DIR} ]; then cp -a {BAKED_MODELS_DIR} {CACHE_DIR}/; fi"
+    return {
+        "name": "seed-cache",
+        "image": container["image"],
+        "command": ["sh", "-c", script],
+        "securityContext": container["securityContext"],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
+    }
+
+
 def _tolerations(spec: dict) -> list[dict]:
     tolerations = list(spec.get("tolerations") or [])
     if wants_gpu(spec) and not any(t.get("key") == GPU for t in tolerations):
@@ -213,8 +231,9 @@ def deployment(body: dict, images: Images = Images()) -> dict:
     so `kubectl scale csd` and autoscalers acting on the resource both work."""
     meta, spec = body["metadata"], body["spec"]
     name = meta["name"]
+    container = _container(body, images)
     pod_spec = {
-        "containers": [_container(body, images)],
+        "containers": [container],
         "terminationGracePeriodSeconds": spec["shutdownGraceSeconds"] + PRESTOP_SLEEP_SECONDS + 10,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -230,6 +249,8 @@ def deployment(body: dict, images: Images = Images()) -> dict:
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         ],
     }
+    if spec["model"]["source"].startswith("builtin:"):
+        pod_spec["initContainers"] = [_seed_cache(container)]
     if spec.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(spec["nodeSelector"])
     tolerations = _tolerations(spec)

@@ -23,7 +23,7 @@ pytestmark = [
 LOCKED_DOWN = ["--read-only", "--cap-drop=ALL", "--security-opt=no-new-privileges", "--user=10001:10001"]
 
 
-def pod_env(port: int) -> list[str]:
+def pod_env(port: int) -> tuple[list[str], dict]:
     """The service container's environment exactly as the operator builds it
     for the builtin model (secret references filled in, loopback only)."""
     body = {
