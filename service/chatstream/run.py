@@ -36,8 +36,11 @@ class ClientGone(Exception):
 
 
 class StreamRun:
-    def __init__(self, chat_stream, ticket, prompt_ids: list[int], params, on_end: Callable[["StreamRun"], None]):
+    def __init__(self, chat_stream, ticket, prompt_ids: list[int], params, on_end: Callable[["StreamRun"], None],
+                 trace, has_callback: bool = False):
         self.chat_stream = chat_stream
+        self.trace = trace
+        self.has_callback = has_callback
         self.ticket = ticket
         self.prompt_ids = prompt_ids
         self.params = params
@@ -63,6 +66,7 @@ class StreamRun:
         if not self.ticket.granted:
             return False
         self.admitted_at = time.monotonic()
+        self.trace.admitted()
         return True
 
     def start(self) -> None:
@@ -87,7 +91,9 @@ class StreamRun:
                     raise ClientGone()
                 if isinstance(event, Delta):
                     now = time.monotonic()
-                    self.first_token_at = self.first_token_at or now
+                    if self.first_token_at is None:
+                        self.first_token_at = now
+                        self.trace.first_token()
                     self.last_token_at = now
                     self.completion_tokens = event.completion_tokens
                     self.text.append(event.text)
@@ -115,6 +121,7 @@ class StreamRun:
             self.chat_stream.engine.cancel(self.seq)
         self.chat_stream.admission.release(self.ticket)
         try:
+            self.trace.finish(self, expect_callback=self.has_callback)
             self.on_end(self)
         except Exception:
             log.exception("ending a stream failed")

@@ -25,6 +25,7 @@ from .engine.loop import Engine
 from .engine.sampling import SamplingParams
 from .metrics import Metrics
 from .prompt import ChatPrompt
+from .telemetry import Telemetry
 from .run import (DISCONNECTED_WHILE_STREAMING, SUCCESS, Formatter, RunResponse, StreamRun)
 
 MAX_BODY_BYTES = 1 << 20
@@ -49,7 +50,8 @@ class ChatStream:
                  top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  chat_prompt_clazz=None, too_many_request_as_http_error: bool = False,
                  seed: int | None = None, logger: logging.Logger | None = None, model_name: str | None = None,
-                 retry_after_seconds: int = 1, **_ignored_original_options):
+                 retry_after_seconds: int = 1, telemetry: Telemetry | None = None,
+                 **_ignored_original_options):
         if model is None or tokenizer is None:
             raise ValueError("ChatStream needs a model and a tokenizer (see chatstream.load_model)")
         if device is not None:
@@ -72,6 +74,7 @@ class ChatStream:
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len)
         self.metrics = Metrics(self.admission)
+        self.telemetry = telemetry or Telemetry()
         self.draining = False
         self._tasks: set[asyncio.Task] = set()
         self.engine.start()
@@ -87,13 +90,17 @@ class ChatStream:
         session_opts = opts.get("session", opts.get("fast_session", {})) or {}
         app.add_middleware(SessionMiddleware, secret_key=session_opts.get("secret_key"),
                            store=session_opts.get("store"), https_only=session_opts.get("https_only", False))
+        self.telemetry.instrument(app)
 
     def append_apis(self, app, opts: dict | None = None):
         from .server.companion_api import add_companion_routes
+        from .server.traces_api import build_router
         add_companion_routes(app, lambda: self)
+        app.include_router(build_router(lambda: self))
 
     def shutdown(self):
         self.engine.stop()
+        self.telemetry.provider.force_flush()
 
     # -- the main entry point --------------------------------------------------------------
     async def handle_chat_stream_request(self, request: Request, request_body=None, callback=None):
@@ -123,15 +130,17 @@ class ChatStream:
                 session_mgr.save_session()
             self._record(run)
             if callback is not None:
-                self._fire_callback(callback, request, run.outcome)
+                self._fire_callback(callback, request, run)
 
-        run = self.start_run(prompt_ids, params, on_end)
+        messages = chat_prompt.messages() if hasattr(chat_prompt, "messages") else None
+        run = self.start_run(prompt_ids, params, on_end, "/chat_stream", messages, has_callback=callback is not None)
         if isinstance(run, Response):
             undo()
             return run
         return RunResponse(run, Formatter(), {"X-ChatStream-Last-Generated-Message-Id": message_id})
 
-    def start_run(self, prompt_ids: list[int], params: SamplingParams, on_end) -> StreamRun | Response:
+    def start_run(self, prompt_ids: list[int], params: SamplingParams, on_end, endpoint: str = "",
+                  messages=None, has_callback: bool = False) -> StreamRun | Response:
         """Reserve a queue place for a generation, or an error response when none can be had."""
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
@@ -145,7 +154,8 @@ class ChatStream:
                            "message": f"all {self.admission.slots} slots are busy and the queue of "
                                       f"{self.admission.max_queue} is full; retry later"}},
                 status_code=self.queue_full_status, headers={"Retry-After": str(self.retry_after_seconds)})
-        return StreamRun(self, ticket, prompt_ids, params, on_end)
+        run_trace = self.telemetry.start_run(self.model_name, endpoint, params, len(prompt_ids), messages)
+        return StreamRun(self, ticket, prompt_ids, params, on_end, run_trace, has_callback)
 
     # -- pieces ---------------------------------------------------------------------------
     async def _read_body(self, request: Request, request_body) -> object:
@@ -264,16 +274,19 @@ class ChatStream:
             if run.completion_tokens > 1:
                 m.tpot.observe((run.last_token_at - run.first_token_at) / (run.completion_tokens - 1))
 
-    def _fire_callback(self, callback, request, message: str) -> None:
+    def _fire_callback(self, callback, request, run: StreamRun) -> None:
         """Run the user's callback off the critical path: sync ones in a thread, async ones as a task."""
+        message = run.outcome
+
         async def call():
             try:
-                if inspect.iscoroutinefunction(callback):
-                    await callback(request, message)
-                else:
-                    result = await anyio.to_thread.run_sync(callback, request, message)
-                    if inspect.isawaitable(result):
-                        await result
+                with run.trace.callback(message):
+                    if inspect.iscoroutinefunction(callback):
+                        await callback(request, message)
+                    else:
+                        result = await anyio.to_thread.run_sync(callback, request, message)
+                        if inspect.isawaitable(result):
+                            await result
             except Exception:
                 self.logger.exception("the completion callback raised (message=%s)", message)
 

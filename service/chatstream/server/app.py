@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from ..config import Settings
 from .companion_api import add_companion_routes
 from .openai_api import build_router
+from .traces_api import build_router as build_traces_router
 
 log = logging.getLogger("chatstream.server")
 STATIC = Path(__file__).parent / "static"
@@ -36,7 +37,7 @@ class ServerState:
         return self.chat_stream
 
 
-def build_chat_stream(settings: Settings):
+def build_chat_stream(settings: Settings, telemetry=None):
     from ..engine.loader import load_model
     from ..stream import ChatStream
     model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype,
@@ -45,7 +46,7 @@ def build_chat_stream(settings: Settings):
                       max_queue_size=settings.max_queue, max_new_tokens=settings.max_new_tokens,
                       context_len=settings.context_length, temperature=settings.temperature, top_p=settings.top_p,
                       too_many_request_as_http_error=settings.queue_full_status == 429,
-                      model_name=settings.served_model_name)
+                      model_name=settings.served_model_name, telemetry=telemetry)
 
 
 def session_store(settings: Settings):
@@ -59,10 +60,12 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
     """An app serving ``chat_stream``, or one that loads the model named in ``settings``."""
     settings = settings or Settings()
     state = ServerState()
+    from ..telemetry import Telemetry
+    telemetry = chat_stream.telemetry if chat_stream is not None else Telemetry()
 
     def load():
         try:
-            state.chat_stream = build_chat_stream(settings)
+            state.chat_stream = build_chat_stream(settings, telemetry)
             log.info("model %s loaded; serving", settings.model)
         except BaseException as exc:  # noqa: BLE001 - reported on /readyz, the process stays up
             state.load_error = str(exc)
@@ -82,6 +85,7 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
         yield
         if state.chat_stream is not None and chat_stream is None:
             state.chat_stream.shutdown()
+        telemetry.provider.force_flush()
 
     app = FastAPI(title="ChatStream", lifespan=lifespan)
     app.state.server = state
@@ -102,6 +106,8 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
 
     add_companion_routes(app, state.require)
     app.include_router(build_router(state.require))
+    app.include_router(build_traces_router(state.require))
+    telemetry.instrument(app)
 
     @app.get("/healthz")
     async def healthz():

@@ -153,7 +153,7 @@ def build_router(get_chat_stream) -> APIRouter:
             top_p=defaults["top_p_value"] or 1.0 if body.top_p is None else body.top_p,
             top_k=defaults["top_k_value"], repetition_penalty=defaults["repetition_penalty"] or 1.0,
             seed=body.seed, stop=stop)
-        run = cs.start_run(prompt_ids, params, cs._record)
+        run = cs.start_run(prompt_ids, params, cs._record, "/v1/chat/completions", messages)
         if not isinstance(run, StreamRun):
             return run
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
