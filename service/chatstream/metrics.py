@@ -1,22 +1,37 @@
-"""Prometheus metrics for one ChatStream instance (its own registry).
+"""Metrics, recorded once and published twice: Prometheus (``/metrics``) and OpenTelemetry.
 
-Histogram boundaries follow the OpenTelemetry GenAI semantic conventions for
-``gen_ai.server.time_to_first_token`` and ``gen_ai.server.time_per_output_token``.
+Every measurement goes through one method here that updates both, so the two
+views always agree. OpenTelemetry names follow the GenAI semantic conventions
+(``gen_ai.server.time_to_first_token``, ``gen_ai.server.time_per_output_token``,
+``gen_ai.client.token.usage``) with their recommended bucket boundaries; the
+Prometheus names are the ``chatstream_*`` ones below.
 """
 
 from __future__ import annotations
 
+from opentelemetry.metrics import CallbackOptions, Observation
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)
+
+# OpenTelemetry instrument name -> bucket boundaries (applied as views by telemetry.py)
+OTEL_BUCKETS = {
+    "gen_ai.server.time_to_first_token": TTFT_BUCKETS,
+    "gen_ai.server.time_per_output_token": TPOT_BUCKETS,
+    "gen_ai.client.token.usage": TOKEN_BUCKETS,
+    "chatstream.queue.wait": WAIT_BUCKETS,
+}
 
 
 class Metrics:
-    def __init__(self, admission):
+    def __init__(self, admission, meter, model_name: str):
         self.registry = CollectorRegistry()
         r = self.registry
+        self.model_attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": model_name,
+                            "gen_ai.provider.name": "chatstream"}
         running = Gauge("chatstream_requests_running", "Generations running now", registry=r)
         running.set_function(lambda: admission.processing)
         waiting = Gauge("chatstream_requests_waiting", "Requests queued for a slot", registry=r)
@@ -31,6 +46,47 @@ class Metrics:
                               buckets=TPOT_BUCKETS, registry=r)
         self.queue_wait = Histogram("chatstream_queue_wait_seconds", "Time spent waiting for a slot",
                                     buckets=WAIT_BUCKETS, registry=r)
+
+        def observe(value_of):
+            def callback(options: CallbackOptions):
+                return [Observation(value_of(), self.model_attrs)]
+            return [callback]
+        meter.create_observable_up_down_counter("chatstream.requests.running", observe(lambda: admission.processing),
+                                                unit="{request}", description="Generations running now")
+        meter.create_observable_up_down_counter("chatstream.requests.waiting", observe(lambda: admission.waiting),
+                                                unit="{request}", description="Requests queued for a slot")
+        self.o_rejected = meter.create_counter("chatstream.requests.rejected", unit="{request}")
+        self.o_outcomes = meter.create_counter("chatstream.outcomes", unit="{request}")
+        self.o_tokens = meter.create_histogram("gen_ai.client.token.usage", unit="{token}")
+        self.o_ttft = meter.create_histogram("gen_ai.server.time_to_first_token", unit="s")
+        self.o_tpot = meter.create_histogram("gen_ai.server.time_per_output_token", unit="s")
+        self.o_wait = meter.create_histogram("chatstream.queue.wait", unit="s")
+
+    def record_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+        self.o_rejected.add(1, {**self.model_attrs, "chatstream.reason": reason})
+
+    def record_run(self, run) -> None:
+        attrs = self.model_attrs
+        self.outcomes.labels(run.outcome).inc()
+        self.o_outcomes.add(1, {**attrs, "chatstream.outcome": run.outcome})
+        if run.admitted_at is None:
+            return
+        wait = run.admitted_at - run.created_at
+        self.queue_wait.observe(wait)
+        self.o_wait.record(wait, attrs)
+        self.prompt_tokens.inc(len(run.prompt_ids))
+        self.o_tokens.record(len(run.prompt_ids), {**attrs, "gen_ai.token.type": "input"})
+        self.completion_tokens.inc(run.completion_tokens)
+        self.o_tokens.record(run.completion_tokens, {**attrs, "gen_ai.token.type": "output"})
+        if run.first_token_at is not None:
+            ttft = run.first_token_at - run.admitted_at
+            self.ttft.observe(ttft)
+            self.o_ttft.record(ttft, attrs)
+            if run.completion_tokens > 1:
+                tpot = (run.last_token_at - run.first_token_at) / (run.completion_tokens - 1)
+                self.tpot.observe(tpot)
+                self.o_tpot.record(tpot, attrs)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -73,8 +73,8 @@ class ChatStream:
         self.retry_after_seconds = retry_after_seconds
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len)
-        self.metrics = Metrics(self.admission)
         self.telemetry = telemetry or Telemetry()
+        self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name)
         self.draining = False
         self._tasks: set[asyncio.Task] = set()
         self.engine.start()
@@ -143,12 +143,12 @@ class ChatStream:
                   messages=None, has_callback: bool = False) -> StreamRun | Response:
         """Reserve a queue place for a generation, or an error response when none can be had."""
         if self.draining:
-            self.metrics.rejected.labels("draining").inc()
+            self.metrics.record_rejected("draining")
             return JSONResponse({"error": {"type": "unavailable", "message": "the server is shutting down"}},
                                 status_code=503, headers={"Retry-After": str(self.retry_after_seconds)})
         ticket = self.admission.reserve()
         if ticket is None:
-            self.metrics.rejected.labels("queue_full").inc()
+            self.metrics.record_rejected("queue_full")
             return JSONResponse(
                 {"error": {"type": "too_many_requests",
                            "message": f"all {self.admission.slots} slots are busy and the queue of "
@@ -263,16 +263,7 @@ class ChatStream:
                               stop=list(chat_prompt.get_stop_strs() or []))
 
     def _record(self, run: StreamRun) -> None:
-        m = self.metrics
-        m.outcomes.labels(run.outcome).inc()
-        m.prompt_tokens.inc(len(run.prompt_ids) if run.admitted_at else 0)
-        m.completion_tokens.inc(run.completion_tokens)
-        if run.admitted_at is not None:
-            m.queue_wait.observe(run.admitted_at - run.created_at)
-        if run.first_token_at is not None:
-            m.ttft.observe(run.first_token_at - run.admitted_at)
-            if run.completion_tokens > 1:
-                m.tpot.observe((run.last_token_at - run.first_token_at) / (run.completion_tokens - 1))
+        self.metrics.record_run(run)
 
     def _fire_callback(self, callback, request, run: StreamRun) -> None:
         """Run the user's callback off the critical path: sync ones in a thread, async ones as a task."""

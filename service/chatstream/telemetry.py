@@ -28,7 +28,11 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+
 from . import envvars
+from .metrics import OTEL_BUCKETS
 
 log = logging.getLogger("chatstream.telemetry")
 
@@ -91,15 +95,17 @@ class TraceStore(SpanProcessor):
 
 class Telemetry:
     def __init__(self, service_name: str | None = None, exporter=None, keep: int | None = None,
-                 record_content: bool | None = None):
+                 record_content: bool | None = None, metric_readers: list | None = None):
         attrs = {"service.name": service_name} if service_name and not os.environ.get("OTEL_SERVICE_NAME") else {}
         if "service.name" not in attrs and not os.environ.get("OTEL_SERVICE_NAME"):
             attrs["service.name"] = "chatstream"
-        self.provider = TracerProvider(resource=Resource.create(attrs))
+        resource = Resource.create(attrs)
+        self.provider = TracerProvider(resource=resource)
         self.store = TraceStore(keep or int(os.environ.get(envvars.TRACES_KEEP) or 200))
         self.provider.add_span_processor(self.store)
-        if exporter is None and (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                                 or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        otlp_configured = bool(os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                               or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        if exporter is None and otlp_configured:
             exporter = self._otlp_exporter()
         if exporter is not None:
             self.provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -107,6 +113,13 @@ class Telemetry:
         self.record_content = _truthy(os.environ.get(envvars.TRACE_CONTENT)) if record_content is None \
             else record_content
         self.tracer = self.provider.get_tracer("chatstream")
+        readers = list(metric_readers or [])
+        if otlp_configured and not metric_readers:
+            readers.append(self._otlp_metric_reader())
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=[
+            View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(list(bounds)))
+            for name, bounds in OTEL_BUCKETS.items()])
+        self.meter = self.meter_provider.get_meter("chatstream")
 
     @staticmethod
     def _otlp_exporter():
@@ -116,6 +129,12 @@ class Telemetry:
             log.warning("OTLP protocol %r is not installed; exporting with http/protobuf", protocol)
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         return OTLPSpanExporter()
+
+    @staticmethod
+    def _otlp_metric_reader():
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+        return PeriodicExportingMetricReader(OTLPMetricExporter())
 
     def instrument(self, app) -> None:
         """HTTP server spans for ``app``, without a span per streamed chunk."""
@@ -128,6 +147,7 @@ class Telemetry:
 
     def shutdown(self) -> None:
         self.provider.shutdown()
+        self.meter_provider.shutdown()
 
     def start_run(self, model: str, endpoint: str, params, prompt_tokens: int, messages=None) -> "RunTrace":
         return RunTrace(self, model, endpoint, params, prompt_tokens, messages)

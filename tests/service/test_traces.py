@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from chatstream.server.app import create_app
@@ -168,7 +169,7 @@ class OTLPReceiver(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        request = ExportTraceServiceRequest()
+        request = ExportTraceServiceRequest() if self.path == "/v1/traces" else ExportMetricsServiceRequest()
         request.ParseFromString(body)
         OTLPReceiver.received.append((self.path, self.headers["Content-Type"], request))
         self.send_response(200)
@@ -194,14 +195,18 @@ def test_spans_are_exported_over_otlp_http(model_and_tokenizer, live_server, mon
         httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
         wait_trace(chat_stream, "success", ("chatstream.stream",))
-        chat_stream.telemetry.provider.force_flush()
-        wait_until(lambda: OTLPReceiver.received, 10)
+        chat_stream.telemetry.shutdown()  # flushes spans and metrics
+        wait_until(lambda: {p for p, _, _ in OTLPReceiver.received} == {"/v1/traces", "/v1/metrics"}, 10)
     finally:
         receiver.shutdown()
-    path, content_type, _ = OTLPReceiver.received[0]
-    assert path == "/v1/traces" and content_type == "application/x-protobuf"
+    assert {ct for _, ct, _ in OTLPReceiver.received} == {"application/x-protobuf"}
+    metric_names = {m.name for p, _, r in OTLPReceiver.received if p == "/v1/metrics"
+                    for rm in r.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    assert {"gen_ai.server.time_to_first_token", "gen_ai.client.token.usage", "chatstream.outcomes"} <= metric_names
     spans, services = [], set()
-    for _, _, request in OTLPReceiver.received:
+    for path, _, request in OTLPReceiver.received:
+        if path != "/v1/traces":
+            continue
         for rs in request.resource_spans:
             services |= {a.value.string_value for a in rs.resource.attributes if a.key == "service.name"}
             for ss in rs.scope_spans:
