@@ -18,19 +18,15 @@ from chatstream.server.app import create_app
 from chatstream.telemetry import Telemetry
 
 from .apps import make_app
-from .test_outcomes import BrokenModel, raw_request, wait_until
+from .test_outcomes import BrokenModel, one_slot, raw_request, wait_until  # noqa: F401 (fixture)
 
 LONG = "Write a very long story about a dragon who learns to bake bread."
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
 @pytest.fixture
-def srv(model_and_tokenizer, live_server):
-    app, chat_stream, log = make_app(*model_and_tokenizer, num_of_concurrent_executions=1, max_queue_size=2,
-                                     max_new_tokens=100)
-    s = live_server(app)
-    s.chat_stream, s.log = chat_stream, log
-    return s
+def srv(one_slot):
+    return one_slot
 
 
 def stream_traces(chat_stream, outcome=None):
