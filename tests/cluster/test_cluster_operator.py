@@ -208,6 +208,22 @@ def test_operator_restart_changes_nothing(cpu_example, operator):
     assert len(get_list("deployments", ns)) == 1 and len(get_list("services", ns)) == 1
 
 
+def test_pods_that_cannot_be_created_show_as_degraded(operator, namespace):
+    kubectl("create", "quota", "no-pods", "-n", namespace, "--hard=pods=0")
+    apply({"apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment", "metadata": {"name": "starved"},
+           "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}}}, namespace)
+
+    def degraded():
+        csd = get("csd", "starved", namespace)
+        cond = next((c for c in csd.get("status", {}).get("conditions", []) if c["type"] == "Degraded"), {})
+        return cond.get("status") == "True" and cond
+    cond = wait_for("the Degraded condition", degraded, timeout=60)
+    assert cond["reason"] == "FailedCreate" and "quota" in cond["message"]
+    assert condition(get("csd", "starved", namespace), "Ready")["status"] == "False"
+    # `kubectl wait` works on the conditions, as users script it.
+    kubectl("wait", "--for=condition=Degraded", "csd/starved", "-n", namespace, "--timeout=5s")
+
+
 def test_operator_logs_are_json_without_permission_errors(operator):
     """Runs last in this module: whatever the operator did so far, its
     ServiceAccount was allowed to, and every log line was structured."""
