@@ -1,0 +1,263 @@
+"""The three servers under test: how each is started, checked and stopped.
+
+Only one server runs at a time (the machine has 2 cores). Each runs on a free
+loopback port in its own process group; its log goes to bench/.peers/logs/.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PEERS_DIR = BENCH / ".peers"
+LOGS = PEERS_DIR / "logs"
+PROJECT_PY = ROOT / ".venv" / "bin" / "python"
+CHATSTREAM030_PY = PEERS_DIR / "chatstream030" / "bin" / "python"
+TRANSFORMERS_PY = PEERS_DIR / "transformers" / "bin" / "python"
+
+# ChatStream 0.3.0 as its README sets it up: 8 concurrent executions.
+CHATSTREAM030_SLOTS = 8
+
+
+@dataclass
+class Peer:
+    key: str
+    label: str
+    protocol: str                       # key of bench_client.PROTOCOLS
+    ready_path: str
+    python: Path
+    notes: list[str] = field(default_factory=list)
+
+    def command(self, model_dir: str, port: int, max_clients: int, new_tokens: int) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                   PYTHONUNBUFFERED="1")
+        return env
+
+    def model_name(self, model_dir: str) -> str:
+        return ""
+
+
+class Ours(Peer):
+    def __init__(self):
+        super().__init__("ours", "this project (chatstream serve)", "openai", "/readyz", PROJECT_PY)
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        self.notes = [f"chatstream serve --max-concurrent {max_clients} --max-queue {4 * max_clients} "
+                      f"--max-new-tokens {new_tokens} --temperature 0 --device cpu --dtype float32, "
+                      "driven through /v1/chat/completions stream=true with stream_options.include_usage"]
+        return [str(ROOT / ".venv" / "bin" / "chatstream"), "serve", "--model", model_dir,
+                "--host", "127.0.0.1", "--port", str(port), "--max-concurrent", str(max_clients),
+                "--max-queue", str(4 * max_clients), "--max-new-tokens", str(new_tokens),
+                "--temperature", "0", "--device", "cpu", "--dtype", "float32"]
+
+
+class ChatStream030(Peer):
+    def __init__(self):
+        super().__init__("chatstream030", "ChatStream 0.3.0 (PyPI)", "chatstream030", "/health",
+                         CHATSTREAM030_PY)
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        self.notes = [f"bench/peers/chatstream030_server.py: ChatStream(num_of_concurrent_executions="
+                      f"{CHATSTREAM030_SLOTS}, max_queue_size={4 * max_clients}, max_new_tokens={new_tokens}, "
+                      "temperature=0), FastSession via append_middlewares, /chat_stream; output tokens counted "
+                      "by re-tokenizing the final text with the model's tokenizer"]
+        return [str(self.python), str(BENCH / "peers" / "chatstream030_server.py"), "--model", model_dir,
+                "--port", str(port), "--concurrency", str(CHATSTREAM030_SLOTS),
+                "--max-queue", str(4 * max_clients), "--max-new-tokens", str(new_tokens)]
+
+
+class TransformersServe(Peer):
+    # Defaults size the paged KV cache to 60% of free RAM on CPU (14.5 GB RSS here) and
+    # preallocate an attention mask of max_batch_tokens x cache size; both slowed it down
+    # several-fold in trials. These values hold the whole benchmark (32 requests of
+    # ~100 tokens, one 256-token page each) with room to spare.
+    CB_NUM_BLOCKS = 64
+    CB_MAX_BATCH_TOKENS = 2048
+
+    def __init__(self):
+        super().__init__("transformers", "transformers serve --continuous-batching", "openai", "/health",
+                         TRANSFORMERS_PY)
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        self.notes = [f"transformers serve --continuous-batching --device cpu --dtype float32 "
+                      f"--cb-num-blocks {self.CB_NUM_BLOCKS} --cb-max-batch-tokens {self.CB_MAX_BATCH_TOKENS} "
+                      "MODEL_DIR, driven through /v1/chat/completions stream=true (usage from its last chunk), "
+                      "max_tokens and temperature 0 per request"]
+        return [str(self.python), "-c",
+                "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; "
+                "sys.exit(main())",
+                "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+                "--cb-num-blocks", str(self.CB_NUM_BLOCKS), "--cb-max-batch-tokens", str(self.CB_MAX_BATCH_TOKENS),
+                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", model_dir]
+
+    def model_name(self, model_dir):
+        return model_dir
+
+
+PEERS = {p.key: p for p in (Ours(), ChatStream030(), TransformersServe())}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except Exception:
+        return 0
+
+
+def tree_pids(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def _status_kb(pid: int, field_name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of the process and its children, MiB."""
+    return sum(_status_kb(p, "VmRSS") for p in tree_pids(pid)) / 1024
+
+
+def hwm_mb(pid: int) -> float:
+    return sum(_status_kb(p, "VmHWM") for p in tree_pids(pid)) / 1024
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of the process tree (all threads), seconds."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / _TICK
+
+
+def machine_busy_seconds() -> float:
+    """CPU time spent busy by the whole machine (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)      # idle + iowait
+    guest = sum(v[8:10]) if len(v) > 9 else 0      # already counted in user/nice
+    return (sum(v) - idle - guest) / _TICK
+
+
+class RSSSampler:
+    """Samples the server tree's RSS every ``period`` s on a thread; ``mark()`` starts a
+    new named span so each concurrency level gets its own peak."""
+
+    def __init__(self, pid: int, period: float = 0.2):
+        self.pid, self.period = pid, period
+        self.peaks: dict[str, float] = {}
+        self.span: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def mark(self, span: str | None):
+        self.span = span
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            if self.span is not None:
+                v = rss_mb(self.pid)
+                self.peaks[self.span] = max(self.peaks.get(self.span, 0.0), v)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+class Server:
+    def __init__(self, peer: Peer, model_dir: str, max_clients: int, new_tokens: int, log=print):
+        self.peer, self.log = peer, log
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.cmd = peer.command(model_dir, self.port, max_clients, new_tokens)
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOGS / f"{peer.key}.log"
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = 0.0
+
+    def start(self, timeout: float = 600.0) -> None:
+        self.log(f"  starting {self.peer.label} on port {self.port} (log: {self.log_path.relative_to(ROOT)})")
+        logf = open(self.log_path, "w")
+        t = time.perf_counter()
+        self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.peer.env(),
+                                     cwd=str(ROOT), start_new_session=True)
+        while time.perf_counter() - t < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.peer.key} exited with {self.proc.returncode} before it was ready; "
+                                   f"see {self.log_path}:\n" + self.tail())
+            if http_get(self.base + self.peer.ready_path) == 200:
+                self.startup_s = time.perf_counter() - t
+                self.log(f"  ready after {self.startup_s:.1f}s")
+                return
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"{self.peer.key} not ready after {timeout:.0f}s; see {self.log_path}")
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = self.proc.pid  # leader of its own session/group
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue

@@ -1,0 +1,329 @@
+"""Benchmark: this project's server vs ChatStream 0.3.0 vs `transformers serve --continuous-batching`.
+
+    .venv/bin/python bench/run.py [--clients 1,8,16,32] [--new-tokens 64] [--duration 60]
+                                  [--peers ours,chatstream030,transformers] [--quick]
+
+Starts each server in turn (never two at once) on a loopback port with the same model
+directory, warms it up, runs closed-loop streaming clients at each concurrency level,
+stops it, then prints TTFT / inter-token latency / output tokens/s with ratios of ours
+against each peer, the servers' resident memory, and the issue's goals. Writes
+bench/results/<date>-<host-kind>.json and .md. Peer environments are made by
+bench/setup_peers.sh (run automatically when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_client import PROMPTS, PROTOCOLS, count_tokens, new_session, one_request, run_level  # noqa: E402
+from bench_report import (METRICS, goal_lines, goals, level_stats, md_table, memory_rows,  # noqa: E402
+                          results_table, text_table)
+from bench_servers import (BENCH, PEERS, ROOT, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
+                           machine_busy_seconds, rss_mb)
+
+RESULTS = BENCH / "results"
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def sh(cmd: list[str], timeout: float = 120) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT)).stdout.strip()
+    except Exception as exc:
+        return f"unavailable ({exc})"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    flags = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+    with open("/proc/meminfo") as f:
+        mem_kb = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
+    cores = len(os.sched_getaffinity(0))
+    kind = f"{cores}cpu-" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f} " in f" {flags} "]
+    versions = {}
+    for key, peer in PEERS.items():
+        if peer.python.exists():
+            versions[key] = sh([str(peer.python), "-c",
+                                "import json, torch, transformers; import importlib.metadata as m\n"
+                                "v={'torch': torch.__version__, 'transformers': transformers.__version__,"
+                                " 'torch_threads': torch.get_num_threads()}\n"
+                                "for d in ('chatstream', 'chatstream-k8s', 'fastapi', 'uvicorn'):\n"
+                                "    try: v[d] = m.version(d)\n"
+                                "    except Exception: pass\n"
+                                "print(json.dumps(v))"])
+            try:
+                versions[key] = json.loads(versions[key])
+            except ValueError:
+                pass
+    return {
+        "host_kind": kind, "hostname": socket.gethostname(), "cpu_model": cpu, "cpu_simd": simd,
+        "cores": cores, "cpu_count": os.cpu_count(), "ram_gib": round(mem_kb / 1024 ** 2, 1),
+        "kernel": platform.release(), "python": platform.python_version(),
+        "git_commit": sh(["git", "rev-parse", "HEAD"]),
+        "git_dirty_service": bool(sh(["git", "status", "--porcelain", "--", "service"])),
+        "versions": versions,
+    }
+
+
+def model_dir(arg: str | None) -> str:
+    if arg:
+        return str(Path(arg).resolve())
+    out = sh([str(ROOT / ".venv" / "bin" / "chatstream"), "prepare-model"], timeout=1800)
+    path = out.splitlines()[-1].rpartition(" in ")[2].strip() if out else ""
+    if not Path(path).is_dir():
+        sys.exit(f"could not find the model directory from `chatstream prepare-model`: {out!r}")
+    return path
+
+
+def ensure_peers(keys: list[str]) -> None:
+    missing = [k for k in keys if k != "ours" and not PEERS[k].python.exists()]
+    stamp_ok = all((BENCH / ".peers" / k / ".bench-ready").exists() for k in keys if k != "ours")
+    if missing or not stamp_ok:
+        log("==> setting up peer environments (bench/setup_peers.sh)")
+        subprocess.run(["bash", str(BENCH / "setup_peers.sh")] + [k for k in keys if k != "ours"], check=True)
+
+
+async def warm_up(server: Server, model: str, new_tokens: int) -> None:
+    proto = PROTOCOLS[server.peer.protocol]
+    async with new_session() as session:
+        for i in range(2):
+            r = await one_request(session, proto, server.base, model, 0, i, new_tokens)
+            if r.error:
+                raise RuntimeError(f"warm-up request failed: {r.error}\n{server.tail()}")
+        # one concurrent round so batching paths are exercised too (short for peers that
+        # take max_tokens; ChatStream 0.3.0 has a fixed max_new_tokens, so skip it there)
+        if server.peer.protocol == "openai":
+            await asyncio.gather(*(one_request(session, proto, server.base, model, i, i, 8) for i in range(8)))
+
+
+def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
+    peer = PEERS[key]
+    levels = args.clients
+    server = Server(peer, model_path, max(levels), args.new_tokens, log=log)
+    out: dict = {"label": peer.label, "protocol": PROTOCOLS[peer.protocol].name, "command": server.cmd,
+                 "notes": peer.notes, "levels": {}, "loadavg": {}}
+    server.start()
+    try:
+        out["startup_s"] = round(server.startup_s, 1)
+        time.sleep(2)
+        idle = rss_mb(server.proc.pid)
+        model = peer.model_name(model_path)
+        t = time.perf_counter()
+        asyncio.run(warm_up(server, model, args.new_tokens))
+        log(f"  warmed up in {time.perf_counter() - t:.1f}s")
+        time.sleep(2)
+        idle_warm = rss_mb(server.proc.pid)
+        sampler = RSSSampler(server.proc.pid).start()
+        for c in levels:
+            la = loadavg()
+            log(f"  {c:>2} clients: load average {la[0]:.2f}; running {args.duration:.0f}s window ...")
+            sampler.mark(str(c))
+            busy0, srv0 = machine_busy_seconds(), cpu_seconds(server.proc.pid)
+            run = asyncio.run(run_level(
+                PROTOCOLS[peer.protocol], server.base, model, c, args.new_tokens, duration=args.duration,
+                warmup=args.warmup, warmup_cap=args.warmup_cap, tail_cap=args.duration,
+                drain_cap=args.drain_cap, log=log))
+            sampler.mark(None)
+            busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
+            count_tokens(tokenizer, run.records)
+            s = level_stats(run)
+            s["loadavg_start"] = la
+            s["loadavg_end"] = loadavg()
+            s["peak_rss_mb"] = sampler.peaks.get(str(c))
+            wall = run.end - run.t0
+            # CPU the server and this client used, and what everything else on the machine took
+            s["server_cpu_cores"] = round(srv / wall, 2)
+            s["client_cpu_cores"] = round(run.cpu_s / wall, 2)
+            s["other_cpu_cores"] = round(max(0.0, busy - srv - run.cpu_s) / wall, 2)
+            out["levels"][str(c)] = s
+            log(f"     {s['tok_s']:.1f} tok/s, TTFT p50 {_ms(s['ttft_p50_ms'])} p99 {_ms(s['ttft_p99_ms'])}, "
+                f"ITL p50 {_ms(s['itl_p50_ms'])} p99 {_ms(s['itl_p99_ms'])}, "
+                f"{s['requests_measured']} requests measured, {s['errors']} errors, "
+                f"{_n(s['mean_tokens_per_request'])} tok/request; CPU cores used: server "
+                f"{s['server_cpu_cores']}, client {s['client_cpu_cores']}, other processes {s['other_cpu_cores']}")
+            if s["errors"]:
+                log(f"     errors: {s['error_samples']}")
+        sampler.stop()
+        peak = max(sampler.peaks.values()) if sampler.peaks else None
+        out["memory"] = {"idle_mb": idle, "idle_warm_mb": idle_warm, "peak_load_mb": peak,
+                         "peak_over_idle": peak / idle if peak and idle else None,
+                         "peak_by_level_mb": sampler.peaks, "vm_hwm_mb": hwm_mb(server.proc.pid),
+                         "how": "VmRSS of the server process and its children from /proc, sampled every 0.2s "
+                                "during each level; idle = 2s after ready (before any request) and 2s after "
+                                "warm-up; vm_hwm includes start-up (model loading) peaks"}
+    finally:
+        server.stop()
+    return out
+
+
+def _ms(v):
+    return "n/a" if v is None else f"{v:.0f}ms"
+
+
+def _n(v):
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def render(report: dict) -> tuple[str, str]:
+    peers, levels = report["config"]["peers"], report["config"]["clients"]
+    labels = {k: k for k in peers}
+    rows = results_table(report["results"], peers, levels, labels)
+    mem = memory_rows(report["results"], peers, labels)
+    g = goal_lines(report["goals"])
+    load = [["server", "clients", "load avg at start", "CPU cores: server", "client", "other processes"]]
+    for k in peers:
+        for c, s in report["results"].get(k, {}).get("levels", {}).items():
+            load.append([k, c, f"{s['loadavg_start'][0]:.2f}", f"{s['server_cpu_cores']:.2f}",
+                         f"{s['client_cpu_cores']:.2f}", f"{s['other_cpu_cores']:.2f}"])
+    m = report["machine"]
+    la = report["loadavg"]
+    head = (f"machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, kernel {m['kernel']}; "
+            f"commit {m['git_commit'][:12]}{' (service/ modified)' if m['git_dirty_service'] else ''}\n"
+            f"load average before {la['before']} after {la['after']}"
+            f"{'  (NOT a quiet machine: other work was running)' if not report['quiet'] else ''}")
+    cfg = report["config"]
+    conf = (f"{cfg['new_tokens']} new tokens max, greedy, {len(PROMPTS)} long-answer prompts, "
+            f"{cfg['duration']:.0f}s window per level (after warm-up)")
+    text = "\n".join([head, conf, "", text_table(rows), "", "ratios: ours/peer; for tok/s higher is better, "
+                      "for TTFT/ITL lower is better", "", text_table(mem), "", text_table(load), "", *g])
+    md = [f"# Benchmark {report['date']} on {m['host_kind']}", "",
+          f"- machine: {m['cpu_model']} ({', '.join(m['cpu_simd']) or 'no AVX2'}), {m['cores']} cores, "
+          f"{m['ram_gib']} GiB RAM, kernel {m['kernel']}, Python {m['python']}",
+          f"- versions: " + "; ".join(f"{k}: " + ", ".join(f"{a} {b}" for a, b in v.items())
+                                      for k, v in m["versions"].items() if isinstance(v, dict)),
+          f"- commit {m['git_commit']}{' (service/ modified)' if m['git_dirty_service'] else ''}",
+          f"- load average (1, 5, 15 min) before {la['before']}, after {la['after']}"
+          f"{' — **not a quiet machine**: other work was running' if not report['quiet'] else ''}",
+          f"- workload: {conf}; closed-loop clients, each request a fresh single-turn conversation",
+          "", "## Results", "", md_table(rows), "",
+          "Ratios are ours/peer: for tok/s higher is better, for TTFT and ITL lower is better. "
+          "`n` is the number of requests measured (in flight during the window and finished before the load was lowered); `tok/req` the mean output tokens "
+          "per request.", "", "## Memory", "", md_table(mem), "",
+          "## Machine load during each level", "",
+          "CPU cores used on average over the level (2 cores in all): by the server, by the benchmark client, "
+          "and by every other process on the machine (from /proc/stat).", "", md_table(load), "", "## Goals", "",
+          *[f"- {l}" for l in g], "", "## Servers", ""]
+    for k in peers:
+        r = report["results"].get(k)
+        if r:
+            md.append(f"- **{k}** ({r['label']}): {'; '.join(r['notes'])}. Started in {r.get('startup_s')}s.")
+    if report.get("errors"):
+        md += ["", "## Failures", ""] + [f"- {k}: {v}" for k, v in report["errors"].items()]
+    return text, "\n".join(md) + "\n"
+
+
+def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
+    waited = 0.0
+    while True:
+        la = loadavg()
+        if la[0] < limit:
+            return True
+        if waited >= max_wait_s:
+            log(f"load average still {la[0]:.2f} after {waited / 60:.0f} min: running anyway (recorded as not quiet)")
+            return False
+        log(f"load average {la[0]:.2f} >= {limit}: waiting a minute for a quieter machine ...")
+        time.sleep(60)
+        waited += 60
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", default="1,8,16,32", help="comma-separated concurrency levels")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--duration", type=float, default=60.0, help="measurement window per level, seconds")
+    ap.add_argument("--warmup", type=float, default=5.0,
+                    help="minimum warm-up per level; it lasts until every client has finished a request")
+    ap.add_argument("--warmup-cap", type=float, default=40.0)
+    ap.add_argument("--drain-cap", type=float, default=240.0)
+    ap.add_argument("--peers", default="ours,chatstream030,transformers")
+    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
+    ap.add_argument("--quick", action="store_true", help="short run for development: 1,8 clients, 10s windows")
+    ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
+    ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
+    ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>[-quick])")
+    args = ap.parse_args()
+    if args.quick:
+        if args.clients == ap.get_default("clients"):
+            args.clients = "1,8"
+        if args.duration == ap.get_default("duration"):
+            args.duration = 10.0
+        args.warmup_cap = min(args.warmup_cap, 15.0)
+        args.drain_cap = min(args.drain_cap, 60.0)
+        args.quiet_wait = 0
+    args.clients = [int(c) for c in args.clients.split(",")]
+    keys = [k.strip() for k in args.peers.split(",") if k.strip()]
+    for k in keys:
+        if k not in PEERS:
+            sys.exit(f"unknown peer {k!r}; choose from {', '.join(PEERS)}")
+
+    ensure_peers(keys)
+    model_path = model_dir(args.model)
+    log(f"==> model {model_path}")
+    from transformers import AutoTokenizer  # project venv; used to re-tokenize ChatStream 0.3.0 answers
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+
+    info = machine()
+    quiet = wait_for_quiet(args.quiet_load, args.quiet_wait * 60)
+    before = loadavg()
+    log(f"==> {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; load average {before}")
+    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+              "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "machine": info, "config": {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
+                                          "duration": args.duration, "warmup": args.warmup,
+                                          "warmup_cap": args.warmup_cap, "quick": args.quick,
+                                          "prompts": PROMPTS, "sampling": "greedy (temperature 0)"},
+              "results": {}, "errors": {}}
+    for k in keys:
+        log(f"==> {PEERS[k].label}")
+        try:
+            report["results"][k] = bench_peer(k, args, model_path, tokenizer)
+        except Exception as exc:
+            log(f"  FAILED: {exc}")
+            report["errors"][k] = str(exc)[:2000]
+    after = loadavg()
+    report["loadavg"] = {"before": before, "after": after}
+    # the servers under test load the machine themselves, so only the start is judged; the
+    # CPU other processes took during each level is recorded per level (other_cpu_cores)
+    report["quiet"] = quiet and before[0] < args.quiet_load
+    report["goals"] = goals(report["results"])
+    report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    text, md = render(report)
+    log("\n" + text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) if args.out else RESULTS / (
+        f"{report['date']}-{info['host_kind']}" + ("-quick" if args.quick else ""))
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(md)
+    log(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
