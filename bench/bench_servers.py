@@ -86,21 +86,22 @@ class TransformersServe(Peer):
     # ~100 tokens, one 256-token page each) with room to spare.
     CB_NUM_BLOCKS = 64
     CB_MAX_BATCH_TOKENS = 2048
+    cb_defaults = False   # run.py --transformers-cb default: leave transformers' own sizing
 
     def __init__(self):
         super().__init__("transformers", "transformers serve --continuous-batching", "openai", "/health",
                          TRANSFORMERS_PY)
 
     def command(self, model_dir, port, max_clients, new_tokens):
-        self.notes = [f"transformers serve --continuous-batching --device cpu --dtype float32 "
-                      f"--cb-num-blocks {self.CB_NUM_BLOCKS} --cb-max-batch-tokens {self.CB_MAX_BATCH_TOKENS} "
+        cb = [] if self.cb_defaults else ["--cb-num-blocks", str(self.CB_NUM_BLOCKS),
+                                          "--cb-max-batch-tokens", str(self.CB_MAX_BATCH_TOKENS)]
+        self.notes = [f"transformers serve --continuous-batching --device cpu --dtype float32 {' '.join(cb)} "
                       "MODEL_DIR, driven through /v1/chat/completions stream=true (usage from its last chunk), "
                       "max_tokens and temperature 0 per request"]
         return [str(self.python), "-c",
                 "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; "
                 "sys.exit(main())",
-                "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
-                "--cb-num-blocks", str(self.CB_NUM_BLOCKS), "--cb-max-batch-tokens", str(self.CB_MAX_BATCH_TOKENS),
+                "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32", *cb,
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", model_dir]
 
     def model_name(self, model_dir):

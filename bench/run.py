@@ -141,7 +141,8 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
         time.sleep(2)
         idle_warm = rss_mb(server.proc.pid)
         sampler = RSSSampler(server.proc.pid).start()
-        for c in levels:
+        for i, c in enumerate(levels):
+            last = i == len(levels) - 1   # the server stops next: no need to drain a long queue
             la = loadavg()
             log(f"  {c:>2} clients: load average {la[0]:.2f}; running {args.duration:.0f}s window ...")
             sampler.mark(str(c))
@@ -149,7 +150,7 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
             run = asyncio.run(run_level(
                 PROTOCOLS[peer.protocol], server.base, model, c, args.new_tokens, duration=args.duration,
                 warmup=args.warmup, warmup_cap=args.warmup_cap, tail_cap=args.duration,
-                drain_cap=args.drain_cap, log=log))
+                drain_cap=5.0 if last else args.drain_cap, log=log))
             sampler.mark(None)
             busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
             count_tokens(tokenizer, run.records)
@@ -162,12 +163,14 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
             s["server_cpu_cores"] = round(srv / wall, 2)
             s["client_cpu_cores"] = round(run.cpu_s / wall, 2)
             s["other_cpu_cores"] = round(max(0.0, busy - srv - run.cpu_s) / wall, 2)
-            out["levels"][str(c)] = s
+            # tokens per CPU-second the server used: less sensitive to other work on the machine
+            s["tok_per_server_cpu_s"] = round(s["tok_s"] / max(1e-9, s["server_cpu_cores"]), 2)
             log(f"     {s['tok_s']:.1f} tok/s, TTFT p50 {_ms(s['ttft_p50_ms'])} p99 {_ms(s['ttft_p99_ms'])}, "
                 f"ITL p50 {_ms(s['itl_p50_ms'])} p99 {_ms(s['itl_p99_ms'])}, "
                 f"{s['requests_measured']} requests measured, {s['errors']} errors, "
                 f"{_n(s['mean_tokens_per_request'])} tok/request; CPU cores used: server "
-                f"{s['server_cpu_cores']}, client {s['client_cpu_cores']}, other processes {s['other_cpu_cores']}")
+                f"{s['server_cpu_cores']}, client {s['client_cpu_cores']}, other processes {s['other_cpu_cores']}; "
+                f"{s['tok_per_server_cpu_s']} tok per server CPU-second")
             if s["errors"]:
                 log(f"     errors: {s['error_samples']}")
         sampler.stop()
@@ -267,6 +270,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short run for development: 1,8 clients, 10s windows")
     ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
     ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
+    ap.add_argument("--transformers-cb", choices=("tuned", "default"), default="tuned",
+                    help="transformers serve KV-cache sizing: tuned for this workload (default) or its own")
     ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>[-quick])")
     args = ap.parse_args()
     if args.quick:
@@ -278,6 +283,7 @@ def main() -> None:
         args.drain_cap = min(args.drain_cap, 60.0)
         args.quiet_wait = 0
     args.clients = [int(c) for c in args.clients.split(",")]
+    PEERS["transformers"].cb_defaults = args.transformers_cb == "default"
     keys = [k.strip() for k in args.peers.split(",") if k.strip()]
     for k in keys:
         if k not in PEERS:
@@ -298,6 +304,7 @@ def main() -> None:
               "machine": info, "config": {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
                                           "duration": args.duration, "warmup": args.warmup,
                                           "warmup_cap": args.warmup_cap, "quick": args.quick,
+                                          "transformers_cb": args.transformers_cb,
                                           "prompts": PROMPTS, "sampling": "greedy (temperature 0)"},
               "results": {}, "errors": {}}
     for k in keys:
