@@ -37,7 +37,11 @@ setup_podman() {
   if ! grep -qs '^default_ulimits = \[\]' "$conf"; then
     # The sandbox refuses podman's default ulimits (nofile/nproc).
     [ -w "$(dirname "$conf")" ] || { say "cannot write $conf"; exit 1; }
-    printf '[containers]\ndefault_ulimits = []\n' >>"$conf"
+    if grep -qs '^\[containers\]' "$conf"; then
+      sed -i '/^\[containers\]/a default_ulimits = []' "$conf"
+    else
+      printf '[containers]\ndefault_ulimits = []\n' >>"$conf"
+    fi
   fi
 }
 
@@ -87,11 +91,16 @@ host_trust() {
 
 build() {  # build IMAGE DOCKERFILE BASE
   local image="$1" file="$2" base="$3" t0=$SECONDS
-  local mounts
+  local mounts old
   mapfile -t mounts < <(host_trust)
+  old="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
   say "building $image ($file on $base)"
   podman build --network host --layers --build-arg "BASE_IMAGE=$base" "${mounts[@]}" \
     -f "$ROOT/$file" -t "$image" "$ROOT"
+  # Drop the image this one replaces (kept if a build cache still needs it).
+  if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
+    podman rmi "$old" >/dev/null 2>&1 || true
+  fi
   say "built $image in $((SECONDS - t0))s ($(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.1f GB", $1/1e9}'))"
 }
 
