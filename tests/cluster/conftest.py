@@ -8,7 +8,7 @@ API), so every test also proves the chart's RBAC is enough.
 
 from __future__ import annotations
 
-import pathlib
+import os
 import subprocess
 import uuid
 
@@ -19,10 +19,21 @@ from kube_helpers import (
 )
 
 
+def _cluster_is_up() -> bool:
+    if not (CLUSTER_DIR / "kubeconfig").exists() or not (BIN / "kubectl").exists():
+        return False
+    return kubectl("get", "--raw", "/readyz", check=False).returncode == 0
+
+
 @pytest.fixture(scope="session")
-def cluster() -> pathlib.Path:
+def cluster():
+    """The control plane: reused when already up (make cluster); otherwise
+    started here and stopped after the session (CHATSTREAM_KEEP_CLUSTER=1 keeps it)."""
+    started = not _cluster_is_up()
     subprocess.run([str(ROOT / "scripts/cluster-up.sh")], check=True, timeout=3600)
-    return CLUSTER_DIR / "kubeconfig"
+    yield CLUSTER_DIR / "kubeconfig"
+    if started and os.environ.get("CHATSTREAM_KEEP_CLUSTER") != "1":
+        subprocess.run([str(ROOT / "scripts/cluster-down.sh")], check=False, timeout=120)
 
 
 @pytest.fixture(scope="session")
