@@ -2,7 +2,7 @@
 # Debian packages the service tests use: a real browser for the chat page and a
 # real Redis for shared sessions.
 # Idempotent: installs only what is missing. The cluster and image parts have
-# their own script (system-deps-cluster.sh).
+# their own list (system-deps-cluster.sh), called from here.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
@@ -13,6 +13,5 @@ if ((${#need[@]})); then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
-if [[ -f scripts/system-deps-cluster.sh ]]; then
-  bash scripts/system-deps-cluster.sh
-fi
+# The control plane and the container images (podman, runc, debootstrap).
+bash scripts/system-deps-cluster.sh images
