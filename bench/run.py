@@ -165,6 +165,7 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
             s["other_cpu_cores"] = round(max(0.0, busy - srv - run.cpu_s) / wall, 2)
             # tokens per CPU-second the server used: less sensitive to other work on the machine
             s["tok_per_server_cpu_s"] = round(s["tok_s"] / max(1e-9, s["server_cpu_cores"]), 2)
+            out["levels"][str(c)] = s
             log(f"     {s['tok_s']:.1f} tok/s, TTFT p50 {_ms(s['ttft_p50_ms'])} p99 {_ms(s['ttft_p99_ms'])}, "
                 f"ITL p50 {_ms(s['itl_p50_ms'])} p99 {_ms(s['itl_p99_ms'])}, "
                 f"{s['requests_measured']} requests measured, {s['errors']} errors, "
