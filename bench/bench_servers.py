@@ -51,17 +51,19 @@ class Peer:
 
 
 class Ours(Peer):
+    dtype = "float32"   # run.py --ours-dtype: experiments only, the peers run float32
+
     def __init__(self):
         super().__init__("ours", "this project (chatstream serve)", "openai", "/readyz", PROJECT_PY)
 
     def command(self, model_dir, port, max_clients, new_tokens):
         self.notes = [f"chatstream serve --max-concurrent {max_clients} --max-queue {4 * max_clients} "
-                      f"--max-new-tokens {new_tokens} --temperature 0 --device cpu --dtype float32, "
+                      f"--max-new-tokens {new_tokens} --temperature 0 --device cpu --dtype {self.dtype}, "
                       "driven through /v1/chat/completions stream=true with stream_options.include_usage"]
         return [str(ROOT / ".venv" / "bin" / "chatstream"), "serve", "--model", model_dir,
                 "--host", "127.0.0.1", "--port", str(port), "--max-concurrent", str(max_clients),
                 "--max-queue", str(4 * max_clients), "--max-new-tokens", str(new_tokens),
-                "--temperature", "0", "--device", "cpu", "--dtype", "float32"]
+                "--temperature", "0", "--device", "cpu", "--dtype", self.dtype]
 
 
 class ChatStream030(Peer):

@@ -273,6 +273,8 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
     ap.add_argument("--transformers-cb", choices=("tuned", "default"), default="tuned",
                     help="transformers serve KV-cache sizing: tuned for this workload (default) or its own")
+    ap.add_argument("--ours-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="our server's dtype, for experiments (the peers always run float32)")
     ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>[-quick])")
     args = ap.parse_args()
     if args.quick:
@@ -285,6 +287,7 @@ def main() -> None:
         args.quiet_wait = 0
     args.clients = [int(c) for c in args.clients.split(",")]
     PEERS["transformers"].cb_defaults = args.transformers_cb == "default"
+    PEERS["ours"].dtype = args.ours_dtype
     keys = [k.strip() for k in args.peers.split(",") if k.strip()]
     for k in keys:
         if k not in PEERS:
@@ -305,7 +308,7 @@ def main() -> None:
               "machine": info, "config": {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
                                           "duration": args.duration, "warmup": args.warmup,
                                           "warmup_cap": args.warmup_cap, "quick": args.quick,
-                                          "transformers_cb": args.transformers_cb,
+                                          "transformers_cb": args.transformers_cb, "ours_dtype": args.ours_dtype,
                                           "prompts": PROMPTS, "sampling": "greedy (temperature 0)"},
               "results": {}, "errors": {}}
     for k in keys:
