@@ -36,6 +36,7 @@ class Peer:
     ready_path: str
     python: Path
     notes: list[str] = field(default_factory=list)
+    dtype: str = "float32"              # run.py --dtype, the same for every server
 
     def command(self, model_dir: str, port: int, max_clients: int, new_tokens: int) -> list[str]:
         raise NotImplementedError
@@ -51,8 +52,6 @@ class Peer:
 
 
 class Ours(Peer):
-    dtype = "float32"   # run.py --ours-dtype: experiments only, the peers run float32
-
     def __init__(self):
         super().__init__("ours", "this project (chatstream serve)", "openai", "/readyz", PROJECT_PY)
 
@@ -74,11 +73,11 @@ class ChatStream030(Peer):
     def command(self, model_dir, port, max_clients, new_tokens):
         self.notes = [f"bench/peers/chatstream030_server.py: ChatStream(num_of_concurrent_executions="
                       f"{CHATSTREAM030_SLOTS}, max_queue_size={4 * max_clients}, max_new_tokens={new_tokens}, "
-                      "temperature=0), FastSession via append_middlewares, /chat_stream; output tokens counted "
+                      f"temperature=0, {self.dtype}), FastSession via append_middlewares, /chat_stream; output tokens counted "
                       "by re-tokenizing the final text with the model's tokenizer"]
         return [str(self.python), str(BENCH / "peers" / "chatstream030_server.py"), "--model", model_dir,
                 "--port", str(port), "--concurrency", str(CHATSTREAM030_SLOTS),
-                "--max-queue", str(4 * max_clients), "--max-new-tokens", str(new_tokens)]
+                "--max-queue", str(4 * max_clients), "--max-new-tokens", str(new_tokens), "--dtype", self.dtype]
 
 
 class TransformersServe(Peer):
@@ -97,13 +96,13 @@ class TransformersServe(Peer):
     def command(self, model_dir, port, max_clients, new_tokens):
         cb = [] if self.cb_defaults else ["--cb-num-blocks", str(self.CB_NUM_BLOCKS),
                                           "--cb-max-batch-tokens", str(self.CB_MAX_BATCH_TOKENS)]
-        self.notes = [f"transformers serve --continuous-batching --device cpu --dtype float32 {' '.join(cb)} "
+        self.notes = [f"transformers serve --continuous-batching --device cpu --dtype {self.dtype} {' '.join(cb)} "
                       "MODEL_DIR, driven through /v1/chat/completions stream=true (usage from its last chunk), "
                       "max_tokens and temperature 0 per request"]
         return [str(self.python), "-c",
                 "import sys; from transformers.cli.transformers import main; sys.argv[0] = 'transformers'; "
                 "sys.exit(main())",
-                "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32", *cb,
+                "serve", "--continuous-batching", "--device", "cpu", "--dtype", self.dtype, *cb,
                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", model_dir]
 
     def model_name(self, model_dir):

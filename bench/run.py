@@ -213,7 +213,8 @@ def render(report: dict) -> tuple[str, str]:
             f"load average before {la['before']} after {la['after']}"
             f"{'  (NOT a quiet machine: other work was running)' if not report['quiet'] else ''}")
     cfg = report["config"]
-    conf = (f"{cfg['new_tokens']} new tokens max, greedy, {len(PROMPTS)} long-answer prompts, "
+    conf = (f"{cfg['new_tokens']} new tokens max, greedy, {cfg.get('dtype', 'float32')}, "
+            f"{len(PROMPTS)} long-answer prompts, "
             f"{cfg['duration']:.0f}s window per level (after warm-up)")
     text = "\n".join([head, conf, "", text_table(rows), "", "ratios: ours/peer; for tok/s higher is better, "
                       "for TTFT/ITL lower is better", "", text_table(mem), "", text_table(load), "", *g])
@@ -274,8 +275,8 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
     ap.add_argument("--transformers-cb", choices=("tuned", "default"), default="tuned",
                     help="transformers serve KV-cache sizing: tuned for this workload (default) or its own")
-    ap.add_argument("--ours-dtype", choices=("float32", "bfloat16"), default="float32",
-                    help="our server's dtype, for experiments (the peers always run float32)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights/activations dtype, the same for every server")
     ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>[-quick])")
     args = ap.parse_args()
     if args.quick:
@@ -288,7 +289,8 @@ def main() -> None:
         args.quiet_wait = 0
     args.clients = [int(c) for c in args.clients.split(",")]
     PEERS["transformers"].cb_defaults = args.transformers_cb == "default"
-    PEERS["ours"].dtype = args.ours_dtype
+    for peer in PEERS.values():
+        peer.dtype = args.dtype
     keys = [k.strip() for k in args.peers.split(",") if k.strip()]
     for k in keys:
         if k not in PEERS:
@@ -309,7 +311,7 @@ def main() -> None:
               "machine": info, "config": {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
                                           "duration": args.duration, "warmup": args.warmup,
                                           "warmup_cap": args.warmup_cap, "quick": args.quick,
-                                          "transformers_cb": args.transformers_cb, "ours_dtype": args.ours_dtype,
+                                          "transformers_cb": args.transformers_cb, "dtype": args.dtype,
                                           "prompts": PROMPTS, "sampling": "greedy (temperature 0)"},
               "results": {}, "errors": {}}
     for k in keys:

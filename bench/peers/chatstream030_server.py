@@ -60,11 +60,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8, help="num_of_concurrent_executions")
     ap.add_argument("--max-queue", type=int, default=64, help="max_queue_size")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
 
     device = "cpu"
     _TOKENIZER = tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype))
     model.to(device)
     model.eval()
 
