@@ -26,7 +26,6 @@ SUCCESS = "success"
 DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
 DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
 UNKNOWN_ERROR = "unknown_error_occurred"
-OUTCOMES = (SUCCESS, DISCONNECTED_WHILE_STREAMING, DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR)
 
 _GONE = object()  # put in the event queue when the client disconnects
 
@@ -157,10 +156,10 @@ class RunResponse(Response):
         self.status_code = 200
         self.background = None
         self.body = b""
-        self.media_type = (formatter or Formatter()).media_type
+        self.formatter = formatter or Formatter()
+        self.media_type = self.formatter.media_type
         self.init_headers({})
         self.run = run
-        self.formatter = formatter or Formatter()
         self.extra_headers = headers or {}
 
     def _start(self, status: int = 200, media_type: str | None = None) -> dict:

@@ -117,7 +117,8 @@ class ChatStream:
                 raise
         except RequestError as err:
             return err.response()
-        params = self._sampling_params(session_mgr.get_session() if session_mgr else {}, chat_prompt)
+        session = session_mgr.get_session() if session_mgr else {}
+        params = self.sampling_params(session.get("generation_params"), stop=chat_prompt.get_stop_strs())
         message_id = str(uuid.uuid4())
         chat_prompt.set_responder_last_msg_id(message_id)
 
@@ -128,7 +129,7 @@ class ChatStream:
                 undo()
             if session_mgr is not None:
                 session_mgr.save_session()
-            self._record(run)
+            self.metrics.record_run(run)
             if callback is not None:
                 self._fire_callback(callback, request, run)
 
@@ -235,9 +236,9 @@ class ChatStream:
             chat_prompt.remove_last_requester_msg()
         return undo
 
-    def prompt_budget(self, max_new_tokens: int | None = None) -> int:
-        reserve = min(max_new_tokens or self.max_new_tokens, self.context_len // 2)
-        return self.context_len - reserve
+    def prompt_budget(self) -> int:
+        """Prompt tokens allowed: the context less room for an answer (at most half the context)."""
+        return self.context_len - min(self.max_new_tokens, self.context_len // 2)
 
     def _prompt_ids(self, chat_prompt) -> list[int]:
         """Render and tokenize; drop the oldest whole turns until the prompt fits the context."""
@@ -254,16 +255,16 @@ class ChatStream:
         # Chat templates already contain the special tokens they need.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _sampling_params(self, session: dict, chat_prompt) -> SamplingParams:
-        custom = session.get("generation_params") or {}
-        merged = {**self.params, **{k: v for k, v in custom.items() if v is not None}}
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(merged["temperature"]),
-                              top_k=merged["top_k_value"], top_p=float(merged["top_p_value"] or 1.0),
+    def sampling_params(self, overrides: dict | None = None, max_new_tokens: int | None = None,
+                        stop=()) -> SamplingParams:
+        """The constructor's defaults, overridden by the non-None values given (the original's key names:
+        temperature, top_k_value, top_p_value, repetition_penalty, seed)."""
+        merged = {**self.params, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens,
+                              temperature=float(merged["temperature"]), top_k=merged["top_k_value"],
+                              top_p=float(merged["top_p_value"] or 1.0),
                               repetition_penalty=float(merged["repetition_penalty"] or 1.0), seed=merged["seed"],
-                              stop=list(chat_prompt.get_stop_strs() or []))
-
-    def _record(self, run: StreamRun) -> None:
-        self.metrics.record_run(run)
+                              stop=list(stop or []))
 
     def _fire_callback(self, callback, request, run: StreamRun) -> None:
         """Run the user's callback off the critical path: sync ones in a thread, async ones as a task."""

@@ -96,9 +96,8 @@ class TraceStore(SpanProcessor):
 class Telemetry:
     def __init__(self, service_name: str | None = None, exporter=None, keep: int | None = None,
                  record_content: bool | None = None, metric_readers: list | None = None):
-        attrs = {"service.name": service_name} if service_name and not os.environ.get("OTEL_SERVICE_NAME") else {}
-        if "service.name" not in attrs and not os.environ.get("OTEL_SERVICE_NAME"):
-            attrs["service.name"] = "chatstream"
+        # OTEL_SERVICE_NAME, when set, wins (Resource.create reads it).
+        attrs = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name or "chatstream"}
         resource = Resource.create(attrs)
         self.provider = TracerProvider(resource=resource)
         self.store = TraceStore(keep or int(os.environ.get(envvars.TRACES_KEEP) or 200))

@@ -185,7 +185,7 @@ def test_disconnect_storm_leaks_no_slot(model_and_tokenizer, live_server):
     wait_until(lambda: (chat_stream.admission.processing, chat_stream.admission.waiting) == (0, 0), 30)
     wait_until(lambda: chat_stream.engine.active == 0, 10)
     admitted = results["ok"] + results["left"]
-    calls = log.wait_for(results["ok"], 30)
+    log.wait_for(results["ok"], 30)
     time.sleep(0.5)
     assert results["refused"] > 0 and results["left"] > 0 and results["ok"] > 0, results
     outcomes = [c[1] for c in log.calls]

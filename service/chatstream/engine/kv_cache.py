@@ -121,6 +121,3 @@ class SlotKVCache:
                 tmp = buf[a, :, :length].clone()
                 buf[a, :, :length] = buf[b, :, :length]
                 buf[b, :, :length] = tmp
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -15,7 +15,6 @@ import inspect
 import logging
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,7 +42,6 @@ class Sequence:
     detok: IncrementalDetokenizer | None = None
     stops: StopMatcher | None = None
     generator: torch.Generator | None = None
-    submitted_at: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -69,7 +67,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = 0
-        self.healthy = True
 
     # -- public, thread-safe --------------------------------------------------------
     def start(self) -> None:

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine.sampling import SamplingParams
 from ..run import (DISCONNECTED_BEFORE_STREAMING, SUCCESS, UNKNOWN_ERROR, ClientGone, Formatter, RunResponse,
                    StreamRun, watch_disconnect)
 
@@ -112,6 +111,9 @@ async def collect(run: StreamRun, request: Request) -> str:
     except ClientGone:
         outcome = DISCONNECTED_BEFORE_STREAMING
         raise
+    except Exception as exc:
+        run.error = exc
+        raise
     finally:
         watcher.cancel()
         run.end(outcome)
@@ -145,15 +147,10 @@ def build_router(get_chat_stream) -> APIRouter:
         if len(prompt_ids) > budget:
             return error(400, f"the messages are {len(prompt_ids)} tokens; this model's context is "
                               f"{cs.context_len}", "context_length_exceeded", "messages")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        defaults = cs.params
-        params = SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=defaults["temperature"] if body.temperature is None else body.temperature,
-            top_p=defaults["top_p_value"] or 1.0 if body.top_p is None else body.top_p,
-            top_k=defaults["top_k_value"], repetition_penalty=defaults["repetition_penalty"] or 1.0,
-            seed=body.seed, stop=stop)
-        run = cs.start_run(prompt_ids, params, cs._record, "/v1/chat/completions", messages)
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        params = cs.sampling_params({"temperature": body.temperature, "top_p_value": body.top_p, "seed": body.seed},
+                                    max_new_tokens=max_tokens, stop=stop)
+        run = cs.start_run(prompt_ids, params, cs.metrics.record_run, "/v1/chat/completions", messages)
         if not isinstance(run, StreamRun):
             return run
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
