@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_client import PROMPTS, PROTOCOLS, count_tokens, new_session, one_request, run_level  # noqa: E402
-from bench_report import (METRICS, goal_lines, goals, level_stats, md_table, memory_rows,  # noqa: E402
+from bench_report import (goal_lines, goals, level_stats, md_table, memory_rows,  # noqa: E402
                           results_table, text_table)
 from bench_servers import (BENCH, PEERS, ROOT, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
                            machine_busy_seconds, rss_mb)
@@ -221,7 +221,7 @@ def render(report: dict) -> tuple[str, str]:
     md = [f"# Benchmark {report['date']} on {m['host_kind']}", "",
           f"- machine: {m['cpu_model']} ({', '.join(m['cpu_simd']) or 'no AVX2'}), {m['cores']} cores, "
           f"{m['ram_gib']} GiB RAM, kernel {m['kernel']}, Python {m['python']}",
-          f"- versions: " + "; ".join(f"{k}: " + ", ".join(f"{a} {b}" for a, b in v.items())
+          "- versions: " + "; ".join(f"{k}: " + ", ".join(f"{a} {b}" for a, b in v.items())
                                       for k, v in m["versions"].items() if isinstance(v, dict)),
           f"- commit {m['git_commit']}{' (service/ modified)' if m['git_dirty_service'] else ''}",
           f"- load average (1, 5, 15 min) before {la['before']}, after {la['after']}"
