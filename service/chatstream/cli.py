@@ -30,6 +30,9 @@ def _serve_parser(sub) -> None:
                                            f"default 2048 [{envvars.CONTEXT_LENGTH}]")
     opt("--device", help=f"auto (CUDA when present), cpu or cuda [{envvars.DEVICE}]")
     opt("--dtype", help=f"auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16 [{envvars.DTYPE}]")
+    opt("--cpu-linear", choices=("onednn", "torch"),
+        help=f"linear layers on the CPU: onednn (weights prepacked once, the default) or torch (PyTorch's own "
+             f"kernel) [{envvars.CPU_LINEAR}]")
     opt("--temperature", type=float, help="default sampling temperature; 0 is greedy (default 0.7)")
     opt("--top-p", type=float, help="default nucleus sampling threshold (default 0.9)")
     opt("--queue-full-status", type=int, choices=(429, 503),

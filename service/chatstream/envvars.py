@@ -12,6 +12,7 @@ HOST = "CHATSTREAM_HOST"
 PORT = "CHATSTREAM_PORT"
 DEVICE = "CHATSTREAM_DEVICE"                    # auto | cpu | cuda
 DTYPE = "CHATSTREAM_DTYPE"                      # auto | float32 | bfloat16 | float16
+CPU_LINEAR = "CHATSTREAM_CPU_LINEAR"            # onednn (prepacked weights) | torch
 MAX_CONCURRENT = "CHATSTREAM_MAX_CONCURRENT"    # num_of_concurrent_executions
 MAX_QUEUE = "CHATSTREAM_MAX_QUEUE"              # max_queue_size
 MAX_NEW_TOKENS = "CHATSTREAM_MAX_NEW_TOKENS"

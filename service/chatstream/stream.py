@@ -50,7 +50,7 @@ class ChatStream:
                  top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  chat_prompt_clazz=None, too_many_request_as_http_error: bool = False,
                  seed: int | None = None, logger: logging.Logger | None = None, model_name: str | None = None,
-                 retry_after_seconds: int = 1, telemetry: Telemetry | None = None,
+                 retry_after_seconds: int = 1, telemetry: Telemetry | None = None, cpu_linear: str = "onednn",
                  **_ignored_original_options):
         if model is None or tokenizer is None:
             raise ValueError("ChatStream needs a model and a tokenizer (see chatstream.load_model)")
@@ -72,7 +72,8 @@ class ChatStream:
         self.queue_full_status = 429 if too_many_request_as_http_error else 503
         self.retry_after_seconds = retry_after_seconds
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
-        self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len)
+        self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len,
+                             cpu_linear=cpu_linear)
         self.telemetry = telemetry or Telemetry()
         self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name)
         self.draining = False

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .cpu_linear import pack_linears
 from .detokenize import IncrementalDetokenizer, StopMatcher
 from .events import Delta, Failed, Finished
 from .kv_cache import SlotKVCache
@@ -48,8 +49,12 @@ class Engine:
     """Continuous batching over a :class:`SlotKVCache`."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
-                 prefill_tokens: int = 512, eos_token_ids: list[int] | None = None):
+                 prefill_tokens: int = 512, eos_token_ids: list[int] | None = None, cpu_linear: str = "onednn"):
+        if cpu_linear not in ("onednn", "torch"):
+            raise ValueError(f"cpu_linear must be 'onednn' or 'torch', not {cpu_linear!r}")
         self.model = model
+        # On the CPU, swap the model's linear layers for oneDNN prepacked ones (cpu_linear.py says why).
+        self.packed_linears = pack_linears(model) if cpu_linear == "onednn" else 0
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.max_batch = max_batch

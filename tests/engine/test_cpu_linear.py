@@ -1,0 +1,90 @@
+"""oneDNN prepacked linear layers: same answers as PyTorch's kernels, no second copy of the weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from chatstream import load_model
+from chatstream.engine import Engine
+from chatstream.engine.cpu_linear import PackedLinear, available, pack_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+
+
+def fresh(dtype="float32"):
+    return load_model("builtin:smollm2-135m-instruct", device="cpu", dtype=dtype)
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-3), ("bfloat16", 0.5)])
+def test_packed_model_gives_the_same_logits(dtype, tolerance):
+    plain, tok = fresh(dtype)
+    packed, _ = fresh(dtype)
+    linears = sum(type(m) is torch.nn.Linear for m in packed.modules())
+    assert pack_linears(packed) == linears > 0
+    assert pack_linears(packed) == linears  # a second engine over the same model finds it packed
+    assert not any(type(m) is torch.nn.Linear for m in packed.modules())
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    want, got = logits(plain, ids), logits(packed, ids)
+    assert (got - want).abs().max().item() < tolerance
+    assert got[0, -1].argmax() == want[0, -1].argmax()
+    assert tok.decode(got[0, -1].argmax()) == tok.decode(want[0, -1].argmax())
+
+
+def test_weights_are_replaced_not_copied():
+    model, _ = fresh()
+    pack_linears(model)
+    # The packed layers own no parameters; the only weight left is the input embedding (tied to the output).
+    params = dict(model.named_parameters())
+    assert all("proj" not in name for name in params)
+    assert "model.embed_tokens.weight" in params
+    assert isinstance(model.lm_head, PackedLinear)
+
+
+def test_a_row_does_not_depend_on_its_batch():
+    model, tok = fresh()
+    pack_linears(model)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(32, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(layer(x)[:3], layer(x[:3].clone()))
+
+
+def test_float16_and_the_torch_choice_leave_the_model_alone():
+    model, tok = fresh("float16")
+    assert "float16" in available(model)
+    assert pack_linears(model) == 0
+    model32, _ = fresh()
+    engine = Engine(model32, tok, max_batch=2, cpu_linear="torch")
+    assert engine.packed_linears == 0 and isinstance(model32.lm_head, torch.nn.Linear)
+    with pytest.raises(ValueError, match="cpu_linear"):
+        Engine(model32, tok, cpu_linear="mkl")
+
+
+def test_packing_does_not_keep_the_checkpoint_mapped():
+    # transformers maps the safetensors file; packing reads every page of it. The packed server must hold about
+    # what the unpacked one holds once it has run (all of the file paged in): the packed layers replace the
+    # mapped weights, and only the tied embedding kept for the lookup (0.21x the weights here) is extra.
+    script = (
+        "import gc, torch\n"
+        "from chatstream import load_model\n"
+        "from chatstream.engine.cpu_linear import pack_linears\n"
+        "rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) * 1024\n"
+        "model, tok = load_model('builtin:smollm2-135m-instruct', device='cpu')\n"
+        "with torch.inference_mode(): model(**tok('Hello', return_tensors='pt'))\n"
+        "weights = sum(p.numel() * p.element_size() for p in model.parameters())\n"
+        "before = rss()\n"
+        "pack_linears(model); gc.collect()\n"
+        "with torch.inference_mode(): model(**tok('Hello', return_tensors='pt'))\n"
+        "print((rss() - before) / weights)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    growth = float(out.stdout.split()[-1])
+    assert growth < 0.4, f"packing grew the resident size by {growth:.2f}x the weights"
