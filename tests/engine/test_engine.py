@@ -33,7 +33,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 @pytest.fixture
 def engine(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48)
+    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16)
     eng.start()
     yield eng
     eng.stop()
@@ -53,7 +53,8 @@ def run_all(engine, tok, questions, **params):
 def test_greedy_output_is_the_same_alone_and_in_a_batch(engine, model_and_tokenizer):
     _, tok = model_and_tokenizer
     alone = [run_all(engine, tok, [q])[0].text for q in QUESTIONS]
-    # Six requests on four rows with a small prefill budget: chunked prefill, queueing and row moves all happen.
+    # Six requests on four rows with small prefill budgets (16 tokens while rows decode): chunked prefill
+    # beside decoding rows, queueing and row moves all happen.
     together = [c.text for c in run_all(engine, tok, QUESTIONS)]
     assert together == alone
     assert "Paris" in alone[0]
