@@ -65,6 +65,18 @@ class Ours(Peer):
                 "--temperature", "0", "--device", "cpu", "--dtype", self.dtype]
 
 
+class OursTorchLinear(Ours):
+    """Ours with PyTorch's own CPU linear kernel: shows what the engine does without oneDNN prepacking."""
+
+    def __init__(self):
+        Peer.__init__(self, "ours-torch-linear", "this project, --cpu-linear torch", "openai", "/readyz", PROJECT_PY)
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", "torch"]
+        self.notes = [self.notes[0].replace("--dtype", "--cpu-linear torch --dtype")]
+        return cmd
+
+
 class ChatStream030(Peer):
     def __init__(self):
         super().__init__("chatstream030", "ChatStream 0.3.0 (PyPI)", "chatstream030", "/health",
@@ -109,7 +121,7 @@ class TransformersServe(Peer):
         return model_dir
 
 
-PEERS = {p.key: p for p in (Ours(), ChatStream030(), TransformersServe())}
+PEERS = {p.key: p for p in (Ours(), OursTorchLinear(), ChatStream030(), TransformersServe())}
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """Benchmark: this project's server vs ChatStream 0.3.0 vs `transformers serve --continuous-batching`.
 
     .venv/bin/python bench/run.py [--clients 1,8,16,32] [--new-tokens 64] [--duration 60]
-                                  [--peers ours,chatstream030,transformers] [--quick]
+                                  [--peers ours,ours-torch-linear,chatstream030,transformers] [--quick]
 
 Starts each server in turn (never two at once) on a loopback port with the same model
 directory, warms it up, runs closed-loop streaming clients at each concurrency level,
@@ -103,11 +103,12 @@ def model_dir(arg: str | None) -> str:
 
 
 def ensure_peers(keys: list[str]) -> None:
-    missing = [k for k in keys if k != "ours" and not PEERS[k].python.exists()]
-    stamp_ok = all((BENCH / ".peers" / k / ".bench-ready").exists() for k in keys if k != "ours")
+    peers = [k for k in keys if not k.startswith("ours")]
+    missing = [k for k in peers if not PEERS[k].python.exists()]
+    stamp_ok = all((BENCH / ".peers" / k / ".bench-ready").exists() for k in peers)
     if missing or not stamp_ok:
         log("==> setting up peer environments (bench/setup_peers.sh)")
-        subprocess.run(["bash", str(BENCH / "setup_peers.sh")] + [k for k in keys if k != "ours"], check=True)
+        subprocess.run(["bash", str(BENCH / "setup_peers.sh")] + peers, check=True)
 
 
 async def warm_up(server: Server, model: str, new_tokens: int) -> None:
@@ -268,7 +269,7 @@ def main() -> None:
                     help="minimum warm-up per level; it lasts until every client has finished a request")
     ap.add_argument("--warmup-cap", type=float, default=40.0)
     ap.add_argument("--drain-cap", type=float, default=240.0)
-    ap.add_argument("--peers", default="ours,chatstream030,transformers")
+    ap.add_argument("--peers", default="ours,ours-torch-linear,chatstream030,transformers")
     ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
     ap.add_argument("--quick", action="store_true", help="short run for development: 1,8 clients, 10s windows")
     ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
