@@ -33,6 +33,8 @@ def _serve_parser(sub) -> None:
     opt("--cpu-linear", choices=("onednn", "torch"),
         help=f"linear layers on the CPU: onednn (weights prepacked once, the default) or torch (PyTorch's own "
              f"kernel) [{envvars.CPU_LINEAR}]")
+    opt("--threads", type=int, help=f"CPU threads for the model; 0 (default) uses the schedulable CPUs, capped by "
+                                    f"the container's CPU limit [{envvars.THREADS}]")
     opt("--temperature", type=float, help="default sampling temperature; 0 is greedy (default 0.7)")
     opt("--top-p", type=float, help="default nucleus sampling threshold (default 0.9)")
     opt("--queue-full-status", type=int, choices=(429, 503),

@@ -19,6 +19,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     cpu_linear: str = "onednn"
+    threads: int = 0                  # 0: the schedulable CPUs, capped by the cgroup CPU quota
     max_concurrent: int = 8
     max_queue: int = 32
     max_new_tokens: int = 256
@@ -34,7 +35,7 @@ class Settings:
     ENV = {
         "model": envvars.MODEL, "revision": envvars.REVISION, "served_model_name": envvars.SERVED_MODEL_NAME,
         "host": envvars.HOST, "port": envvars.PORT, "device": envvars.DEVICE, "dtype": envvars.DTYPE,
-        "cpu_linear": envvars.CPU_LINEAR,
+        "cpu_linear": envvars.CPU_LINEAR, "threads": envvars.THREADS,
         "max_concurrent": envvars.MAX_CONCURRENT, "max_queue": envvars.MAX_QUEUE,
         "max_new_tokens": envvars.MAX_NEW_TOKENS, "context_length": envvars.CONTEXT_LENGTH,
         "queue_full_status": envvars.QUEUE_FULL_STATUS, "session_secret": envvars.SESSION_SECRET,
@@ -77,6 +78,8 @@ class Settings:
             problems.append(f"unknown device {self.device!r} (auto, cpu, cuda)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             problems.append(f"unknown dtype {self.dtype!r} (auto, float32, bfloat16, float16)")
+        if self.threads < 0:
+            problems.append("threads must be 0 (automatic) or positive")
         if self.cpu_linear not in ("onednn", "torch"):
             problems.append(f"unknown CPU linear kernel {self.cpu_linear!r} (onednn, torch)")
         if self.session_store not in ("memory", "redis"):

@@ -112,3 +112,16 @@ def test_operator_image_has_the_operator_without_torch(images):
     probe = podman("run", "--rm", "--network=host", *LOCKED_DOWN, images["operator"], "python", "-c",
                    "import importlib.util as u; print(u.find_spec('torch') is None, u.find_spec('kopf') is not None)")
     assert probe.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("cpus", ["1", None])
+def test_model_threads_follow_the_container_cpu_limit(images, cpus):
+    # torch alone would size its pool by the host's cores; a CPU limit (a CFS quota, as Kubernetes sets it)
+    # must cap the model's threads, and no limit must leave every schedulable core in use.
+    limit = [f"--cpus={cpus}"] if cpus else []
+    probe = ("import os, logging; logging.basicConfig(level=logging.INFO); from chatstream.threads import configure; "
+             "print(configure(), len(os.sched_getaffinity(0)))")
+    out = podman("run", "--rm", "--network=host", *LOCKED_DOWN, *limit, images["service"], "python", "-c", probe)
+    threads, schedulable = map(int, out.stdout.split())
+    assert threads == (1 if cpus else schedulable)
+    assert ("CPU quota 1" if cpus else "schedulable CPUs") in out.stderr

@@ -47,6 +47,8 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    from ..threads import configure
+    configure(settings.threads)  # before any thread runs torch: threads.py says why
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)
