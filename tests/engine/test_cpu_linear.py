@@ -88,3 +88,16 @@ def test_packing_does_not_keep_the_checkpoint_mapped():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
     growth = float(out.stdout.split()[-1])
     assert growth < 0.4, f"packing grew the resident size by {growth:.2f}x the weights"
+
+
+def test_layers_with_bias_and_3d_inputs():
+    # SmolLM2 has no biases; Qwen-style models have them on q/k/v. Batched 3D activations are what models pass.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False)).eval()
+    x = torch.randn(4, 7, 64)
+    with torch.inference_mode():
+        want = model(x)
+        assert pack_linears(model) == 2
+        got = model(x)
+    assert isinstance(model[0], PackedLinear) and model[0].bias is not None
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
