@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -142,3 +143,25 @@ def test_a_failing_step_fails_its_streams_and_the_engine_recovers(engine, model_
     engine.model = healthy
     assert engine.active == 0
     assert "Paris" in run_all(engine, tok, [QUESTIONS[0]])[0].text
+
+
+def test_cache_reserves_each_sequence_on_admission_and_shrinks_when_idle(engine, model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    ids = prompt(tok, "Write a long story.")
+    seen = []
+
+    class Watch(Collector):
+        def __call__(self, event):
+            seen.append(engine.cache.capacity)  # called on the engine thread, between steps
+            super().__call__(event)
+
+    c = Watch()
+    engine.submit(ids, SamplingParams(max_new_tokens=100, temperature=0), c)
+    assert c.done.wait(120)
+    need = len(ids) + 100
+    # Reserved once, rounded up to 64 positions, never grown mid-stream.
+    assert set(seen) == {-(-need // 64) * 64}
+    deadline = time.monotonic() + 5
+    while engine.cache.capacity > 64 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.cache.capacity == 64

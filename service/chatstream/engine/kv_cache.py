@@ -24,7 +24,9 @@ class SlotKVCache:
 
     is_compileable = False
 
-    def __init__(self, max_batch: int, initial_capacity: int = 256):
+    GRANULARITY = 64  # positions per row are reserved in multiples of this
+
+    def __init__(self, max_batch: int, initial_capacity: int = GRANULARITY):
         self.max_batch = max_batch
         self.capacity = initial_capacity
         self.keys: list[torch.Tensor] = []
@@ -80,18 +82,13 @@ class SlotKVCache:
             self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
 
     def ensure_capacity(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        new_capacity = self.capacity
-        while new_capacity < length:
-            new_capacity *= 2
-        self._resize(new_capacity)
+        """Room for ``length`` positions per row (the engine reserves a sequence's whole extent on admission)."""
+        if length > self.capacity:
+            self._resize(_round_up(length, self.GRANULARITY))
 
-    def shrink(self, needed: int, floor: int = 256) -> None:
+    def shrink(self, needed: int = 0) -> None:
         """Give memory back when the longest running sequence is much shorter."""
-        target = floor
-        while target < needed:
-            target *= 2
+        target = _round_up(max(needed, 1), self.GRANULARITY)
         if target < self.capacity:
             self._resize(target)
 
@@ -121,3 +118,7 @@ class SlotKVCache:
                 tmp = buf[a, :, :length].clone()
                 buf[a, :, :length] = buf[b, :, :length]
                 buf[b, :, :length] = tmp
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple

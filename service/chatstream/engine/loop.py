@@ -116,7 +116,7 @@ class Engine:
                 self._drain_inbox()
                 self._reap_cancelled()
                 if not (self._waiting or self._prefilling or self._decoding):
-                    self.cache.shrink(0)
+                    self.cache.shrink()
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
@@ -150,6 +150,8 @@ class Engine:
             seq = self._waiting.popleft()
             seq.row = self.active
             seq.state = "prefill"
+            # Reserve the sequence's whole extent now: the cache never grows mid-stream.
+            self.cache.ensure_capacity(min(len(seq.prompt_ids) + seq.params.max_new_tokens, self.max_context))
             seq.detok = IncrementalDetokenizer(self.tokenizer)
             seq.stops = StopMatcher(seq.params.stop)
             seq.generator = torch.Generator(device=self.device)
