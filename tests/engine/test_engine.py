@@ -156,11 +156,13 @@ def test_cache_reserves_each_sequence_on_admission_and_shrinks_when_idle(engine,
             super().__call__(event)
 
     c = Watch()
+    engine.idle_shrink_seconds = 0.3
     engine.submit(ids, SamplingParams(max_new_tokens=100, temperature=0), c)
     assert c.done.wait(120)
     need = len(ids) + 100
     # Reserved once, rounded up to 64 positions, never grown mid-stream.
     assert set(seen) == {-(-need // 64) * 64}
+    assert engine.cache.capacity == -(-need // 64) * 64  # not at once: the next request would reallocate it
     deadline = time.monotonic() + 5
     while engine.cache.capacity > 64 and time.monotonic() < deadline:
         time.sleep(0.05)

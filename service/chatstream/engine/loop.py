@@ -16,6 +16,7 @@ import inspect
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,7 +51,8 @@ class Engine:
     """Continuous batching over a :class:`SlotKVCache`."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
-                 prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None, cpu_linear: str = "onednn"):
+                 prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
+                 cpu_linear: str = "onednn", idle_shrink_seconds: float = 5.0):
         if cpu_linear not in ("onednn", "torch"):
             raise ValueError(f"cpu_linear must be 'onednn' or 'torch', not {cpu_linear!r}")
         self.model = model
@@ -75,6 +77,9 @@ class Engine:
         self._prefilling: list[Sequence] = []   # rows [d, d + p)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # The cache gives memory back after this long with nothing to do (not at every gap between requests,
+        # which would reallocate it for the next one).
+        self.idle_shrink_seconds = idle_shrink_seconds
         self.steps = 0
 
     # -- public, thread-safe --------------------------------------------------------
@@ -111,15 +116,20 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------
     def _run(self) -> None:
+        idle_since = None
         with torch.inference_mode():
             while not self._stopping:
                 self._drain_inbox()
                 self._reap_cancelled()
                 if not (self._waiting or self._prefilling or self._decoding):
-                    self.cache.shrink()
-                    self._wake.wait(0.5)
+                    now = time.monotonic()
+                    idle_since = idle_since or now
+                    if now - idle_since >= self.idle_shrink_seconds:
+                        self.cache.shrink()
+                    self._wake.wait(min(0.5, self.idle_shrink_seconds))
                     self._wake.clear()
                     continue
+                idle_since = None
                 try:
                     self._admit()
                     if self._prefilling:
