@@ -33,6 +33,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 
 from . import envvars
 from .metrics import OTEL_BUCKETS
+from .run import UNKNOWN_ERROR
 
 log = logging.getLogger("chatstream.telemetry")
 
@@ -56,11 +57,15 @@ def span_to_dict(span: ReadableSpan) -> dict:
         "duration_ms": (span.end_time - span.start_time) / 1e6 if span.end_time else None,
         "status": span.status.status_code.name,
         "status_description": span.status.description,
-        "attributes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (span.attributes or {}).items()},
-        "events": [{"name": e.name, "timestamp_ns": e.timestamp,
-                    "attributes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in (e.attributes or {}).items()}}
+        "attributes": _plain(span.attributes),
+        "events": [{"name": e.name, "timestamp_ns": e.timestamp, "attributes": _plain(e.attributes)}
                    for e in span.events],
     }
+
+
+def _plain(attributes) -> dict:
+    """Span or event attributes as JSON-ready values (the SDK keeps sequences as tuples)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in (attributes or {}).items()}
 
 
 class TraceStore(SpanProcessor):
@@ -210,7 +215,7 @@ class RunTrace:
         if self.telemetry.record_content:
             chat.set_attribute("gen_ai.output.messages", json.dumps(
                 [{"role": "assistant", "content": run.full_text}], ensure_ascii=False))
-        if run.outcome == "unknown_error_occurred":
+        if run.outcome == UNKNOWN_ERROR:
             if run.error is not None:
                 chat.record_exception(run.error)
             chat.set_status(Status(StatusCode.ERROR, str(run.error) if run.error else run.outcome))

@@ -11,6 +11,8 @@ import pytest
 from chatstream.server.app import create_app
 
 from .apps import make_app
+from .test_outcomes import wait_until
+from .test_traces import stream_traces
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium")
@@ -73,14 +75,8 @@ def test_chat_page_streams_regenerates_stops_and_clears(page):
     while (cs.admission.processing, cs.engine.active) != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (cs.admission.processing, cs.engine.active) == (0, 0), "Stop ended the generation on the server"
-
-    def outcomes():
-        return [span["attributes"].get("chatstream.outcome") for trace in cs.telemetry.store.traces()
-                for span in trace["spans"] if span["attributes"].get("gen_ai.operation.name") == "chat"]
-    deadline = time.monotonic() + 10
-    while "client_disconnected_while_streaming" not in outcomes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "client_disconnected_while_streaming" in outcomes(), f"Stop cut the stream short: {outcomes()}"
+    # Stop cut the stream short (a stream that had already finished would say "success").
+    wait_until(lambda: stream_traces(cs, "client_disconnected_while_streaming"), 10)
 
     page.click("#regenerate")
     page.wait_for_function("document.querySelectorAll('.assistant')[1].textContent.length > 0")

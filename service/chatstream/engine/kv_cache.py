@@ -86,11 +86,10 @@ class SlotKVCache:
         if length > self.capacity:
             self._resize(_round_up(length, self.GRANULARITY))
 
-    def shrink(self, needed: int = 0) -> None:
-        """Give memory back when the longest running sequence is much shorter."""
-        target = _round_up(max(needed, 1), self.GRANULARITY)
-        if target < self.capacity:
-            self._resize(target)
+    def shrink(self) -> None:
+        """Give memory back: the engine calls this when nothing has run for a while."""
+        if self.capacity > self.GRANULARITY:
+            self._resize(self.GRANULARITY)
 
     def _resize(self, new_capacity: int) -> None:
         keep = min(self.capacity, new_capacity)

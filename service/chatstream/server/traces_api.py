@@ -7,6 +7,8 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
 
+from ..telemetry import OUTCOME
+
 PAGE = Path(__file__).parent / "static" / "traces.html"
 
 
@@ -28,7 +30,7 @@ def summarize(trace: dict) -> dict | None:
         "start_ns": chat["start_ns"],
         "endpoint": attrs.get("chatstream.endpoint"),
         "model": attrs.get("gen_ai.request.model"),
-        "outcome": attrs.get("chatstream.outcome"),
+        "outcome": attrs.get(OUTCOME),
         "input_tokens": attrs.get("gen_ai.usage.input_tokens"),
         "output_tokens": attrs.get("gen_ai.usage.output_tokens"),
         "queue_wait_ms": queue["duration_ms"] if queue else None,
