@@ -110,7 +110,7 @@ def test_prompt_longer_than_context_is_rejected(server):
     with httpx.Client(base_url=server.url) as client:
         r = post(client, "/chat_stream", {"user_input": long_input})
         assert r.status_code == 400
-        assert r.json()["error"]["type"] == "context_length_exceeded"
+        assert r.json()["error"]["code"] == "context_length_exceeded"
         assert client.get("/get_prompt").json()["prompt"] is None
 
 
