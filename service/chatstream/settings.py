@@ -95,7 +95,8 @@ TABLE: tuple[Setting, ...] = (
       crd="sessions.store"),
     S("redis_url", str, None, envvars.REDIS_URL, "Redis URL for the redis session store"),
     S("shutdown_grace_seconds", float, 30.0, envvars.SHUTDOWN_GRACE_SECONDS,
-      "how long SIGTERM waits for streams in flight and their callbacks", minimum=0.0, maximum=3600.0),
+      "how long SIGTERM waits for streams in flight and their callbacks", minimum=0.0, maximum=3600.0,
+      crd="shutdownGraceSeconds"),
     S("traces_api", str, "on", envvars.TRACES_API,
       "serve recent traces at /traces and /api/traces (off hides them)", choices=("on", "off")),
 )

@@ -27,7 +27,7 @@ def test_defaults_give_a_runnable_cpu_deployment():
     e = env(dep)
     assert e[envvars.MODEL] == "builtin:smollm2-135m-instruct"
     assert e[envvars.PORT] == "8000"
-    assert e[envvars.MAX_CONCURRENT] == "4" and e[envvars.MAX_QUEUE] == "16"
+    assert e[envvars.MAX_CONCURRENT] == "8" and e[envvars.MAX_QUEUE] == "32"  # the server's defaults
     assert e[envvars.MAX_NEW_TOKENS] == "256" and e[envvars.CONTEXT_LENGTH] == "2048"
     assert e[envvars.DEVICE] == "auto" and e[envvars.DTYPE] == "auto"
     assert e[envvars.SESSION_STORE] == "memory"

@@ -1,11 +1,15 @@
-"""Any spec the API server accepts must give pods that start.
+"""The service's settings table against the CRD: any spec the API server
+accepts must give pods that start.
 
 The CRD's ranges are checked by the API server at `kubectl apply`; the
-service checks its settings again when it starts (Settings.validate) and
+service checks its settings again when it starts (chatstream.settings) and
 exits when one is out of range. If the CRD accepts a value the server
-refuses, the user's apply succeeds and the pods crash-loop. These tests take
-every bound the CRD states, build the pod's environment with the operator's
-own builders, and give it to the server's settings loader.
+refuses, the user's apply succeeds and the pods crash-loop. So every row of
+the table that names a CRD field must have the same range, choices and
+default there (one default per setting, whichever way it is set), and, as a
+check of the whole path, every bound the CRD states is turned into the pod's
+environment by the operator's own builders and given to the server's
+settings loader.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import itertools
 import pytest
 import yaml
 
-from chatstream.config import Settings
+from chatstream.settings import TABLE, Settings
 from chatstream_operator import resources
 
 from builder_helpers import ROOT, SCHEMA, make_resource
@@ -34,6 +38,9 @@ NUMERIC = [
 ENUMS = [("model", "dtype"), ("model", "device"), ("sessions", "store")]
 # What the pod would read from Secrets (valueFrom) in a cluster.
 FROM_SECRETS = {"CHATSTREAM_REDIS_URL": "redis://redis:6379/0", "CHATSTREAM_SESSION_SECRET": "s3cret"}
+
+
+MAPPED = [row for row in TABLE if row.crd]
 
 
 def field_schema(path: tuple[str, ...], schema: dict = SCHEMA) -> dict:
@@ -96,6 +103,55 @@ def bounded_specs():
         for path in NUMERIC:
             set_field(spec, path, field_schema(path)[end])
         yield f"all {end}s", spec
+
+
+def crd_field(row) -> dict:
+    try:
+        return field_schema(tuple(row.crd.split(".")))
+    except KeyError:
+        pytest.fail(f"setting {row.name} names spec.{row.crd}, which the CRD does not have")
+
+
+@pytest.mark.parametrize("row", MAPPED, ids=[r.name for r in MAPPED])
+def test_the_crd_field_has_the_settings_range(row):
+    field = crd_field(row)
+    for end in ("minimum", "maximum"):
+        want = getattr(row, end)
+        if want is not None:
+            assert field.get(end) == want, f"spec.{row.crd} {end} is {field.get(end)}, the server's is {want}"
+    if row.choices:
+        assert set(field.get("enum", ())) <= set(row.choices), f"spec.{row.crd} accepts values the server refuses"
+
+
+@pytest.mark.parametrize("row", MAPPED, ids=[r.name for r in MAPPED])
+def test_the_crd_default_is_the_servers(row):
+    """One default per setting: a resource that leaves a field out gets what
+    `chatstream serve` without the flag gets."""
+    field = crd_field(row)
+    *parent, leaf = row.crd.split(".")
+    if leaf in field_schema(tuple(parent)).get("required", ()):
+        assert "default" not in field  # the user must say (the model to serve)
+    elif "default" in field:
+        assert field["default"] == row.default, f"spec.{row.crd} defaults to {field['default']}, the server to {row.default}"
+    else:
+        assert row.default is None, f"spec.{row.crd} has no default; the pod would get the server's {row.default!r} silently"
+
+
+def test_every_spec_field_that_becomes_a_setting_is_in_the_table():
+    """A spec field the operator turns into a CHATSTREAM_* variable is a
+    setting the table must know by its CRD path (else nothing holds their
+    ranges together)."""
+    base = {"model": {"source": "builtin:smollm2-135m-instruct"}}
+    before = pod_environment(base)
+    by_env = {row.env: row for row in TABLE if row.env}
+    for path in NUMERIC:
+        spec = copy.deepcopy(base)
+        set_field(spec, path, field_schema(path)["minimum"] + 1)
+        after = pod_environment(spec)
+        changed = [k for k in after if after[k] != before.get(k) and k.startswith("CHATSTREAM_")]
+        assert changed, f"spec.{'.'.join(path)} reaches no setting"
+        for var in changed:
+            assert by_env[var].crd == ".".join(path), f"{var} comes from spec.{'.'.join(path)}; its row says {by_env[var].crd}"
 
 
 @pytest.mark.parametrize("spec", [s for _, s in bounded_specs()], ids=[i for i, _ in bounded_specs()])
