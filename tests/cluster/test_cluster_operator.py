@@ -118,7 +118,8 @@ def test_cpu_example_yields_deployment_service_and_ready_pods(cpu_example):
     assert container["resources"] == {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["terminationGracePeriodSeconds"] > 60  # longer than the service's shutdown grace
+    # Longer than the service's shutdown grace plus the preStop sleep.
+    assert pod["terminationGracePeriodSeconds"] > csd["spec"]["shutdownGraceSeconds"] + 5
     assert svc["spec"]["ports"][0]["port"] == 8000
 
     # Pods run on kwok's CPU nodes; status and printer columns show it.
@@ -335,6 +336,16 @@ def test_a_model_that_cannot_load_shows_as_degraded_with_the_loaders_message(ope
     assert condition(get("csd", "noload", namespace), "Ready")["status"] == "False"
     kubectl("wait", "--for=condition=Degraded", "csd/noload", "-n", namespace, "--timeout=5s")
     assert took < 10
+
+
+def test_a_finalizer_left_by_an_earlier_version_is_removed(operator, namespace):
+    """Earlier versions had a timer, for which kopf puts a finalizer on the
+    resource; with that operator gone it would block deletion forever."""
+    apply({"apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment",
+           "metadata": {"name": "old", "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]},
+           "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}}}, namespace)
+    wait_for("the finalizer to go", lambda: not get("csd", "old", namespace)["metadata"].get("finalizers"), timeout=30)
+    kubectl("delete", "csd", "old", "-n", namespace, "--timeout=30s")
 
 
 def test_operator_logs_are_json_without_permission_errors(operator):
