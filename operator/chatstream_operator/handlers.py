@@ -55,6 +55,13 @@ def _session_secrets(resource: dict) -> None:
         kube.create(manifest)
 
 
+def _namespace_going(err: ApiException) -> bool:
+    """Creating in a namespace being deleted is refused (403), and in one just
+    gone too (404 on the namespace itself): the resource goes with it."""
+    body = str(err.body)
+    return (err.status == 403 and "being terminated" in body) or (err.status == 404 and '"kind":"namespaces"' in body)
+
+
 def reconcile(namespace: str, name: str, images: resources.Images) -> float | None:
     """Make the children match the spec and write the status; returns the
     delay after which to try again, or None."""
@@ -67,7 +74,7 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
         kube.apply(resources.service(resource))
         deployment = kube.apply(resources.deployment(resource, images))
     except ApiException as err:
-        if err.status == 403 and "being terminated" in str(err.body):
+        if _namespace_going(err):
             log.info("namespace is being deleted; nothing to reconcile", extra=_ref(namespace, name))
             return None
         error, retry = f"the API refused a child: {err.status} {err.reason}: {err.body}", RETRY_SECONDS
