@@ -289,6 +289,16 @@ def test_a_deleted_session_secret_comes_back_with_the_same_value(cpu_example):
     assert took < 5
 
 
+def test_a_session_secret_made_before_the_copy_existed_keeps_its_value(operator, namespace):
+    """Upgrading from an operator that kept only NAME-session: the copy is
+    made from it, and the value the pods run with stays."""
+    kubectl("create", "secret", "generic", "legacy-session", "-n", namespace, "--from-literal=secret=legacy-value")
+    apply({"apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment", "metadata": {"name": "legacy"},
+           "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}}}, namespace)
+    wait_for("the copy", lambda: get("secret", "legacy-session-copy", namespace), timeout=30)
+    assert secret_value("legacy-session-copy", namespace) == "legacy-value" == secret_value("legacy-session", namespace)
+
+
 LOADER_ERROR = ("chatstream: cannot load model hf:nobody/no-such-model: "
                 "We couldn't connect to 'https://huggingface.co' to load the files")
 
