@@ -419,3 +419,37 @@ def test_sixty_bad_inputs_each_answered_4xx_and_the_server_still_chats(srv):
                 failures.append((i, path, "then a normal chat failed", ok.status_code))
     assert not failures, failures
     assert srv.chat_stream.admission.processing == 0 and not srv.chat_stream.turns.busy
+
+
+def test_shutdown_exports_the_last_metrics(model_and_tokenizer, live_server):
+    """Defect 16: the meter provider was never shut down, so the last period's metrics were lost."""
+    from opentelemetry.sdk.metrics.export import (InMemoryMetricReader, MetricExporter, MetricExportResult,
+                                                  PeriodicExportingMetricReader)
+    from chatstream.telemetry import Telemetry
+
+    class Keep(MetricExporter):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def export(self, metrics_data, timeout_millis=10_000, **kw):
+            self.batches.append(metrics_data)
+            return MetricExportResult.SUCCESS
+
+        def force_flush(self, timeout_millis=10_000):
+            return True
+
+        def shutdown(self, timeout_millis=30_000, **kw):
+            pass
+
+    exporter = Keep()
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+    telemetry = Telemetry(metric_readers=[reader, InMemoryMetricReader()])
+    app, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=4, telemetry=telemetry)
+    server = live_server(app)
+    assert httpx.post(server.url + "/chat_stream", json={"user_input": "Hi"}, timeout=60).status_code == 200
+    assert not exporter.batches
+    chat_stream.shutdown()
+    names = {m.name for batch in exporter.batches for rm in batch.resource_metrics for sm in rm.scope_metrics
+             for m in sm.metrics}
+    assert "chatstream.outcomes" in names
