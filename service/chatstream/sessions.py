@@ -47,6 +47,7 @@ from itsdangerous import BadSignature, TimestampSigner
 log = logging.getLogger("chatstream.sessions")
 
 COOKIE_NAME = "chatstream_session"
+END_HOLD_SECONDS = 0.5  # how long a streamed response's end may wait for the app to finish its session
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -470,11 +471,26 @@ class SessionMiddleware:
         manager = SessionManager(self, live, is_new, client[0] if client else None)
         scope.setdefault("state", {})["session"] = manager
         held_start = None     # the response start, held until we know how the body comes
-        forwarded = False     # the response start went out
+        streamed = False      # the body comes in several messages
+        held_end = None       # a streamed response's last message, held until the session is stored
+        end_task = None       # flushes held_end if the app does not return soon after it
         refused = False       # we answered with an error instead of the app's response
+        loop = asyncio.get_running_loop()
+
+        async def flush_end():
+            nonlocal held_end
+            message, held_end = held_end, None
+            if message is not None:
+                await manager._persist_quietly()
+                await send(message)
+
+        def flush_end_soon():
+            nonlocal end_task
+            if held_end is not None and end_task is None:
+                end_task = loop.create_task(flush_end())
 
         async def send_with_session(message):
-            nonlocal held_start, forwarded, refused
+            nonlocal held_start, streamed, held_end, refused
             if refused:
                 return  # the app's response was replaced; drop the rest of it
             kind = message["type"]
@@ -496,14 +512,23 @@ class SessionMiddleware:
                     return
                 if is_new and live.stored:
                     start = {**start, "headers": [*start.get("headers", []), self._cookie(manager.session_id)]}
-                forwarded = True
                 await send(start)
+                streamed = not in_one_piece
+                if in_one_piece:
+                    await send(message)
+                    return
+            if streamed and kind == "http.response.body" and not message.get("more_body", False):
+                # The app usually records the turn just after its last message (a stream's on_end):
+                # end the response once that is stored, so that a client that saw the end can rely on it.
+                held_end = message
+                loop.call_later(END_HOLD_SECONDS, flush_end_soon)
+                return
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_session)
         except SessionError as exc:
-            if forwarded or refused:
+            if streamed or refused:
                 raise
             held_start = None
             self._log_refusal(exc)
@@ -515,5 +540,10 @@ class SessionMiddleware:
                     await send_with_session({"type": "http.response.body", "body": b"", "more_body": False})
                 if not refused:
                     await manager._persist_quietly()
+                if end_task is not None:
+                    await end_task
+                if held_end is not None:
+                    message, held_end = held_end, None
+                    await send(message)
             finally:
                 self._release(live)
