@@ -15,7 +15,7 @@ from typing import Literal
 
 import anyio
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ..errors import ChatStreamError, bad_request
 from ..lifecycle import Formatter, Stream
@@ -44,7 +44,7 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
@@ -55,7 +55,7 @@ class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     messages: list[Message] = Field(min_length=1, max_length=1024)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -76,6 +76,10 @@ def parse_request(data) -> ChatCompletionRequest:
         allowed = unused if isinstance(unused, tuple) else (unused,)
         if value not in allowed:
             raise bad_request(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    fmt = data.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
+                          "unsupported_parameter")
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
