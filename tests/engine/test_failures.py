@@ -139,3 +139,19 @@ def test_the_engine_serves_on_after_every_poison(engine, model_and_tokenizer, al
     c = Collector()
     engine.submit(prompt(tok, HEALTHY[0]), SamplingParams(max_new_tokens=20, temperature=0), c)
     assert c.done.wait(120) and (c.text, c.end) == alone[0]
+
+
+def test_sampling_survives_nan_and_inf_logits():
+    # A model that produced NaN or inf for one row: that row still gets a token, and no row raises.
+    import torch
+
+    from chatstream.engine.sampling import sample
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[0] = float("nan")
+    logits[1, 7] = float("inf")
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=1) for _ in range(3)]
+    picks = sample(logits, params, [None] * 3, [torch.Generator().manual_seed(1) for _ in range(3)])
+    assert all(isinstance(p, int) and 0 <= p < 50 for p in picks)
+    assert picks[1] == 7
+    alone = sample(logits[2:], params[2:], [None], [torch.Generator().manual_seed(1)])
+    assert picks[2] == alone[0]

@@ -51,8 +51,9 @@ class Engine:
     the model. The model still computes the same function afterwards, but it no longer holds
     ``nn.Linear`` layers or their weights: do not train it or save its ``state_dict``. Packing a
     shallow clone instead would leave the caller's layers intact only by keeping both the original
-    and the packed weights (about 1.8x the resident size of the weights). ``cpu_linear="torch"``
-    leaves the model untouched.
+    and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights) packing in place grows
+    the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
+    ``cpu_linear="torch"`` leaves the model untouched.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,

@@ -39,11 +39,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)   # at most MAX_STOP_STRINGS, each at most MAX_STOP_LENGTH chars
 
     def validate(self) -> None:
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError("temperature must be between 0 and 100")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+        if self.top_k is not None and not 0 <= self.top_k < math.inf:
             raise ValueError("top_k must be 0 (off) or positive")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
@@ -113,7 +113,7 @@ def _sample(logits: torch.Tensor, params: list[SamplingParams], seen: list[torch
     sub = torch.nan_to_num(sub / temps[:, None], nan=float("-inf"))
     sorted_logits, sorted_ids = sub.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=sub.device)[None, :]
-    ks = torch.tensor([min(params[i].top_k or vocab, vocab) for i in sampled], device=sub.device)
+    ks = torch.tensor([min(int(params[i].top_k or vocab), vocab) for i in sampled], device=sub.device)
     drop = ranks >= ks[:, None]
     probs = sorted_logits.softmax(dim=-1)
     top_ps = torch.tensor([params[i].top_p for i in sampled], device=sub.device)
