@@ -202,7 +202,7 @@ def _container(body: dict, images: Images) -> dict:
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": _env(body),
         "resources": _resources(spec),
-        "startupProbe": _probe("/healthz", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
+        "startupProbe": _probe("/readyz", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
         "readinessProbe": _probe("/readyz", 5, 3),
         "livenessProbe": _probe("/healthz", 10, 3),
         # The Service stops sending new requests only after the endpoint

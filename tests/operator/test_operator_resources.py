@@ -217,6 +217,7 @@ def test_pods_are_locked_down_and_probed():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     startup = c["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz", "the load budget is the startup probe's: it waits for the model"
     assert startup["periodSeconds"] * startup["failureThreshold"] == resources.STARTUP_BUDGET_SECONDS
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 
