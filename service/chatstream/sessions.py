@@ -471,6 +471,7 @@ class SessionMiddleware:
         manager = SessionManager(self, live, is_new, client[0] if client else None)
         scope.setdefault("state", {})["session"] = manager
         held_start = None     # the response start, held until we know how the body comes
+        started = False       # the response start went out
         streamed = False      # the body comes in several messages
         held_end = None       # a streamed response's last message, held until the session is stored
         end_task = None       # flushes held_end if the app does not return soon after it
@@ -490,7 +491,7 @@ class SessionMiddleware:
                 end_task = loop.create_task(flush_end())
 
         async def send_with_session(message):
-            nonlocal held_start, streamed, held_end, refused
+            nonlocal held_start, started, streamed, held_end, refused
             if refused:
                 return  # the app's response was replaced; drop the rest of it
             kind = message["type"]
@@ -512,6 +513,7 @@ class SessionMiddleware:
                     return
                 if is_new and live.stored:
                     start = {**start, "headers": [*start.get("headers", []), self._cookie(manager.session_id)]}
+                started = True
                 await send(start)
                 streamed = not in_one_piece
                 if in_one_piece:
@@ -527,12 +529,17 @@ class SessionMiddleware:
 
         try:
             await self.app(scope, receive, send_with_session)
-        except SessionError as exc:
-            if streamed or refused:
+        except SessionError as exc:  # e.g. an app's own ``await session.reserve()``
+            if started:
                 raise
+            if refused:
+                return  # already answered
             held_start = None
             self._log_refusal(exc)
             await exc.send(send)
+        except BaseException:
+            held_start = None  # the server's error handler answers instead
+            raise
         finally:
             manager._closed = True
             try:

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 
 from chatstream import ChatPrompt, ChatStream
 from chatstream.redis_store import RedisStore
+from chatstream.sessions import SessionMiddleware
 
 REDIS = shutil.which("redis-server")
 
@@ -179,3 +180,35 @@ def test_a_hung_redis_answers_503_quickly_and_other_streams_keep_flowing(model_a
     assert len(window) > 5 and max(gaps) < 0.5, f"the stream stalled while Redis hung: gaps {gaps}"
     recovered = bob.get("/get_prompt")  # Redis answers again: so does the session
     assert recovered.status_code == 200 and "My name is Bob." in recovered.json()["prompt"]
+
+
+def test_saves_during_and_after_the_response_are_safe(redis_url, live_server):
+    """save_session() is the original API: mid-request it only marks the session (one write at the end);
+    after the response (a late callback, even on another thread) it writes in the background."""
+    app = FastAPI()
+    app.add_middleware(SessionMiddleware, secret_key="test-secret", store=RedisStore(redis_url))
+
+    @app.post("/work")
+    async def work(request: Request):
+        manager = request.state.session
+        session = manager.get_session()
+        session["a"] = 1
+        manager.save_session()
+        session["b"] = 2
+
+        def late():
+            session["c"] = 3
+            manager.save_session()
+        threading.Timer(0.3, late).start()
+        return {"ok": True}
+
+    srv = live_server(app)
+    r = redis.Redis.from_url(redis_url)
+    assert httpx.post(srv.url + "/work").status_code == 200
+    [key] = r.keys("chatstream:session:*")
+    assert json.loads(r.get(key)) == {"a": 1, "b": 2} and set_calls(r) == 1
+    deadline = time.monotonic() + 5
+    while json.loads(r.get(key)) != {"a": 1, "b": 2, "c": 3}:
+        assert time.monotonic() < deadline, "the late save was lost"
+        time.sleep(0.05)
+    assert set_calls(r) == 2
