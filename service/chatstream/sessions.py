@@ -14,10 +14,10 @@ Rules (docs/sessions.md says why):
   something in it: a request that leaves it empty (``{}``, or only empty
   values such as ``{"generation_params": {}}``) creates nothing.
 - The middleware persists a session once, at the end of the request, and only
-  when its content changed; ``save_session()`` just marks it for that. A
-  response sent in one piece is held until the session is persisted, so a
-  client that reads the answer can rely on it (and sees a 503 if the store
-  failed); a streamed response is persisted when the application returns.
+  when its content changed; ``save_session()`` just marks it for that (after
+  the response, it persists in the background). The end of a response is
+  sent once the session is persisted, so a client that saw the end can rely
+  on it; a response in one piece becomes a 503 if the store failed.
 - Requests of one session that run at the same time on this replica share one
   session dict, as with the original in-process store.
 - A new session needs room: ``MemoryStore`` never evicts a session used in the
