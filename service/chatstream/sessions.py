@@ -14,10 +14,10 @@ Rules (docs/sessions.md says why):
   something in it: a request that leaves it empty (``{}``, or only empty
   values such as ``{"generation_params": {}}``) creates nothing.
 - The middleware persists a session once, at the end of the request, and only
-  when its content changed; ``save_session()`` just marks it for that. A
-  response sent in one piece is held until the session is persisted, so a
-  client that reads the answer can rely on it (and sees a 503 if the store
-  failed); a streamed response is persisted when the application returns.
+  when its content changed; ``save_session()`` just marks it for that (after
+  the response, it persists in the background). The end of a response is
+  sent once the session is persisted, so a client that saw the end can rely
+  on it; a response in one piece becomes a 503 if the store failed.
 - Requests of one session that run at the same time on this replica share one
   session dict, as with the original in-process store.
 - A new session needs room: ``MemoryStore`` never evicts a session used in the
@@ -96,6 +96,21 @@ class SessionStoreError(SessionError):
     """The store failed or did not answer in time."""
 
     code = "session_store_unavailable"
+
+
+class _RateLog:
+    """One log line per ``every`` seconds with a count, so that a flood or an outage does not flood the log."""
+
+    def __init__(self, level: int, what: str, every: float = 10.0):
+        self.level, self.what, self.every = level, what, every
+        self.count, self.logged_at = 0, -1e9
+
+    def __call__(self, exc: Exception) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at >= self.every:
+            log.log(self.level, "%d %s since the last report; latest: %s", self.count, self.what, exc)
+            self.count, self.logged_at = 0, now
 
 
 # -- stores ---------------------------------------------------------------------------------
@@ -324,7 +339,7 @@ class SessionManager:
         try:
             await self.persist()
         except Exception as exc:  # noqa: BLE001 - the response is gone; say so in the log
-            log.error("session %s… was not saved: %s", self.session_id[:8], exc)
+            self._middleware._log_unsaved(exc)
 
     def _persist_later(self) -> None:
         def start():
@@ -337,8 +352,11 @@ class SessionManager:
             running = None
         if running is self._loop:
             start()
-        elif not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(start)
+        else:
+            try:
+                self._loop.call_soon_threadsafe(start)
+            except RuntimeError:  # the loop is closed: the server has stopped
+                log.error("session %s… was not saved: the server has stopped", self.session_id[:8])
 
 
 def resolve_secret(secret: str | None) -> str:
@@ -375,7 +393,8 @@ class SessionMiddleware:
         self._tasks: set[asyncio.Task] = set()
         self._rate_minute = -1
         self._rate_counts: dict[str, int] = {}
-        self._refused, self._refused_logged_at = 0, -1e9
+        self._log_refusal = _RateLog(logging.WARNING, "request(s) refused by the session middleware")
+        self._log_unsaved = _RateLog(logging.ERROR, "session(s) not saved after their response")
 
     # -- pieces ---------------------------------------------------------------------------
     def _session_id(self, scope) -> str | None:
@@ -435,15 +454,6 @@ class SessionMiddleware:
         live.users += 1
         return live, True
 
-    def _log_refusal(self, exc: SessionError) -> None:
-        """A flood of refusals makes one log line per 10 s, not one per request."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= 10:
-            log.warning("%d request(s) refused by the session middleware since the last report; latest: %s",
-                        self._refused, exc)
-            self._refused, self._refused_logged_at = 0, now
-
     def _release(self, live: _Live) -> None:
         live.users -= 1
         if live.users <= 0 and self._live.get(live.session_id) is live:
@@ -471,9 +481,11 @@ class SessionMiddleware:
         manager = SessionManager(self, live, is_new, client[0] if client else None)
         scope.setdefault("state", {})["session"] = manager
         held_start = None     # the response start, held until we know how the body comes
+        started = False       # the response start went out
         streamed = False      # the body comes in several messages
         held_end = None       # a streamed response's last message, held until the session is stored
         end_task = None       # flushes held_end if the app does not return soon after it
+        end_timer = None
         refused = False       # we answered with an error instead of the app's response
         loop = asyncio.get_running_loop()
 
@@ -490,7 +502,7 @@ class SessionMiddleware:
                 end_task = loop.create_task(flush_end())
 
         async def send_with_session(message):
-            nonlocal held_start, streamed, held_end, refused
+            nonlocal held_start, started, streamed, held_end, refused, end_timer
             if refused:
                 return  # the app's response was replaced; drop the rest of it
             kind = message["type"]
@@ -512,6 +524,7 @@ class SessionMiddleware:
                     return
                 if is_new and live.stored:
                     start = {**start, "headers": [*start.get("headers", []), self._cookie(manager.session_id)]}
+                started = True
                 await send(start)
                 streamed = not in_one_piece
                 if in_one_piece:
@@ -521,20 +534,27 @@ class SessionMiddleware:
                 # The app usually records the turn just after its last message (a stream's on_end):
                 # end the response once that is stored, so that a client that saw the end can rely on it.
                 held_end = message
-                loop.call_later(END_HOLD_SECONDS, flush_end_soon)
+                end_timer = loop.call_later(END_HOLD_SECONDS, flush_end_soon)
                 return
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_session)
-        except SessionError as exc:
-            if streamed or refused:
+        except SessionError as exc:  # e.g. an app's own ``await session.reserve()``
+            if started:
                 raise
+            if refused:
+                return  # already answered
             held_start = None
             self._log_refusal(exc)
             await exc.send(send)
+        except BaseException:
+            held_start = None  # the server's error handler answers instead
+            raise
         finally:
             manager._closed = True
+            if end_timer is not None:
+                end_timer.cancel()
             try:
                 if held_start is not None:  # a start with no body: finish it as the server would
                     await send_with_session({"type": "http.response.body", "body": b"", "more_body": False})

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 
 from chatstream import ChatPrompt, ChatStream
 from chatstream.redis_store import RedisStore
+from chatstream.sessions import SessionMiddleware
 
 REDIS = shutil.which("redis-server")
 
@@ -179,3 +180,87 @@ def test_a_hung_redis_answers_503_quickly_and_other_streams_keep_flowing(model_a
     assert len(window) > 5 and max(gaps) < 0.5, f"the stream stalled while Redis hung: gaps {gaps}"
     recovered = bob.get("/get_prompt")  # Redis answers again: so does the session
     assert recovered.status_code == 200 and "My name is Bob." in recovered.json()["prompt"]
+
+
+def test_saves_during_and_after_the_response_are_safe(redis_url, live_server):
+    """save_session() is the original API: mid-request it only marks the session (one write at the end);
+    after the response (a late callback, even on another thread) it writes in the background."""
+    app = FastAPI()
+    app.add_middleware(SessionMiddleware, secret_key="test-secret", store=RedisStore(redis_url))
+
+    @app.post("/work")
+    async def work(request: Request):
+        manager = request.state.session
+        session = manager.get_session()
+        session["a"] = 1
+        manager.save_session()
+        session["b"] = 2
+
+        def late():
+            session["c"] = 3
+            manager.save_session()
+        threading.Timer(0.3, late).start()
+        return {"ok": True}
+
+    srv = live_server(app)
+    r = redis.Redis.from_url(redis_url)
+    assert httpx.post(srv.url + "/work").status_code == 200
+    [key] = r.keys("chatstream:session:*")
+    assert json.loads(r.get(key)) == {"a": 1, "b": 2} and set_calls(r) == 1
+    deadline = time.monotonic() + 5
+    while json.loads(r.get(key)) != {"a": 1, "b": 2, "c": 3}:
+        assert time.monotonic() < deadline, "the late save was lost"
+        time.sleep(0.05)
+    assert set_calls(r) == 2
+
+
+def test_a_redis_that_accepts_and_never_answers(live_server):
+    """A store behind a black hole: requests with a session get a 503 within the timeout; others flow."""
+    from itsdangerous import TimestampSigner
+    from fastapi.responses import StreamingResponse
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)  # accepts (the kernel does) and never answers
+    app = FastAPI()
+    store = RedisStore(f"redis://127.0.0.1:{hole.getsockname()[1]}/0", connect_timeout=0.3, timeout=0.3)
+    app.add_middleware(SessionMiddleware, secret_key="test-secret", store=store)
+
+    @app.get("/note")
+    async def note(request: Request):
+        return {"note": request.state.session.get_session().get("note")}
+
+    @app.get("/ticks")
+    async def ticks():
+        async def gen():
+            for i in range(40):
+                yield f"{i}\n"
+                await asyncio.sleep(0.05)
+        return StreamingResponse(gen(), media_type="text/plain")
+
+    srv = live_server(app)
+    cookie = {"chatstream_session": TimestampSigner("test-secret").sign("some-session").decode()}
+    arrivals: list[float] = []
+
+    def read_ticks():
+        with httpx.stream("GET", srv.url + "/ticks", timeout=30) as response:
+            for _ in response.iter_lines():
+                arrivals.append(time.monotonic())
+
+    try:
+        ticker = threading.Thread(target=read_ticks)
+        ticker.start()
+        while not arrivals:
+            time.sleep(0.01)
+        started = time.monotonic()
+        answers = [httpx.get(srv.url + "/note", cookies=cookie, timeout=10) for _ in range(3)]
+        waited = (time.monotonic() - started) / 3
+        ticker.join(30)
+    finally:
+        hole.close()
+    for answer in answers:
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "session_store_unavailable"
+    assert waited < 1.0, f"each request waited {waited:.2f} s"
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert len(arrivals) == 40 and max(gaps) < 0.3, f"the other stream stalled: {max(gaps):.2f} s"
+    assert httpx.get(srv.url + "/note").json() == {"note": None}, "requests without a session never wait"

@@ -10,6 +10,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from chatstream import ChatStream
 from chatstream.sessions import MemoryStore, SessionCapacityError, SessionMiddleware
@@ -112,6 +113,22 @@ def notes_app(**middleware) -> FastAPI:
     async def read(request: Request):
         return {"note": request.state.session.get_session().get("note")}
 
+    @app.post("/reserved_note")
+    async def reserved_note(request: Request):
+        request.state.session.get_session()["note"] = "reserved"
+        await request.state.session.reserve()  # a SessionCapacityError here becomes the 503
+        return {"ok": True}
+
+    @app.post("/streamed_note")
+    async def streamed_note(request: Request):
+        request.state.session.get_session()["note"] = "streamed"
+
+        async def ticks():
+            for i in range(3):
+                yield f"tick {i}\n"
+                await asyncio.sleep(0.01)
+        return StreamingResponse(ticks(), media_type="text/plain")
+
     return app
 
 
@@ -150,6 +167,20 @@ def test_new_sessions_per_client_address_are_capped(live_server):
         assert_error_shape(client.post("/note", json={"note": "6th"}), 429, "session_rate_limited")
         assert "set-cookie" not in client.post("/note", json={"note": "7th"}).headers
     assert len(store) == 5
+
+
+def test_a_full_store_refuses_explicit_reservations_and_streams_with_503(live_server):
+    store = MemoryStore(max_sessions=1, evictable_after_seconds=60)
+    srv = live_server(notes_app(store=store))
+    with httpx.Client(base_url=srv.url) as first:
+        r = first.post("/streamed_note")
+        assert r.text == "tick 0\ntick 1\ntick 2\n" and "set-cookie" in r.headers
+        assert first.get("/note").json()["note"] == "streamed"
+    for path in ("/reserved_note", "/streamed_note", "/note"):
+        r = httpx.post(srv.url + path, json={"note": "x"})
+        assert_error_shape(r, 503, "session_capacity")
+        assert "set-cookie" not in r.headers
+    assert len(store) == 1
 
 
 def test_memory_store_is_bounded_in_count_bytes_and_age():
