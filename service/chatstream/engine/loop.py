@@ -148,7 +148,7 @@ class Engine:
         return self.scheduler.active
 
     @property
-    def prefix_cache_stats(self) -> dict:
+    def prefix_cache_stats(self) -> dict | None:
         """Prefix cache accounting (a snapshot; None when the cache is off): prompt tokens looked up, tokens
         served from the cache, the hit rate, entries and positions held, and the bytes they take."""
         index = self.scheduler.prefixes
