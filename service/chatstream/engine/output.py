@@ -49,5 +49,5 @@ class OutputProcessor:
             rest = seq.stops.flush()
             if rest:
                 events.append(Delta(rest, len(seq.generated)))
-        events.append(Finished(reason, len(seq.prompt_ids), len(seq.generated)))
+        events.append(Finished(reason, len(seq.prompt_ids), len(seq.generated), seq.cached_tokens))
         return events

@@ -14,6 +14,7 @@ import inspect
 import torch
 
 from .kv_cache import SlotKVCache
+from .prefix_cache import Drop, Save
 from .sampling import sample
 from .scheduler import Chunk, Move
 from .sequence import Sequence
@@ -24,6 +25,7 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache(max_batch)
+        self.kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefix cache entries, per layer
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # sdpa and flash attention take a boolean mask; eager attention wants an additive one.
         self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2")
@@ -33,12 +35,32 @@ class ModelRunner:
         """Room for ``length`` positions per row (a sequence's whole extent, reserved on admission)."""
         self.cache.ensure_capacity(length)
 
-    def apply(self, moves: list[Move]) -> None:
-        for move in moves:
-            if move.swap:
-                self.cache.swap_rows(move.src, move.dst, move.length)
+    def apply(self, orders: list[Move | Save | Drop]) -> None:
+        """Row moves and prefix-cache orders from the scheduler, in their order."""
+        cache = self.cache
+        for order in orders:
+            if isinstance(order, Move):
+                if order.swap:
+                    cache.swap_rows(order.src, order.dst, order.length)
+                else:
+                    cache.move_row(order.src, order.dst, order.length)
+            elif isinstance(order, Save):
+                row, n = order.row, order.length
+                self.kept[order.key] = [(k[row, :, :n].clone(), v[row, :, :n].clone())
+                                        for k, v in zip(cache.keys, cache.values)]
             else:
-                self.cache.move_row(move.src, move.dst, move.length)
+                self.kept.pop(order.key, None)
+
+    def load(self, row: int, key: int, length: int) -> None:
+        """Copy the first ``length`` positions of kept entry ``key`` into cache row ``row``."""
+        for (k, v), kb, vb in zip(self.kept[key], self.cache.keys, self.cache.values):
+            kb[row, :, :length] = k[:, :length]
+            vb[row, :, :length] = v[:, :length]
+
+    @property
+    def kept_bytes(self) -> int:
+        entries = list(self.kept.values())  # read from other threads too
+        return sum(t.numel() * t.element_size() for entry in entries for pair in entry for t in pair)
 
     def shrink(self) -> None:
         self.cache.shrink()

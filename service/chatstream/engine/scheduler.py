@@ -17,6 +17,9 @@ cache must make (:class:`Move`), which the runner applies. Its rules:
   the prefilling sequence there); a finished one is replaced by the last
   decoding row, and the hole left at the end of the decoding rows, or in the
   prefilling rows, is filled by the last prefilling row.
+- With a prefix cache (``prefix_cache_tokens`` > 0, prefix_cache.py) a sequence
+  that ends keeps its row's positions, and an admitted prompt that begins with
+  kept tokens starts at that length: only the rest is prefilled.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
+from .prefix_cache import Drop, PrefixIndex, Save
 from .sequence import Sequence
 
 
@@ -45,7 +49,8 @@ class Move:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, prefill_tokens: int = 512, prefill_tokens_decoding: int = 128):
+    def __init__(self, max_batch: int, prefill_tokens: int = 512, prefill_tokens_decoding: int = 128,
+                 prefix_cache_tokens: int = 0):
         if max_batch < 1 or prefill_tokens < 1 or prefill_tokens_decoding < 1:
             raise ValueError("max_batch and the prefill budgets must be at least 1")
         self.max_batch = max_batch
@@ -54,6 +59,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.decoding: list[Sequence] = []     # rows [0, d), in row order
         self.prefilling: list[Sequence] = []   # rows [d, d + p), in no particular order
+        self.prefixes = PrefixIndex(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
 
     # -- what there is ------------------------------------------------------------------
     @property
@@ -81,6 +87,10 @@ class Scheduler:
             seq.row = self.active
             seq.state = "prefill"
             seq.length = 0
+            if self.prefixes is not None:
+                # The runner copies the kept positions into the row (Engine._prepare) before any pass.
+                seq.prefix_key, seq.cached_tokens = self.prefixes.lookup(seq.prompt_ids)
+                seq.length = seq.cached_tokens
             self.prefilling.append(seq)
             admitted.append(seq)
         return admitted
@@ -130,8 +140,12 @@ class Scheduler:
         seq.state = "decode"
         return moves
 
-    def remove(self, seq: Sequence) -> list[Move]:
-        """Take ``seq`` out wherever it is (it is done); rows stay contiguous."""
+    def remove(self, seq: Sequence, keep: bool = False) -> list[Move | Save | Drop]:
+        """Take ``seq`` out wherever it is (it is done); rows stay contiguous.
+
+        With ``keep`` (the sequence ended, it did not fail) and a prefix cache, its row's positions are kept:
+        the evicted entries' :class:`Drop` orders, then a :class:`Save`, come before any move of the rows.
+        """
         state, seq.state = seq.state, "done"
         if state == "waiting":
             if seq in self.waiting:
@@ -139,7 +153,12 @@ class Scheduler:
             return []
         if state not in ("prefill", "decode"):
             return []
-        moves = []
+        moves: list[Move | Save | Drop] = []
+        if keep and self.prefixes is not None and seq.length > 0:
+            key, drops = self.prefixes.insert((seq.prompt_ids + seq.generated)[:seq.length])
+            moves.extend(Drop(k) for k in drops)  # memory is given back before more is taken
+            if key is not None:
+                moves.append(Save(seq.row, seq.length, key))
         if state == "decode":
             last = self.decoding[-1]
             if last is not seq:

@@ -21,6 +21,8 @@ class Sequence:
     state: str = "waiting"     # waiting | prefill | decode | done
     row: int = -1
     length: int = 0            # positions of this sequence held in its cache row
+    cached_tokens: int = 0     # prompt positions copied from the prefix cache instead of prefilled
+    prefix_key: int | None = None
     # The output processor's.
     generated: list[int] = field(default_factory=list)
     next_token: int | None = None
