@@ -136,6 +136,7 @@ def _env(body: dict) -> list[dict]:
         {"name": envvars.MAX_QUEUE, "value": str(conc["maxQueueSize"])},
         {"name": envvars.MAX_NEW_TOKENS, "value": str(gen["maxNewTokens"])},
         {"name": envvars.CONTEXT_LENGTH, "value": str(gen["contextLength"])},
+        {"name": envvars.PREFIX_CACHE_TOKENS, "value": str(gen["prefixCacheTokens"])},
         {"name": envvars.CACHE_DIR, "value": CACHE_DIR},
         {"name": envvars.SHUTDOWN_GRACE_SECONDS, "value": str(spec["shutdownGraceSeconds"])},
         {"name": envvars.SESSION_STORE, "value": sessions["store"]},

@@ -27,7 +27,7 @@ OTEL_BUCKETS = {
 
 
 class Metrics:
-    def __init__(self, admission, meter, model_name: str):
+    def __init__(self, admission, meter, model_name: str, cache_stats=lambda: None):
         self.registry = CollectorRegistry()
         r = self.registry
         self.model_attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": model_name,
@@ -36,6 +36,11 @@ class Metrics:
         running.set_function(lambda: admission.processing)
         waiting = Gauge("chatstream_requests_waiting", "Requests queued for a slot", registry=r)
         waiting.set_function(lambda: admission.waiting)
+        held = Gauge("chatstream_prefix_cache_tokens", "Prompt tokens whose KV cache is kept for reuse",
+                     registry=r)
+        held.set_function(lambda: (cache_stats() or {}).get("held_tokens", 0))
+        held_bytes = Gauge("chatstream_prefix_cache_bytes", "Bytes of KV cache kept for reuse", registry=r)
+        held_bytes.set_function(lambda: (cache_stats() or {}).get("held_bytes", 0))
         self.rejected = Counter("chatstream_requests_rejected", "Requests refused", ["reason"], registry=r)
         self.outcomes = Counter("chatstream_outcomes", "Streams ended, by callback outcome", ["outcome"], registry=r)
         self.prompt_tokens = Counter("chatstream_prompt_tokens", "Prompt tokens processed", registry=r)

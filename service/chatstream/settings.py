@@ -84,6 +84,10 @@ TABLE: tuple[Setting, ...] = (
     S("context_length", int, 2048, envvars.CONTEXT_LENGTH,
       "tokens of prompt plus answer; the oldest turns are left out of the prompt to fit",
       minimum=64, maximum=131_072, crd="generation.contextLength", library="context_len", library_default=1024),
+    S("prefix_cache_tokens", int, 4096, envvars.PREFIX_CACHE_TOKENS,
+      "prompt tokens of finished turns whose KV cache is kept, so that a conversation's next turn prefills only "
+      "what is new; least recently used first out; 0 turns it off", minimum=0, maximum=1_048_576,
+      crd="generation.prefixCacheTokens", library="prefix_cache_tokens"),
     S("temperature", float, 0.7, envvars.TEMPERATURE, "default sampling temperature; 0 is greedy",
       minimum=0.0, maximum=2.0, library="temperature", library_default=1.0),
     S("top_p", float, 0.9, envvars.TOP_P, "default nucleus sampling threshold", minimum=0.01, maximum=1.0,

@@ -43,7 +43,8 @@ class ChatStream:
                  chat_prompt_clazz=None, too_many_request_as_http_error: bool = False,
                  seed: int | None = None, logger: logging.Logger | None = None, model_name: str | None = None,
                  retry_after_seconds: int = 1, telemetry: Telemetry | None = None,
-                 cpu_linear: str = _default("cpu_linear"), **_ignored_original_options):
+                 cpu_linear: str = _default("cpu_linear"),
+                 prefix_cache_tokens: int = _default("prefix_cache_tokens"), **_ignored_original_options):
         if model is None or tokenizer is None:
             raise ValueError("ChatStream needs a model and a tokenizer (see chatstream.load_model)")
         if device is not None:
@@ -62,14 +63,15 @@ class ChatStream:
         self.context_len = context_len
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len,
-                             cpu_linear=cpu_linear)
+                             cpu_linear=cpu_linear, prefix_cache_tokens=prefix_cache_tokens)
         # 503 with Retry-After by default (the original answered 200); 429 when asked for.
         self.client = EngineClient(self.engine, self.admission, 429 if too_many_request_as_http_error else 503,
                                    retry_after_seconds)
         self.turns = Turns(tokenizer, self.new_chat_prompt, self.prompt_budget())
         self.telemetry = telemetry or Telemetry()
         self.telemetry.model_name = self.model_name
-        self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name)
+        self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name,
+                               lambda: self.engine.prefix_cache_stats)
         self._callbacks: set[asyncio.Task] = set()
         self.engine.start()
 
