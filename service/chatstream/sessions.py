@@ -44,6 +44,8 @@ from typing import Protocol
 
 from itsdangerous import BadSignature, TimestampSigner
 
+from .errors import ChatStreamError
+
 log = logging.getLogger("chatstream.sessions")
 
 COOKIE_NAME = "chatstream_session"
@@ -51,30 +53,24 @@ END_HOLD_SECONDS = 0.5  # how long a streamed response's end may wait for the ap
 
 
 # -- errors ---------------------------------------------------------------------------------
-class SessionError(Exception):
-    """A session could not be loaded, created or stored; ``response_parts()`` says how to answer."""
+class SessionError(ChatStreamError):
+    """A session could not be loaded, created or stored: a 503 (or 429) with ``Retry-After``, in the one error
+    shape (``errors.ChatStreamError``); ``send`` answers it from the middleware itself (pure ASGI)."""
 
     status_code = 503
     type = "unavailable"
     code = "session_error"
 
     def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message)
-        self.message = message
         self.retry_after = max(1, math.ceil(retry_after))
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)}
+        super().__init__(self.status_code, message, self.type, None, self.code,
+                         {"Retry-After": str(self.retry_after)})
 
     async def send(self, send) -> None:
-        """Answer the request with this error (pure ASGI)."""
         body = json.dumps(self.body()).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers().items()]
-        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 

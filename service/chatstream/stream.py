@@ -84,8 +84,11 @@ class ChatStream:
         from .sessions import SessionMiddleware
         opts = opts or {}
         session_opts = opts.get("session", opts.get("fast_session", {})) or {}
+        store = session_opts.get("store")
+        if hasattr(store, "allow"):  # a shared store rebuilds only the prompt classes it is told about
+            store.allow(self.chat_prompt_clazz)
         app.add_middleware(SessionMiddleware, secret_key=session_opts.get("secret_key"),
-                           store=session_opts.get("store"), https_only=session_opts.get("https_only", False))
+                           store=store, https_only=session_opts.get("https_only", False))
         self.telemetry.instrument(app)
 
     def append_apis(self, app, opts: dict | None = None):
@@ -112,6 +115,8 @@ class ChatStream:
             user_input, regenerate = parse_chat_body(await read_json(request, request_body))
             session_mgr = getattr(request.state, "session", None)
             session = session_mgr.get_session() if session_mgr is not None else {}
+            if hasattr(session_mgr, "reserve"):  # a new session gets its place in the store before the stream
+                await session_mgr.reserve()
             turn = await self.turns.begin(session_mgr, user_input, regenerate)
         except ChatStreamError as err:
             return err.response()
