@@ -112,11 +112,12 @@ def results_table(results: dict, peers: list[str], levels: list[int], labels: di
     return rows
 
 
-def text_table(rows: list[list[str]]) -> str:
+def text_table(rows: list[list[str]], left: tuple[int, ...] = (1,)) -> str:
+    """Columns right-aligned, except the (label) columns in ``left``."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for j, r in enumerate(rows):
-        out.append("  ".join(c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        out.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)

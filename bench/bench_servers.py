@@ -353,17 +353,20 @@ class Server:
         t = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.peer.env(),
                                      cwd=str(ROOT), start_new_session=True)
-        while time.perf_counter() - t < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.peer.key} exited with {self.proc.returncode} before it was ready; "
-                                   f"see {self.log_path}:\n" + self.tail())
-            if http_get(self.base + self.peer.ready_path) == 200:
-                self.startup_s = time.perf_counter() - t
-                self.log(f"  ready after {self.startup_s:.1f}s")
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{self.peer.key} not ready after {timeout:.0f}s; see {self.log_path}")
+        try:
+            while time.perf_counter() - t < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.peer.key} exited with {self.proc.returncode} before it was ready; "
+                                       f"see {self.log_path}:\n" + self.tail())
+                if http_get(self.base + self.peer.ready_path) == 200:
+                    self.startup_s = time.perf_counter() - t
+                    self.log(f"  ready after {self.startup_s:.1f}s")
+                    return
+                time.sleep(0.5)
+            raise RuntimeError(f"{self.peer.key} not ready after {timeout:.0f}s; see {self.log_path}")
+        except BaseException:   # not ready, or the benchmark itself is stopped: no server left behind
+            self.stop()
+            raise
 
     def tail(self, n: int = 30) -> str:
         try:

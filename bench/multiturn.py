@@ -31,7 +31,7 @@ from bench_report import fmt, fmt_ratio, md_table, percentile, ratio, text_table
 from bench_servers import PEERS, RSSSampler, Server, cpu_seconds, machine_busy_seconds  # noqa: E402
 from multiturn_client import FOLLOW_UPS, OPENERS, question, run_workload  # noqa: E402
 from run import (RESULTS, ensure_peers, loadavg, log, machine, model_dir, note_binding,  # noqa: E402
-                 wait_for_quiet, warm_up)
+                 stop_servers_on_sigterm, wait_for_quiet, warm_up)
 
 # target -> (server, API driven)
 TARGETS = {
@@ -273,8 +273,8 @@ def render(report: dict) -> tuple[str, str]:
             per_turn.append([str(i + 1)] + [f"{fmt(res[t]['per_turn'][i]['ttft_p50_ms'], 0)} / "
                                             f"{fmt(res[t]['per_turn'][i]['ttft_p99_ms'], 0)}" for t in targets])
         title = f"{shape} (users x turns)"
-        text += ["", f"== {title}", text_table(summary), "", text_table(ratios) if len(ratios) > 1 else
-                 "(no ratios: ours or its peers missing)", "", "TTFT by turn", text_table(per_turn)]
+        text += ["", f"== {title}", text_table(summary, (0,)), "", text_table(ratios, (0,)) if len(ratios) > 1
+                 else "(no ratios: ours or its peers missing)", "", "TTFT by turn", text_table(per_turn, ())]
         md += [f"## {title}", "", md_table(summary), ""]
         if len(ratios) > 1:
             md += ["Ratios ours/peer: tok/s higher is better, TTFT lower is better.", "", md_table(ratios), ""]
@@ -294,6 +294,7 @@ def render(report: dict) -> tuple[str, str]:
 
 
 def main() -> None:
+    stop_servers_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="8x8,16x6", help="comma-separated USERSxTURNS")
     ap.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma-separated, from {DEFAULT_TARGETS}")

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -262,6 +263,12 @@ def render(report: dict) -> tuple[str, str]:
     return text, "\n".join(md) + "\n"
 
 
+def stop_servers_on_sigterm() -> None:
+    """SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server under test is stopped too:
+    each runs in its own process group and would outlive the benchmark otherwise."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
     waited = 0.0
     while True:
@@ -277,6 +284,7 @@ def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
 
 
 def main() -> None:
+    stop_servers_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="1,8,16,32", help="comma-separated concurrency levels")
     ap.add_argument("--new-tokens", type=int, default=64)
