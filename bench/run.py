@@ -1,7 +1,7 @@
-"""Benchmark: this project's server vs ChatStream 0.3.0 vs `transformers serve --continuous-batching`.
+"""Benchmark: this project's server vs ChatStream 0.3.0 vs `transformers serve --continuous-batching` vs vLLM CPU.
 
     .venv/bin/python bench/run.py [--clients 1,8,16,32] [--new-tokens 64] [--duration 60]
-                                  [--peers ours,ours-torch-linear,chatstream030,transformers] [--quick]
+                                  [--peers ours,ours-torch-linear,chatstream030,transformers,vllm,vllm-2t] [--quick]
 
 Starts each server in turn (never two at once) on a loopback port with the same model
 directory, warms it up, runs closed-loop streaming clients at each concurrency level,
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -31,8 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_client import PROMPTS, PROTOCOLS, count_tokens, new_session, one_request, run_level  # noqa: E402
 from bench_report import (goal_lines, goals, level_stats, md_table, memory_rows,  # noqa: E402
                           results_table, text_table)
-from bench_servers import (BENCH, PEERS, ROOT, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
+from bench_servers import (BENCH, PEERS, ROOT, VLLM, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
                            machine_busy_seconds, rss_mb)
+
+DEFAULT_PEERS = "ours,ours-torch-linear,chatstream030,transformers,vllm,vllm-2t"
+# CPU features that decide which kernels are fast; the report header names those present
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 RESULTS = BENCH / "results"
 
@@ -66,7 +71,7 @@ def machine() -> dict:
         mem_kb = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
     cores = len(os.sched_getaffinity(0))
     kind = f"{cores}cpu-" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f" {f} " in f" {flags} "]
+    simd = [f for f in SIMD_FLAGS if f" {f} " in f" {flags} "]
     versions = {}
     for key, peer in PEERS.items():
         if peer.python.exists():
@@ -74,7 +79,7 @@ def machine() -> dict:
                                 "import json, torch, transformers; import importlib.metadata as m\n"
                                 "v={'torch': torch.__version__, 'transformers': transformers.__version__,"
                                 " 'torch_threads': torch.get_num_threads()}\n"
-                                "for d in ('chatstream', 'chatstream-k8s', 'fastapi', 'uvicorn'):\n"
+                                "for d in ('chatstream', 'chatstream-k8s', 'vllm', 'fastapi', 'uvicorn'):\n"
                                 "    try: v[d] = m.version(d)\n"
                                 "    except Exception: pass\n"
                                 "print(json.dumps(v))"])
@@ -86,6 +91,7 @@ def machine() -> dict:
         "host_kind": kind, "hostname": socket.gethostname(), "cpu_model": cpu, "cpu_simd": simd,
         "cores": cores, "cpu_count": os.cpu_count(), "ram_gib": round(mem_kb / 1024 ** 2, 1),
         "kernel": platform.release(), "python": platform.python_version(),
+        "lscpu": sh(["lscpu"]),
         "git_commit": sh(["git", "rev-parse", "HEAD"]),
         "git_dirty_service": bool(sh(["git", "status", "--porcelain", "--", "service"])),
         "versions": versions,
@@ -103,8 +109,8 @@ def model_dir(arg: str | None) -> str:
 
 
 def ensure_peers(keys: list[str]) -> None:
-    peers = [k for k in keys if not k.startswith("ours")]
-    missing = [k for k in peers if not PEERS[k].python.exists()]
+    peers = sorted({PEERS[k].python.parent.parent.name for k in keys if not k.startswith("ours")})
+    missing = [k for k in peers if not (BENCH / ".peers" / k / "bin" / "python").exists()]
     stamp_ok = all((BENCH / ".peers" / k / ".bench-ready").exists() for k in peers)
     if missing or not stamp_ok:
         log("==> setting up peer environments (bench/setup_peers.sh)")
@@ -133,6 +139,7 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
     server.start()
     try:
         out["startup_s"] = round(server.startup_s, 1)
+        note_binding(server, out)
         time.sleep(2)
         idle = rss_mb(server.proc.pid)
         model = peer.model_name(model_path)
@@ -188,6 +195,15 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
     return out
 
 
+def note_binding(server: Server, out: dict) -> None:
+    """For vLLM: the CPUs its OpenMP threads were bound to, from its start-up log."""
+    if isinstance(server.peer, VLLM):
+        bound = VLLM.binding_from_log(server.log_path.read_text(errors="replace"))
+        out["omp_binding"] = bound
+        out["notes"] = out["notes"] + [f"OpenMP threads bound: {bound or 'not found in its log'}"]
+        log(f"  vLLM OpenMP binding: {bound}")
+
+
 def _ms(v):
     return "n/a" if v is None else f"{v:.0f}ms"
 
@@ -209,7 +225,8 @@ def render(report: dict) -> tuple[str, str]:
                          f"{s['client_cpu_cores']:.2f}", f"{s['other_cpu_cores']:.2f}"])
     m = report["machine"]
     la = report["loadavg"]
-    head = (f"machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, kernel {m['kernel']}; "
+    head = (f"machine: {m['cpu_model']} ({', '.join(m['cpu_simd']) or 'no AVX2'}), {m['cores']} cores, "
+            f"{m['ram_gib']} GiB RAM, kernel {m['kernel']}; "
             f"commit {m['git_commit'][:12]}{' (service/ modified)' if m['git_dirty_service'] else ''}\n"
             f"load average before {la['before']} after {la['after']}"
             f"{'  (NOT a quiet machine: other work was running)' if not report['quiet'] else ''}")
@@ -246,6 +263,12 @@ def render(report: dict) -> tuple[str, str]:
     return text, "\n".join(md) + "\n"
 
 
+def stop_servers_on_sigterm() -> None:
+    """SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server under test is stopped too:
+    each runs in its own process group and would outlive the benchmark otherwise."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
     waited = 0.0
     while True:
@@ -261,6 +284,7 @@ def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
 
 
 def main() -> None:
+    stop_servers_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", default="1,8,16,32", help="comma-separated concurrency levels")
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -269,7 +293,7 @@ def main() -> None:
                     help="minimum warm-up per level; it lasts until every client has finished a request")
     ap.add_argument("--warmup-cap", type=float, default=40.0)
     ap.add_argument("--drain-cap", type=float, default=240.0)
-    ap.add_argument("--peers", default="ours,ours-torch-linear,chatstream030,transformers")
+    ap.add_argument("--peers", default=DEFAULT_PEERS)
     ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
     ap.add_argument("--quick", action="store_true", help="short run for development: 1,8 clients, 10s windows")
     ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")

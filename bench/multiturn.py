@@ -1,0 +1,364 @@
+"""Multi-turn benchmark: N users x T turns, side by side with vLLM CPU and `transformers serve`.
+
+    .venv/bin/python bench/multiturn.py [--shapes 8x8,16x6] [--new-tokens 64]
+        [--targets ours-v1,ours-chat_stream,vllm,vllm-2t,transformers] [--quick]
+
+For every shape (users x turns) and every target, one server at a time: start it (a fresh
+process, so no cache carries over from another shape or target), warm it up with a few
+single-turn requests, read its /metrics, run the conversations (bench/multiturn_client.py),
+read /metrics again, stop it. Reports, per target: TTFT p50/p99 at each turn index, output
+tokens/s over the whole workload, the prompt-cache hit rate where the server exposes it
+(tokens reused / prompt tokens, from its Prometheus counters), and ratios of ours (through
+/v1/chat/completions and through /chat_stream sessions) against vLLM's best thread setting
+and `transformers serve`. Writes bench/results/<date>-<host-kind>-multiturn[-quick].json/.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_report import fmt, fmt_ratio, md_table, percentile, ratio, text_table  # noqa: E402
+from bench_servers import PEERS, RSSSampler, Server, cpu_seconds, machine_busy_seconds  # noqa: E402
+from multiturn_client import FOLLOW_UPS, OPENERS, question, run_workload  # noqa: E402
+from run import (RESULTS, ensure_peers, loadavg, log, machine, model_dir, note_binding,  # noqa: E402
+                 stop_servers_on_sigterm, wait_for_quiet, warm_up)
+
+# target -> (server, API driven)
+TARGETS = {
+    "ours-v1": ("ours", "v1"),
+    "ours-chat_stream": ("ours", "chat_stream"),
+    "vllm": ("vllm", "v1"),
+    "vllm-2t": ("vllm-2t", "v1"),
+    "transformers": ("transformers", "v1"),
+}
+OURS = ("ours-v1", "ours-chat_stream")
+VLLMS = ("vllm", "vllm-2t")
+DEFAULT_TARGETS = ",".join(TARGETS)
+
+# (tokens served from cache, prompt tokens): the first pair a server exposes is used.
+# Ours: counters the engine's prefix cache adds beside chatstream_prompt_tokens (read when
+# present). vLLM: vllm:prompt_tokens_cached / vllm:prompt_tokens (its local prefix cache).
+HIT_COUNTERS = [
+    ("chatstream_prompt_tokens_cached_total", "chatstream_prompt_tokens_total"),
+    ("vllm:prompt_tokens_cached_total", "vllm:prompt_tokens_total"),
+]
+# also kept in the JSON: vLLM's prefix-cache lookups (tokens queried / tokens hit)
+EXTRA_COUNTERS = ["vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                  "chatstream_completion_tokens_total", "vllm:generation_tokens_total"]
+COMPLETION_COUNTERS = ["chatstream_completion_tokens_total", "vllm:generation_tokens_total"]
+
+
+def read_metrics(base: str) -> dict[str, float] | None:
+    """Prometheus text exposition -> {sample name: value summed over labels}; None without /metrics."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            if r.status != 200:
+                return None
+            text = r.read().decode("utf-8", errors="replace")
+    except Exception:
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)", line)
+        if not m:
+            continue
+        try:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        except ValueError:
+            pass
+    return out
+
+
+def counter_deltas(before: dict | None, after: dict | None) -> dict:
+    if before is None or after is None:
+        return {}
+    names = [n for pair in HIT_COUNTERS for n in pair] + EXTRA_COUNTERS
+    return {n: after[n] - before.get(n, 0.0) for n in names if n in after}
+
+
+def hit_rate(deltas: dict) -> tuple[float | None, str]:
+    for cached, prompt in HIT_COUNTERS:
+        if cached in deltas and prompt in deltas and deltas[prompt] > 0:
+            return deltas[cached] / deltas[prompt], f"{cached} / {prompt}"
+    return None, "n/a: the server exposes no prompt-cache counter"
+
+
+def workload_stats(run, deltas: dict) -> dict:
+    ok = [r for r in run.records if r.ok]
+    errors = [r.error for r in run.records if r.error]
+    dur = run.end - run.t0
+    # output tokens: what the server reported per answer; else its completion counter over
+    # the workload; else the answers re-tokenized
+    if ok and all(r.tokens is not None for r in ok):
+        total, how = sum(r.tokens for r in ok), "usage.completion_tokens of each answer"
+    elif any(n in deltas for n in COMPLETION_COUNTERS):
+        n = next(n for n in COMPLETION_COUNTERS if n in deltas)
+        total, how = deltas[n], f"the server's {n} over the workload"
+    else:
+        total, how = sum(r.tokens_retok or 0 for r in ok), "answers re-tokenized with the model's tokenizer"
+    per_turn = []
+    for t in range(run.turns):
+        rs = [r for r in ok if r.turn == t]
+        ttft = [r.ttft_ms for r in rs]
+        pt = [r.prompt_tokens for r in rs if r.prompt_tokens is not None]
+        ct = [r.cached_tokens for r in rs if r.cached_tokens is not None]
+        per_turn.append({"turn": t + 1, "n": len(rs), "errors": sum(1 for r in run.records if r.turn == t and r.error),
+                         "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+                         "ttft_max_ms": max(ttft) if ttft else None,
+                         "prompt_tokens_mean": sum(pt) / len(pt) if pt else None,
+                         "cached_tokens_mean": sum(ct) / len(ct) if ct else None})
+    rate, rate_how = hit_rate(deltas)
+    answers = [r.tokens if r.tokens is not None else r.tokens_retok for r in ok]
+    answers = [a for a in answers if a is not None]
+    return {
+        "users": run.users, "turns": run.turns, "wall_s": round(dur, 2),
+        "output_tokens": total, "output_tokens_how": how, "tok_s": total / dur if dur > 0 else None,
+        "answers_ok": len(ok), "errors": len(errors), "error_samples": sorted(set(errors))[:5],
+        "mean_tokens_per_answer": sum(answers) / len(answers) if answers else None,
+        "hit_rate": rate, "hit_rate_how": rate_how, "counters": deltas, "per_turn": per_turn,
+        "first_turn_prompt_tokens": per_turn[0]["prompt_tokens_mean"] if per_turn else None,
+        "last_turn_prompt_tokens": per_turn[-1]["prompt_tokens_mean"] if per_turn else None,
+        "client_cpu_s": round(run.cpu_s, 2),
+    }
+
+
+def count_tokens(tokenizer, records) -> None:
+    todo = [r for r in records if r.text and r.tokens is None]
+    if todo:
+        ids = tokenizer([r.text for r in todo], add_special_tokens=False)["input_ids"]
+        for r, i in zip(todo, ids):
+            r.tokens_retok = len(i)
+
+
+def bench_target(target: str, users: int, turns: int, args, model_path: str, tokenizer) -> dict:
+    key, api = TARGETS[target]
+    peer = PEERS[key]
+    server = Server(peer, model_path, users, args.new_tokens, log=log)
+    server.log_path = server.log_path.with_name(f"{target}-{users}x{turns}.log")
+    out: dict = {"server": key, "api": api, "label": peer.label, "command": server.cmd, "notes": list(peer.notes)}
+    server.start()
+    try:
+        out["startup_s"] = round(server.startup_s, 1)
+        note_binding(server, out)
+        model = peer.model_name(model_path)
+        t = time.perf_counter()
+        asyncio.run(warm_up(server, model, args.new_tokens))
+        log(f"  warmed up in {time.perf_counter() - t:.1f}s")
+        before = read_metrics(server.base)
+        la = loadavg()
+        log(f"  {users} users x {turns} turns through {api}: load average {la[0]:.2f} ...")
+        sampler = RSSSampler(server.proc.pid).start()
+        sampler.mark("run")
+        busy0, srv0 = machine_busy_seconds(), cpu_seconds(server.proc.pid)
+        run = asyncio.run(run_workload(api, server.base, model, users, turns, args.new_tokens,
+                                       think_s=args.think, log=log))
+        busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
+        sampler.stop()
+        after = read_metrics(server.base)
+        count_tokens(tokenizer, run.records)
+        s = workload_stats(run, counter_deltas(before, after))
+        wall = max(1e-9, run.end - run.t0)
+        s.update(loadavg_start=la, loadavg_end=loadavg(), peak_rss_mb=sampler.peaks.get("run"),
+                 metrics_exposed=before is not None,
+                 server_cpu_cores=round(srv / wall, 2), client_cpu_cores=round(run.cpu_s / wall, 2),
+                 other_cpu_cores=round(max(0.0, busy - srv - run.cpu_s) / wall, 2))
+        out.update(s)
+        p = s["per_turn"]
+        log(f"     {s['tok_s']:.1f} tok/s over {s['wall_s']:.1f}s, TTFT p50 turn 1 {_ms(p[0]['ttft_p50_ms'])} -> "
+            f"turn {turns} {_ms(p[-1]['ttft_p50_ms'])} (p99 {_ms(p[0]['ttft_p99_ms'])} -> {_ms(p[-1]['ttft_p99_ms'])}), "
+            f"hit rate {_pct(s['hit_rate'])}, {s['answers_ok']} answers, {s['errors']} errors, "
+            f"{fmt(s['mean_tokens_per_answer'])} tok/answer; CPU cores: server {s['server_cpu_cores']}, "
+            f"client {s['client_cpu_cores']}, other {s['other_cpu_cores']}")
+        out["records"] = [{"user": r.user, "turn": r.turn + 1, "ttft_ms": r.ttft_ms,
+                           "total_ms": (r.end - r.start) * 1000, "tokens": r.tokens, "tokens_retok": r.tokens_retok,
+                           "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "error": r.error,
+                           "answer": r.text} for r in sorted(run.records, key=lambda r: (r.user, r.turn))]
+    finally:
+        server.stop()
+    return out
+
+
+def _ms(v):
+    return "n/a" if v is None else f"{v:,.0f}ms"
+
+
+def _pct(v):
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def best_vllm(shape_results: dict) -> str | None:
+    have = [k for k in VLLMS if shape_results.get(k, {}).get("tok_s") is not None]
+    return max(have, key=lambda k: shape_results[k]["tok_s"]) if have else None
+
+
+def goals(results: dict) -> list[dict]:
+    """Issue 12's multi-turn goals, per shape and per API of ours."""
+    out = []
+
+    def add(name, ok, detail):
+        out.append({"goal": name, "met": None if ok is None else bool(ok), "detail": detail})
+
+    for shape, res in results.items():
+        vk = best_vllm(res)
+        v = res.get(vk) if vk else None
+        for o in OURS:
+            r = res.get(o)
+            if not r or r.get("tok_s") is None:
+                continue
+            x = ratio(r["tok_s"], v and v["tok_s"])
+            add(f"{shape} {o}: tok/s >= 2x vLLM's best thread setting", None if x is None else x >= 2.0,
+                "n/a" if x is None else f"{r['tok_s']:.1f} vs {vk} {v['tok_s']:.1f} tok/s = {x:.2f}x")
+            first, last = r["per_turn"][0]["ttft_p50_ms"], r["per_turn"][-1]["ttft_p50_ms"]
+            x = ratio(last, first)
+            add(f"{shape} {o}: TTFT p50 at the last turn <= 1.2x turn 1's", None if x is None else x <= 1.2,
+                "n/a" if x is None else f"{last:,.0f} vs {first:,.0f} ms = {x:.2f}x")
+            mine = r["per_turn"][-1]["ttft_p99_ms"]
+            theirs = v["per_turn"][-1]["ttft_p99_ms"] if v else None
+            add(f"{shape} {o}: TTFT p99 at the last turn below vLLM's",
+                None if mine is None or theirs is None else mine < theirs,
+                "n/a" if mine is None or theirs is None else f"{mine:,.0f} vs {vk} {theirs:,.0f} ms")
+    return out
+
+
+def render(report: dict) -> tuple[str, str]:
+    m, cfg = report["machine"], report["config"]
+    head = [f"machine: {m['cpu_model']} ({', '.join(m['cpu_simd']) or 'no AVX2'}), {m['cores']} cores, "
+            f"{m['ram_gib']} GiB RAM, kernel {m['kernel']}; commit {m['git_commit'][:12]}"
+            f"{' (service/ modified)' if m['git_dirty_service'] else ''}",
+            f"load average before {report['loadavg']['before']} after {report['loadavg']['after']}"
+            f"{'  (NOT a quiet machine: other work was running)' if not report['quiet'] else ''}",
+            f"workload: users x turns {', '.join(cfg['shapes'])}; {cfg['new_tokens']} new tokens max per answer, greedy, "
+            f"float32; each user's own conversation, {len(OPENERS)} openers + {len(FOLLOW_UPS)} follow-ups; "
+            f"think time {cfg['think_s']}s; /v1 sends the whole history, /chat_stream only the new input "
+            "(session cookie)"]
+    text, md = list(head), [f"# Multi-turn benchmark {report['date']} on {m['host_kind']}", "",
+                            *[f"- {h}" for h in head], ""]
+    for shape, res in report["results"].items():
+        targets = [t for t in cfg["targets"] if t in res]
+        vk = best_vllm(res)
+        summary = [["target", "tok/s", "TTFT p50 turn 1 (ms)", "TTFT p50 last (ms)", "TTFT p99 turn 1 (ms)",
+                    "TTFT p99 last (ms)", "hit rate", "prompt tok turn 1 / last", "tok/answer", "errors",
+                    "peak RSS (MiB)"]]
+        for t in targets:
+            r = res[t]
+            p = r["per_turn"]
+            summary.append([t, fmt(r["tok_s"]), fmt(p[0]["ttft_p50_ms"], 0), fmt(p[-1]["ttft_p50_ms"], 0),
+                            fmt(p[0]["ttft_p99_ms"], 0), fmt(p[-1]["ttft_p99_ms"], 0), _pct(r["hit_rate"]),
+                            f"{fmt(r['first_turn_prompt_tokens'], 0)} / {fmt(r['last_turn_prompt_tokens'], 0)}",
+                            fmt(r["mean_tokens_per_answer"]), str(r["errors"]), fmt(r["peak_rss_mb"], 0)])
+        ratios = [["ratio", "tok/s", "TTFT p50 last", "TTFT p99 last"]]
+        for o in OURS:
+            if o not in res:
+                continue
+            for peer in ([vk] if vk else []) + [p for p in ("transformers",) if p in res]:
+                a, b = res[o], res[peer]
+                ratios.append([f"{o} / {peer}{' (vLLM best)' if peer == vk else ''}",
+                               fmt_ratio(ratio(a["tok_s"], b["tok_s"])),
+                               fmt_ratio(ratio(a["per_turn"][-1]["ttft_p50_ms"], b["per_turn"][-1]["ttft_p50_ms"])),
+                               fmt_ratio(ratio(a["per_turn"][-1]["ttft_p99_ms"], b["per_turn"][-1]["ttft_p99_ms"]))])
+        per_turn = [["turn"] + [f"{t} p50 / p99 (ms)" for t in targets]]
+        for i in range(len(res[targets[0]]["per_turn"]) if targets else 0):
+            per_turn.append([str(i + 1)] + [f"{fmt(res[t]['per_turn'][i]['ttft_p50_ms'], 0)} / "
+                                            f"{fmt(res[t]['per_turn'][i]['ttft_p99_ms'], 0)}" for t in targets])
+        title = f"{shape} (users x turns)"
+        text += ["", f"== {title}", text_table(summary, (0,)), "", text_table(ratios, (0,)) if len(ratios) > 1
+                 else "(no ratios: ours or its peers missing)", "", "TTFT by turn", text_table(per_turn, ())]
+        md += [f"## {title}", "", md_table(summary), ""]
+        if len(ratios) > 1:
+            md += ["Ratios ours/peer: tok/s higher is better, TTFT lower is better.", "", md_table(ratios), ""]
+        md += ["TTFT by turn index:", "", md_table(per_turn), ""]
+    g = [f"{ {True: 'MET   ', False: 'MISSED', None: 'n/a   '}[x['met']]} {x['goal']}: {x['detail']}"
+         for x in report["goals"]]
+    text += ["", *g]
+    md += ["## Goals", "", *[f"- {x}" for x in g], "", "## Servers", ""]
+    for shape, res in report["results"].items():
+        for t, r in res.items():
+            md.append(f"- {shape} **{t}** ({r['label']}, {r['api']}): {'; '.join(r['notes'])}. "
+                      f"Started in {r.get('startup_s')}s. Hit rate: {r['hit_rate_how']}. Tokens: {r['output_tokens_how']}.")
+    if report.get("errors"):
+        md += ["", "## Failures", ""] + [f"- {k}: {v}" for k, v in report["errors"].items()]
+        text += ["", "FAILURES:"] + [f"  {k}: {v[:500]}" for k, v in report["errors"].items()]
+    return "\n".join(text), "\n".join(md) + "\n"
+
+
+def main() -> None:
+    stop_servers_on_sigterm()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="8x8,16x6", help="comma-separated USERSxTURNS")
+    ap.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma-separated, from {DEFAULT_TARGETS}")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--think", type=float, default=0.0, help="seconds a user waits between its turns")
+    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 users x 3 turns, no waiting for quiet")
+    ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
+    ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
+    ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>-multiturn[-quick])")
+    args = ap.parse_args()
+    if args.quick:
+        if args.shapes == ap.get_default("shapes"):
+            args.shapes = "2x3"
+        args.quiet_wait = 0
+    shapes = []
+    for s in args.shapes.split(","):
+        u, _, t = s.strip().partition("x")
+        shapes.append((int(u), int(t)))
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for t in targets:
+        if t not in TARGETS:
+            sys.exit(f"unknown target {t!r}; choose from {DEFAULT_TARGETS}")
+
+    ensure_peers(sorted({TARGETS[t][0] for t in targets}))
+    model_path = model_dir(args.model)
+    log(f"==> model {model_path}")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    info = machine()
+    quiet = wait_for_quiet(args.quiet_load, args.quiet_wait * 60)
+    before = loadavg()
+    log(f"==> {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores, {info['ram_gib']} GiB; "
+        f"load average {before}")
+    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+              "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
+              "config": {"shapes": [f"{u}x{t}" for u, t in shapes], "targets": targets, "new_tokens": args.new_tokens,
+                         "think_s": args.think, "quick": args.quick, "sampling": "greedy (temperature 0)",
+                         "questions": {f"{u}x{t}": [[question(i, j) for j in range(t)] for i in range(u)]
+                                       for u, t in shapes}},
+              "results": {}, "errors": {}}
+    for users, turns in shapes:
+        shape = f"{users}x{turns}"
+        report["results"][shape] = {}
+        for t in targets:
+            log(f"==> {shape}: {t} ({PEERS[TARGETS[t][0]].label}, {TARGETS[t][1]})")
+            try:
+                report["results"][shape][t] = bench_target(t, users, turns, args, model_path, tokenizer)
+            except Exception as exc:
+                log(f"  FAILED: {exc}")
+                report["errors"][f"{shape} {t}"] = str(exc)[:2000]
+    report["loadavg"] = {"before": before, "after": loadavg()}
+    report["quiet"] = quiet and before[0] < args.quiet_load
+    report["goals"] = goals(report["results"])
+    report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    text, md = render(report)
+    log("\n" + text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.out) if args.out else RESULTS / (
+        f"{report['date']}-{info['host_kind']}-multiturn" + ("-quick" if args.quick else ""))
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(md)
+    log(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

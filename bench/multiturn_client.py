@@ -1,0 +1,215 @@
+"""Multi-turn conversations: N users, each holding one conversation of T turns.
+
+Every user starts at once and runs its turns back to back (closed loop, no think time
+unless asked): it sends turn t, reads the whole streamed answer, then sends turn t+1.
+The questions are a fixed list (``question``), so every run and every server sees the
+same conversations, and each user's history grows by its own answers.
+
+Two ways to hold a conversation:
+  * ``v1``: POST /v1/chat/completions with the WHOLE history each turn (every earlier user
+    message and the assistant's answers as the client received them), stream=true,
+    stream_options.include_usage. Any OpenAI-compatible server: ours, vLLM, transformers.
+  * ``chat_stream``: this project's POST /chat_stream {"user_input": ...} with the user's
+    session cookie; only the new input is sent, the server holds the history. The answer
+    is plain text deltas, with no token count (see ``count_tokens``).
+
+Timing as in bench_client: TTFT = request sent -> first chunk with non-empty content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+# One opening question per user: 16 different subjects, so users share nothing but the
+# chat template's preamble (as real users of one server would).
+OPENERS = [
+    "I want to grow vegetables on a small balcony. Which vegetables grow well in pots?",
+    "How does the gear system on a bicycle work?",
+    "I'd like to learn the guitar as an adult. Where should I start?",
+    "What causes the seasons on Earth?",
+    "Can you explain what a mortgage is and how its interest works?",
+    "I'm writing a short story set on a space station. What would daily life there be like?",
+    "How do vaccines train the immune system?",
+    "What are good habits for sleeping better?",
+    "How does a refrigerator keep food cold?",
+    "I'm learning Python. What is the difference between a list and a tuple?",
+    "What was daily life like in ancient Rome?",
+    "How should I prepare for a job interview for a customer support role?",
+    "Why is the sky blue?",
+    "How do bees make honey?",
+    "I want to start running. How should a beginner train for a 5 km race?",
+    "How does a magnetic compass work?",
+]
+
+# Follow-ups that make sense after any opener; user u asks them starting at index u, so at
+# a given turn the users ask different things.
+FOLLOW_UPS = [
+    "Can you give me a concrete example?",
+    "What are the most common mistakes people make with that?",
+    "Can you explain that more simply, as if I were twelve years old?",
+    "What should I do first? Please go step by step.",
+    "How much time does that usually take?",
+    "What are the pros and cons?",
+    "Is there something about this that people often misunderstand?",
+    "Can you summarize what we have discussed so far in a few sentences?",
+    "What would you recommend I read or try next?",
+]
+
+
+def question(user: int, turn: int) -> str:
+    """The user's message at ``turn`` (0-based): deterministic, the same for every server."""
+    if turn == 0:
+        return OPENERS[user % len(OPENERS)]
+    return FOLLOW_UPS[(user + turn - 1) % len(FOLLOW_UPS)]
+
+
+@dataclass
+class Turn:
+    user: int
+    turn: int
+    start: float
+    end: float = 0.0
+    first: float | None = None
+    events: list[float] = field(default_factory=list)
+    text: str = ""
+    tokens: int | None = None            # server-reported completion tokens
+    tokens_retok: int | None = None      # final text re-tokenized (when the server reports none)
+    prompt_tokens: int | None = None     # server-reported prompt tokens
+    cached_tokens: int | None = None     # usage.prompt_tokens_details.cached_tokens, where sent
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.first is not None
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first is None else (self.first - self.start) * 1000
+
+
+async def _read_sse(resp: aiohttp.ClientResponse, rec: Turn) -> None:
+    parts = []
+    async for line in resp.content:
+        now = time.perf_counter()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            rec.error = f"stream error: {chunk['error']}"
+            return
+        usage = chunk.get("usage")
+        if usage:
+            if usage.get("completion_tokens") is not None:
+                rec.tokens = int(usage["completion_tokens"])
+            if usage.get("prompt_tokens") is not None:
+                rec.prompt_tokens = int(usage["prompt_tokens"])
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if cached is not None:
+                rec.cached_tokens = int(cached)
+        for choice in chunk.get("choices") or ():
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                parts.append(content)
+                rec.events.append(now)
+                if rec.first is None:
+                    rec.first = now
+    rec.text = "".join(parts)
+
+
+async def _read_text(resp: aiohttp.ClientResponse, rec: Turn) -> None:
+    parts = []
+    async for raw in resp.content.iter_any():
+        now = time.perf_counter()
+        piece = raw.decode("utf-8", errors="replace")
+        if piece:
+            parts.append(piece)
+            rec.events.append(now)
+            if rec.first is None:
+                rec.first = now
+    rec.text = "".join(parts)
+
+
+class Conversation:
+    """One user's conversation against one server."""
+
+    def __init__(self, api: str, base: str, model: str, user: int, max_tokens: int):
+        self.api, self.base, self.model, self.user, self.max_tokens = api, base, model, user, max_tokens
+        self.history: list[dict] = []
+        # its own cookie jar: the session cookie of /chat_stream (unsafe=True: aiohttp keeps
+        # no cookies from IP-address hosts otherwise, and the server is 127.0.0.1)
+        self.http = aiohttp.ClientSession(
+            cookie_jar=aiohttp.CookieJar(unsafe=True) if api == "chat_stream" else aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900))
+
+    async def close(self):
+        await self.http.close()
+
+    async def turn(self, turn: int) -> Turn:
+        q = question(self.user, turn)
+        if self.api == "v1":
+            url = self.base + "/v1/chat/completions"
+            body = {"model": self.model, "messages": self.history + [{"role": "user", "content": q}],
+                    "stream": True, "max_tokens": self.max_tokens, "temperature": 0.0,
+                    "stream_options": {"include_usage": True}}
+            reader = _read_sse
+        else:
+            url, body, reader = self.base + "/chat_stream", {"user_input": q}, _read_text
+        rec = Turn(user=self.user, turn=turn, start=time.perf_counter())
+        try:
+            async with self.http.post(url, json=body) as resp:
+                if resp.status != 200:
+                    rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                else:
+                    await reader(resp, rec)
+        except Exception as exc:  # counted, never fatal
+            rec.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            rec.end = time.perf_counter()
+        if rec.error is None and rec.first is None:
+            rec.error = "empty answer"
+        if rec.ok and self.api == "v1":
+            # the client keeps the answer exactly as it received it
+            self.history += [{"role": "user", "content": q}, {"role": "assistant", "content": rec.text}]
+        return rec
+
+
+@dataclass
+class WorkloadRun:
+    users: int
+    turns: int
+    t0: float
+    end: float
+    records: list[Turn]
+    cpu_s: float
+
+
+async def run_workload(api: str, base: str, model: str, users: int, turns: int, max_tokens: int, *,
+                       think_s: float = 0.0, log=print) -> WorkloadRun:
+    records: list[Turn] = []
+
+    async def user(u: int):
+        conv = Conversation(api, base, model, u, max_tokens)
+        try:
+            for t in range(turns):
+                rec = await conv.turn(t)
+                records.append(rec)
+                if rec.error:
+                    log(f"    user {u} turn {t + 1}: {rec.error}")
+                if think_s and t < turns - 1:
+                    await asyncio.sleep(think_s)
+        finally:
+            await conv.close()
+
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(user(u) for u in range(users)))
+    return WorkloadRun(users=users, turns=turns, t0=t0, end=time.perf_counter(), records=records,
+                       cpu_s=time.process_time() - cpu0)
