@@ -31,9 +31,9 @@ WORK = ROOT / "bench" / ".peers" / "ab"
 
 
 class OursAt(Ours):
-    def __init__(self, rev: str, tree: Path):
+    def __init__(self, rev: str, tree: Path, extra_env: dict):
         super().__init__()
-        self.key, self.label, self.tree = f"ours@{rev}", f"this project at {rev}", tree
+        self.key, self.label, self.tree, self.extra_env = f"ours@{rev}", f"this project at {rev}", tree, extra_env
 
     def command(self, model_dir, port, max_clients, new_tokens):
         cmd = super().command(model_dir, port, max_clients, new_tokens)
@@ -42,6 +42,7 @@ class OursAt(Ours):
     def env(self) -> dict:
         env = super().env()
         env["PYTHONPATH"] = str(self.tree / "service")
+        env.update(self.extra_env)
         return env
 
 
@@ -72,8 +73,12 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--model", default=str(Path.home() / ".cache/chatstream/models/smollm2-135m-instruct"))
+    p.add_argument("--env", action="append", default=["CHATSTREAM_PREFIX_CACHE_TOKENS=0"],
+                   help="KEY=VALUE for both servers (default: the prefix cache off, since the single-turn prompts "
+                        "repeat and a commit with the cache would skip their prefill)")
     args = p.parse_args()
-    peers = [OursAt(args.base, checkout(args.base)), OursAt(args.head, checkout(args.head))]
+    extra = dict(item.split("=", 1) for item in args.env)
+    peers = [OursAt(args.base, checkout(args.base), extra), OursAt(args.head, checkout(args.head), extra)]
     print(f"CPU: {cpu_model()} x{os.cpu_count()}; levels {args.levels}; {args.rounds} rounds of "
           f"{args.duration:.0f}s windows, alternating", flush=True)
     rates: dict[tuple[str, int], list[float]] = {}
