@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Stop the control plane that scripts/cluster-up.sh started and drop its
-# state (etcd data, logs); certificates and the cached binaries stay.
+# Stop the cluster that scripts/cluster-up.sh started (its real node first,
+# while the apiserver can still delete the node's pods) and drop its state
+# (etcd data, logs); certificates, the cached binaries and the node's imported
+# images stay. Only processes named by PID files under CLUSTER_DIR are stopped.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
 RUN="$CLUSTER_DIR/run"
+
+CLUSTER_DIR="$CLUSTER_DIR" "$ROOT/scripts/node-down.sh" || true
 
 # Reverse start order, so that nothing logs errors about what went first.
 for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
