@@ -223,10 +223,13 @@ clusterDNS: [$NODE_IP]
 resolvConf: "$NODE_DIR/resolv.conf"
 maxPods: 30
 serializeImagePulls: false
-# The disk is shared and large images are imported, not pulled: absolute
-# eviction thresholds (the default imagefs.available<15% evicts after one big
-# import on a thin disk) and no image garbage collection.
-evictionHard: {memory.available: 300Mi, nodefs.available: 2Gi, imagefs.available: 2Gi, nodefs.inodesFree: 1%}
+# Images are imported, not pulled, so the kubelet must never delete them:
+# under disk pressure its eviction manager reclaims space by deleting every
+# image no running container uses (seen here while an image build filled the
+# shared disk: the imported 6.7 GB image went). "0%" switches the disk signals
+# off (the kubelet ignores 0% thresholds); memory eviction stays; and no
+# image garbage collection.
+evictionHard: {memory.available: 300Mi, nodefs.available: "0%", imagefs.available: "0%", nodefs.inodesFree: "0%", imagefs.inodesFree: "0%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 registerNode: true
