@@ -1,13 +1,20 @@
-"""kopf handlers: thin glue between events and the pure builders.
+"""kopf handlers: thin glue between watch events and one reconcile function.
 
-A ChatStreamDeployment is reconciled the same way whatever woke the operator
-(create, a spec change, an operator restart, a periodic check): build the
-children from the spec and apply them. Status is computed from the owned
-Deployment each time it changes.
+Level-triggered: an event about a ChatStreamDeployment, or about anything it
+owns (Deployment, Service, session Secrets, pods), only names the resource
+to look at again. `reconcile` then reads what is there, puts back what is
+missing or drifted (server-side apply of the pure builders in resources.py),
+and writes the status computed by status.compute: the one place status is
+written. workqueue.WorkQueue keeps it to one run at a time per resource.
+
+So a deleted Deployment or Service is back as soon as its DELETED event
+arrives, an edited one as soon as its MODIFIED event does, and an operator
+restart, which lists everything again, converges the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import secrets
@@ -16,72 +23,109 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 
 from . import kube, resources, status
+from .workqueue import WorkQueue
 
 CSD = (resources.GROUP, resources.VERSION, resources.PLURAL)
-OWNED = {"app.kubernetes.io/managed-by": resources.MANAGER}
+CHILDREN = [("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "secrets")]
+PODS = ("", "v1", "pods")
+POD_LABELS = {"app.kubernetes.io/name": "chatstream"}
+RETRY_SECONDS = 15  # after the API refused something; any event retries sooner
+
+log = logging.getLogger("chatstream_operator")
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _ref(namespace: str, name: str) -> dict:
+    # kopf's JSON log formatter prints this as the record's "object".
+    return {"k8s_ref": {"apiVersion": f"{resources.GROUP}/{resources.VERSION}", "kind": resources.KIND,
+                        "namespace": namespace, "name": name}}
+
+
+def _session_secrets(resource: dict) -> None:
+    """Create whichever session Secret is missing, with the value the other
+    one holds (see resources.session_secrets_to_create and docs/operator.md)."""
+    meta = resource["metadata"]
+    ns, name = meta["namespace"], meta["name"]
+    value = kube.secret_value(ns, resources.session_secret_name(name), resources.SESSION_SECRET_KEY)
+    copy = kube.secret_value(ns, resources.session_secret_copy_name(name), resources.SESSION_SECRET_KEY)
+    for manifest in resources.session_secrets_to_create(resource, value, copy, secrets.token_urlsafe(32)):
+        kube.create(manifest)
+
+
+def _namespace_going(err: ApiException) -> bool:
+    """Creating in a namespace being deleted is refused (403), and in one just
+    gone too (404 on the namespace itself): the resource goes with it."""
+    body = str(err.body)
+    return (err.status == 403 and "being terminated" in body) or (err.status == 404 and '"kind":"namespaces"' in body)
+
+
+def reconcile(namespace: str, name: str, images: resources.Images) -> float | None:
+    """Make the children match the spec and write the status; returns the
+    delay after which to try again, or None."""
+    resource = kube.get_resource(namespace, name)
+    if resource is None or resource["metadata"].get("deletionTimestamp"):
+        return None  # gone or going: the garbage collector removes the children
+    error, retry, deployment = None, None, None
+    try:
+        _session_secrets(resource)
+        kube.apply(resources.service(resource))
+        deployment = kube.apply(resources.deployment(resource, images))
+    except ApiException as err:
+        if _namespace_going(err):
+            log.info("namespace is being deleted; nothing to reconcile", extra=_ref(namespace, name))
+            return None
+        error, retry = f"the API refused a child: {err.status} {err.reason}: {err.body}", RETRY_SECONDS
+        log.warning(error, extra=_ref(namespace, name))
+    pods = kube.list_pods(namespace, resources.selector(name))
+    new = status.compute(resource, deployment, pods, error, _now())
+    if status.changed(resource, new):
+        kube.patch_status(namespace, name, new)
+    log.info("reconciled", extra=_ref(namespace, name))
+    return retry
+
+
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_) -> None:
-    # Keep kopf's bookkeeping in annotations: status is ours, and the CRD's
-    # structural schema would prune anything else written there.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=resources.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=resources.GROUP, key="last-handled-configuration"
-    )
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.server_timeout = 300
     # Kubernetes Events only for trouble; routine successes stay in the logs.
     settings.posting.level = logging.WARNING
+    # Ask the API server for our children and pods only, instead of every
+    # Deployment, Service, Secret and pod of the cluster.
+    managed = ",".join(f"{k}={v}" for k, v in resources.MANAGED_BY.items())
+    for group, version, plural in CHILDREN:
+        settings.watching.label_selectors[group, version, plural] = managed
+    settings.watching.label_selectors[PODS] = ",".join(f"{k}={v}" for k, v in POD_LABELS.items())
     kube.login()
+    images = memo.images
+
+    async def work(key: tuple[str, str]) -> float | None:
+        try:
+            return await asyncio.to_thread(reconcile, *key, images)
+        except Exception:  # an API hiccup reading, not a verdict: try again
+            log.exception("reconcile failed", extra=_ref(*key))
+            return RETRY_SECONDS
+
+    memo.queue = WorkQueue(work)
 
 
-def _reconcile(body: dict, images: resources.Images) -> dict:
-    kube.create_secret_once(resources.session_secret(body, secrets.token_urlsafe(32)))
-    kube.apply(resources.service(body))
-    return kube.apply(resources.deployment(body, images))
-
-
-@kopf.on.resume(*CSD)
-@kopf.on.create(*CSD)
-@kopf.on.update(*CSD, field="spec")
-@kopf.timer(*CSD, interval=120, idle=60)
-def reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger, **_) -> None:
-    """Ensure the Secret, Service and Deployment match the spec (idempotent)."""
-    plain = dict(body)
-    old = body.status.get("conditions") or []
-    try:
-        deployment = _reconcile(plain, memo.images)
-    except ApiException as err:
-        if err.status == 403 and "being terminated" in str(err.body):
-            logger.info("namespace is being deleted; nothing to reconcile")
-            return
-        message = f"the API refused a child: {err.status} {err.reason}: {err.body}"
-        patch.status.update(status.degraded(message, body.metadata.get("generation", 0), old, _now()))
-        raise kopf.TemporaryError(message, delay=30) from err
-    new = status.from_deployment(deployment)
-    new["conditions"] = status.merge_conditions(new["conditions"], old, _now())
-    patch.status.update(new)
-
-
-@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
-def report(event: dict, body: kopf.Body, logger, **_) -> None:
-    """Mirror an owned Deployment's progress into its owner's status."""
+@kopf.on.event(*CSD)
+async def resource_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    key = (body.metadata.namespace, body.metadata.name)
     if event["type"] == "DELETED":
-        return  # the owner is going away, or the timer will recreate it
-    owner = next(
-        (r for r in body.metadata.get("ownerReferences", []) if r.get("kind") == resources.KIND and r.get("controller")),
-        None,
-    )
-    if owner is None:
-        return
-    namespace = body.metadata["namespace"]
-    current = kube.get_resource(namespace, owner["name"])
-    if current is None or current["metadata"].get("uid") != owner["uid"]:
-        return
-    new = status.from_deployment(dict(body))
-    new["conditions"] = status.merge_conditions(new["conditions"], (current.get("status") or {}).get("conditions"), _now())
-    kube.patch_status(namespace, owner["name"], new)
+        memo.queue.forget(key)
+    else:
+        memo.queue.trigger(key)
+
+
+async def _child_event(body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    owner = resources.owner_of(dict(body))
+    if owner is not None:
+        memo.queue.trigger((body.metadata.namespace, owner))
+
+
+for _group, _version, _plural in CHILDREN:
+    kopf.on.event(_group, _version, _plural, labels=resources.MANAGED_BY, id=f"child-{_plural}")(_child_event)
+kopf.on.event(*PODS, labels=POD_LABELS, id="pods")(_child_event)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import kubernetes
@@ -39,13 +40,35 @@ def apply(manifest: dict) -> dict:
     return _json(resp)
 
 
-def create_secret_once(manifest: dict) -> None:
-    """Create the Secret unless it exists; an existing one is never rewritten."""
+def create(manifest: dict) -> None:
+    """Create a Secret; one that exists already (a race with another
+    reconcile) is left as it is: Secrets are never rewritten."""
     try:
         kubernetes.client.CoreV1Api().create_namespaced_secret(manifest["metadata"]["namespace"], manifest)
     except ApiException as err:
         if err.status != 409:
             raise
+
+
+def secret_value(namespace: str, name: str, key: str) -> str | None:
+    """The decoded value under `key`, or None when the Secret (or the key)
+    does not exist or is being deleted."""
+    try:
+        resp = kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace, _preload_content=False)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+    secret = _json(resp)
+    if secret["metadata"].get("deletionTimestamp"):
+        return None
+    data = (secret.get("data") or {}).get(key)
+    return base64.b64decode(data).decode() if data is not None else None
+
+
+def list_pods(namespace: str, selector: str) -> list[dict]:
+    resp = kubernetes.client.CoreV1Api().list_namespaced_pod(namespace, label_selector=selector, _preload_content=False)
+    return _json(resp)["items"]
 
 
 def get_resource(namespace: str, name: str) -> dict | None:

@@ -23,6 +23,9 @@ MANAGER = "chatstream-operator"
 SPEC_HASH_ANNOTATION = f"{GROUP}/spec-hash"
 GENERATION_ANNOTATION = f"{GROUP}/generation"
 GPU = "nvidia.com/gpu"
+SESSION_SECRET_KEY = "secret"
+# Every child carries this label; the operator watches only what has it.
+MANAGED_BY = {"app.kubernetes.io/managed-by": MANAGER}
 
 CACHE_DIR = "/var/cache/chatstream"
 # Where the service images keep models converted at build time (see
@@ -55,6 +58,21 @@ def selector(name: str) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels(name).items()))
 
 
+def owner_of(child: dict) -> str | None:
+    """The name of the ChatStreamDeployment that controls `child` (same
+    namespace), or None. Deployments, Services and Secrets name it in their
+    controller ownerReference; pods (owned by a ReplicaSet) in their
+    instance label."""
+    meta = child.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/") and ref.get("controller"):
+            return ref.get("name")
+    pod_labels = meta.get("labels") or {}
+    if child.get("kind", "Pod") == "Pod" and pod_labels.get("app.kubernetes.io/name") == "chatstream":
+        return pod_labels.get("app.kubernetes.io/instance")
+    return None
+
+
 def endpoint(name: str, namespace: str) -> str:
     return f"http://{name}.{namespace}.svc:{PORT}"
 
@@ -68,6 +86,10 @@ def spec_hash(spec: dict) -> str:
 
 def session_secret_name(name: str) -> str:
     return f"{name}-session"
+
+
+def session_secret_copy_name(name: str) -> str:
+    return f"{name}-session-copy"
 
 
 def wants_gpu(spec: dict) -> bool:
@@ -93,7 +115,7 @@ def _metadata(body: dict, name: str) -> dict:
     return {
         "name": name,
         "namespace": meta["namespace"],
-        "labels": {**labels(meta["name"]), "app.kubernetes.io/managed-by": MANAGER},
+        "labels": {**labels(meta["name"]), **MANAGED_BY},
         "ownerReferences": [_owner(body)],
     }
 
@@ -119,7 +141,7 @@ def _env(body: dict) -> list[dict]:
         {"name": envvars.SESSION_STORE, "value": sessions["store"]},
         {
             "name": envvars.SESSION_SECRET,
-            "valueFrom": {"secretKeyRef": {"name": session_secret_name(meta["name"]), "key": "secret"}},
+            "valueFrom": {"secretKeyRef": {"name": session_secret_name(meta["name"]), "key": SESSION_SECRET_KEY}},
         },
         {"name": envvars.OTEL_SERVICE_NAME, "value": meta["name"]},
         # Hub downloads need a writable home; the root filesystem is read-only.
@@ -180,13 +202,18 @@ def _container(body: dict, images: Images) -> dict:
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "env": _env(body),
         "resources": _resources(spec),
-        "startupProbe": _probe("/healthz", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
+        "startupProbe": _probe("/readyz", STARTUP_PERIOD_SECONDS, STARTUP_BUDGET_SECONDS // STARTUP_PERIOD_SECONDS),
         "readinessProbe": _probe("/readyz", 5, 3),
         "livenessProbe": _probe("/healthz", 10, 3),
         # The Service stops sending new requests only after the endpoint
         # removal has propagated; the sleep covers that window, then SIGTERM
         # lets the server finish its streams in flight.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        # A model that cannot load makes the server exit after writing the
+        # loader's message to /dev/termination-log; the kubelet shows it in
+        # lastState.terminated.message (the end of the log when the file is
+        # empty) and the operator reports it as Degraded (status.py).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -212,6 +239,7 @@ def _seed_cache(container: dict) -> dict:
         "name": "seed-cache",
         "image": container["image"],
         "command": ["sh", "-c", script],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": container["securityContext"],
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
@@ -292,14 +320,41 @@ def service(body: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(body, name), "spec": spec}
 
 
-def session_secret(body: dict, secret: str) -> dict:
-    """The cookie-signing secret shared by all pods of one resource, so a
-    session cookie stays valid whichever pod answers. Created once, never
-    rewritten: `secret` is random, chosen by the caller."""
+def _secret(body: dict, name: str, value: str) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(body, session_secret_name(body["metadata"]["name"])),
+        "metadata": _metadata(body, name),
         "type": "Opaque",
-        "stringData": {"secret": secret},
+        # Nobody (the operator included) can change the value in place.
+        "immutable": True,
+        "stringData": {SESSION_SECRET_KEY: value},
     }
+
+
+def session_secret(body: dict, value: str) -> dict:
+    """The cookie-signing secret shared by all pods of one resource, so a
+    session cookie stays valid whichever pod answers. The pods read it by
+    name (secretKeyRef)."""
+    return _secret(body, session_secret_name(body["metadata"]["name"]), value)
+
+
+def session_secret_copy(body: dict, value: str) -> dict:
+    """A second Secret holding the same value: the record the session Secret
+    is restored from if it is deleted while pods that were given the value
+    still run (and the other way round)."""
+    return _secret(body, session_secret_copy_name(body["metadata"]["name"]), value)
+
+
+def session_secrets_to_create(body: dict, value: str | None, copy: str | None, fresh: str) -> list[dict]:
+    """The session Secrets missing, given the values of those that exist
+    (None: absent). A value, once it exists in either Secret, is the value:
+    a new one (`fresh`, random, chosen by the caller) is used only when both
+    are gone, as for a new resource."""
+    keep = value or copy or fresh
+    missing = []
+    if value is None:
+        missing.append(session_secret(body, keep))
+    if copy is None:
+        missing.append(session_secret_copy(body, keep))
+    return missing

@@ -1,12 +1,23 @@
-"""The status of a ChatStreamDeployment, read off its Deployment.
+"""The status of a ChatStreamDeployment, computed from what is observed.
 
-Pure: what the operator reports is a function of what it observes, so a
-restarted operator reports the same thing and a test can pin every case.
+Pure: the status is a function of the resource, its Deployment, its pods and
+the error of the last reconcile (if any), so a restarted operator reports the
+same thing and a test can pin every case. `compute` is the only place that
+decides what status says; handlers.py writes its result, and only there.
 """
 
 from __future__ import annotations
 
 from . import resources
+
+# Container waiting reasons that will not fix themselves without a change
+# (the kubelet's names). A pod in one of these is failing, not starting.
+FAILING_WAITING_REASONS = frozenset({
+    "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+# The termination message can be up to 4 KiB; a condition stays readable.
+MAX_MESSAGE = 2048
 
 
 def _condition(type_: str, ok: bool, reason: str, message: str, generation: int) -> dict:
@@ -26,11 +37,58 @@ def _deployment_condition(deployment: dict, type_: str) -> dict:
     return {}
 
 
-def from_deployment(deployment: dict) -> dict:
-    """Status fields for the owner of `deployment` (conditions without
-    lastTransitionTime: `merge_conditions` keeps or stamps those)."""
+def _container_failure(cs: dict) -> tuple[str, str] | None:
+    """(reason, message) when this container status shows a failure that
+    restarts will not cure, else None. The message is the container's
+    termination message where there is one: the service writes its loader's
+    error there before it exits."""
+    state, last = cs.get("state") or {}, cs.get("lastState") or {}
+    waiting, terminated = state.get("waiting") or {}, state.get("terminated") or {}
+    failed_before = (last.get("terminated") or {}) if (last.get("terminated") or {}).get("exitCode", 0) != 0 else {}
+    if terminated and terminated.get("exitCode", 0) != 0:
+        exit_ = terminated
+        reason = terminated.get("reason") or "Error"
+    elif waiting.get("reason") in FAILING_WAITING_REASONS:
+        exit_ = failed_before
+        reason = waiting["reason"]
+    elif failed_before and not cs.get("ready"):
+        # Restarted after a failure and not ready yet: between two crashes.
+        exit_ = failed_before
+        reason = waiting.get("reason") or "RestartingAfterError"
+    else:
+        return None
+    message = (exit_.get("message") or "").strip() or (waiting.get("message") or "").strip()
+    details = [f"container {cs.get('name')}: {reason}"]
+    if exit_:
+        details.append(f"exit code {exit_.get('exitCode')}")
+    if cs.get("restartCount"):
+        details.append(f"{cs['restartCount']} restarts")
+    if message:
+        message = message[-MAX_MESSAGE:]  # the end of a log holds the error
+        return reason, f"{message} ({', '.join(details)})"
+    return reason, ", ".join(details)
+
+
+def pod_failure(pods: list[dict]) -> tuple[str, str] | None:
+    """The first failing container among the pods (sorted by name, so the
+    answer does not depend on list order), as (reason, message)."""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        st = pod.get("status") or {}
+        statuses = (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or [])
+        for cs in statuses:
+            found = _container_failure(cs)
+            if found:
+                reason, message = found
+                return reason, f"pod {pod['metadata']['name']}: {message}"
+        if st.get("phase") == "Failed":
+            return st.get("reason") or "PodFailed", f"pod {pod['metadata']['name']}: {st.get('message', 'failed')}"
+    return None
+
+
+def _from_deployment(deployment: dict, failure: tuple[str, str] | None) -> tuple[dict, list[dict]]:
     meta, spec = deployment["metadata"], deployment["spec"]
-    owner = meta["labels"]["app.kubernetes.io/instance"]
     st = deployment.get("status") or {}
     generation = int((meta.get("annotations") or {}).get(resources.GENERATION_ANNOTATION, 0))
     want = spec.get("replicas", 1)
@@ -39,7 +97,7 @@ def from_deployment(deployment: dict) -> dict:
     seen = st.get("observedGeneration", 0) >= meta.get("generation", 0)
 
     rolled_out = seen and updated == want and have == want and available == want
-    ready_ok = want > 0 and ready >= want and rolled_out
+    ready_ok = want > 0 and ready >= want and rolled_out and failure is None
     if want == 0:
         ready_c = _condition("Ready", False, "ScaledToZero", "spec.replicas is 0", generation)
     elif ready_ok:
@@ -55,25 +113,47 @@ def from_deployment(deployment: dict) -> dict:
         )
 
     stuck = _deployment_condition(deployment, "Progressing")
-    failure = _deployment_condition(deployment, "ReplicaFailure")
-    if stuck.get("status") == "False" and stuck.get("reason") == "ProgressDeadlineExceeded":
+    replica_failure = _deployment_condition(deployment, "ReplicaFailure")
+    if failure is not None:
+        degraded_c = _condition("Degraded", True, failure[0], failure[1], generation)
+    elif replica_failure.get("status") == "True":
+        degraded_c = _condition("Degraded", True, replica_failure.get("reason") or "ReplicaFailure",
+                                replica_failure.get("message", ""), generation)
+    elif stuck.get("status") == "False" and stuck.get("reason") == "ProgressDeadlineExceeded":
         degraded_c = _condition("Degraded", True, "ProgressDeadlineExceeded", stuck.get("message", ""), generation)
-    elif failure.get("status") == "True":
-        degraded_c = _condition("Degraded", True, failure.get("reason") or "ReplicaFailure", failure.get("message", ""), generation)
     else:
         degraded_c = _condition("Degraded", False, "AsExpected", "no failures seen", generation)
-
-    return {
-        "replicas": have,
-        "readyReplicas": ready,
-        "selector": resources.selector(owner),
-        "observedGeneration": generation,
-        "endpoint": resources.endpoint(owner, meta["namespace"]),
-        "conditions": [ready_c, progressing_c, degraded_c],
-    }
+    fields = {"replicas": have, "readyReplicas": ready, "observedGeneration": generation}
+    return fields, [ready_c, progressing_c, degraded_c]
 
 
-def merge_conditions(new: list[dict], old: list[dict], now: str) -> list[dict]:
+def compute(resource: dict, deployment: dict | None, pods: list[dict], error: str | None, now: str) -> dict:
+    """The whole status of `resource`.
+
+    deployment: the owned Deployment as last seen (None when the reconcile
+    failed before it could be read); pods: the resource's pods; error: why
+    the last reconcile failed, if it did. Conditions keep their
+    lastTransitionTime while their status holds (see `merge_conditions`)."""
+    meta = resource["metadata"]
+    old = resource.get("status") or {}
+    name, generation = meta["name"], meta.get("generation", 0)
+    out = {"selector": resources.selector(name), "endpoint": resources.endpoint(name, meta["namespace"])}
+    if deployment is not None:
+        fields, conditions = _from_deployment(deployment, pod_failure(pods))
+        out.update(fields)
+    else:
+        # Nothing observed: keep what was reported, the error below says why.
+        out.update({k: old[k] for k in ("replicas", "readyReplicas", "observedGeneration") if k in old})
+        conditions = [c for c in old.get("conditions") or [] if c.get("type") != "Degraded"]
+        conditions = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
+    if error is not None:
+        conditions = [c for c in conditions if c["type"] != "Degraded"]
+        conditions.append(_condition("Degraded", True, "ReconcileError", error, generation))
+    out["conditions"] = merge_conditions(conditions, old.get("conditions"), now)
+    return out
+
+
+def merge_conditions(new: list[dict], old: list[dict] | None, now: str) -> list[dict]:
     """Give each condition its lastTransitionTime: kept while its status stays
     the same, `now` when the status flips or the condition is new."""
     before = {c.get("type"): c for c in old or []}
@@ -85,8 +165,8 @@ def merge_conditions(new: list[dict], old: list[dict], now: str) -> list[dict]:
     return merged
 
 
-def degraded(message: str, generation: int, old_conditions: list[dict], now: str) -> dict:
-    """Status patch for a reconcile that failed (e.g. the API refused a child)."""
-    keep = [c for c in old_conditions or [] if c.get("type") != "Degraded"]
-    cond = _condition("Degraded", True, "ReconcileError", message, generation)
-    return {"conditions": merge_conditions(keep + [cond], old_conditions, now)}
+def changed(resource: dict, new: dict) -> bool:
+    """Whether writing `new` would change the stored status (no write, no
+    event, no loop when nothing changed)."""
+    old = resource.get("status") or {}
+    return any(old.get(k) != v for k, v in new.items())

@@ -19,6 +19,8 @@ MAX_QUEUE = "CHATSTREAM_MAX_QUEUE"              # max_queue_size
 MAX_NEW_TOKENS = "CHATSTREAM_MAX_NEW_TOKENS"
 CONTEXT_LENGTH = "CHATSTREAM_CONTEXT_LENGTH"
 QUEUE_FULL_STATUS = "CHATSTREAM_QUEUE_FULL_STATUS"  # 503 (default) or 429
+TEMPERATURE = "CHATSTREAM_TEMPERATURE"        # default sampling temperature
+TOP_P = "CHATSTREAM_TOP_P"                    # default nucleus threshold
 SESSION_SECRET = "CHATSTREAM_SESSION_SECRET"
 SESSION_STORE = "CHATSTREAM_SESSION_STORE"      # memory | redis
 REDIS_URL = "CHATSTREAM_REDIS_URL"
@@ -26,6 +28,8 @@ CACHE_DIR = "CHATSTREAM_CACHE_DIR"              # converted models live here
 SHUTDOWN_GRACE_SECONDS = "CHATSTREAM_SHUTDOWN_GRACE_SECONDS"
 TRACES_KEEP = "CHATSTREAM_TRACES_KEEP"          # traces kept in memory for /traces
 TRACE_CONTENT = "CHATSTREAM_TRACE_CONTENT"      # "true" records message content on spans
+TRACES_API = "CHATSTREAM_TRACES_API"            # on | off: the /traces page and /api/traces
+TERMINATION_LOG = "CHATSTREAM_TERMINATION_LOG"  # where a fatal start-up error is written (/dev/termination-log)
 
 # Standard OpenTelemetry SDK variables the operator sets from spec.tracing.
 OTEL_SERVICE_NAME = "OTEL_SERVICE_NAME"

@@ -39,8 +39,10 @@ class Metrics:
         self.rejected = Counter("chatstream_requests_rejected", "Requests refused", ["reason"], registry=r)
         self.outcomes = Counter("chatstream_outcomes", "Streams ended, by callback outcome", ["outcome"], registry=r)
         self.prompt_tokens = Counter("chatstream_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.cached_prompt_tokens = Counter("chatstream_prompt_tokens_cached",
+                                            "Prompt tokens read from the KV cache instead of prefilled", registry=r)
         self.completion_tokens = Counter("chatstream_completion_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("chatstream_time_to_first_token_seconds", "Time from admission to the first token",
+        self.ttft = Histogram("chatstream_time_to_first_token_seconds", "Time from arrival (queue included) to the first token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("chatstream_time_per_output_token_seconds", "Time per output token after the first",
                               buckets=TPOT_BUCKETS, registry=r)
@@ -66,25 +68,27 @@ class Metrics:
         self.rejected.labels(reason).inc()
         self.o_rejected.add(1, {**self.model_attrs, "chatstream.reason": reason})
 
-    def record_run(self, run) -> None:
-        attrs = self.model_attrs
-        self.outcomes.labels(run.outcome).inc()
-        self.o_outcomes.add(1, {**attrs, "chatstream.outcome": run.outcome})
-        if run.admitted_at is None:
+    def record(self, summary) -> None:
+        """One finished stream. Time to first token counts from arrival, so queue time shows in it."""
+        attrs, t = self.model_attrs, summary.timeline
+        self.outcomes.labels(summary.outcome).inc()
+        self.o_outcomes.add(1, {**attrs, "chatstream.outcome": summary.outcome})
+        if t.admitted_at is None:
             return
-        wait = run.admitted_at - run.created_at
+        wait = t.admitted_at - t.arrived_at
         self.queue_wait.observe(wait)
         self.o_wait.record(wait, attrs)
-        self.prompt_tokens.inc(len(run.prompt_ids))
-        self.o_tokens.record(len(run.prompt_ids), {**attrs, "gen_ai.token.type": "input"})
-        self.completion_tokens.inc(run.completion_tokens)
-        self.o_tokens.record(run.completion_tokens, {**attrs, "gen_ai.token.type": "output"})
-        if run.first_token_at is not None:
-            ttft = run.first_token_at - run.admitted_at
+        self.prompt_tokens.inc(t.prompt_tokens)
+        self.cached_prompt_tokens.inc(t.cached_prompt_tokens)
+        self.o_tokens.record(t.prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
+        self.completion_tokens.inc(t.completion_tokens)
+        self.o_tokens.record(t.completion_tokens, {**attrs, "gen_ai.token.type": "output"})
+        if t.first_token_at is not None:
+            ttft = t.first_token_at - t.arrived_at
             self.ttft.observe(ttft)
             self.o_ttft.record(ttft, attrs)
-            if run.completion_tokens > 1:
-                tpot = (run.last_token_at - run.first_token_at) / (run.completion_tokens - 1)
+            if t.completion_tokens > 1:
+                tpot = (t.last_token_at - t.first_token_at) / (t.completion_tokens - 1)
                 self.tpot.observe(tpot)
                 self.o_tpot.record(tpot, attrs)
 

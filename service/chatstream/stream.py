@@ -1,57 +1,49 @@
-"""ChatStream: admission, queue, stream lifecycle, sessions and callbacks.
+"""ChatStream: the library's facade.
 
 The public surface is the original library's: ``ChatStream(...)``,
 ``handle_chat_stream_request(request, request_body=None, callback=None)``,
-``append_middlewares``, ``append_apis``, ``start_queue_worker``. What changed
-underneath, and why, is in docs/architecture.md: the model runs on its own
-thread in a batching engine, a full queue is an HTTP error, and the callback
-never runs on the event loop's critical path.
+``append_middlewares``, ``append_apis``, ``start_queue_worker``. Underneath,
+a request goes one way: this facade validates it and builds the prompt
+(conversation.py), the engine client streams it (engine/client.py), the
+lifecycle decides its outcome (lifecycle.py), and the facade hands the
+summary to the observers: the session, metrics, tracing, the user's callback.
+docs/architecture.md says what changed from the original and why.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
-import uuid
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from .admission import Admission
+from .conversation import Turn, Turns
+from .engine.client import EngineClient, Timeline
 from .engine.loop import Engine
 from .engine.sampling import SamplingParams
+from .errors import ChatStreamError, Rejected, bad_request
+from .lifecycle import Formatter, Stream, StreamResponse, Summary
 from .metrics import Metrics
 from .prompt import ChatPrompt
+from .request_body import read_json
+from .settings import library_default as _default
 from .telemetry import Telemetry
-from .run import (DISCONNECTED_WHILE_STREAMING, SUCCESS, Formatter, RunResponse, StreamRun)
-
-MAX_BODY_BYTES = 1 << 20
-
-
-class RequestError(Exception):
-    """A client mistake: becomes a 4xx JSON response."""
-
-    def __init__(self, status: int, message: str, code: str = "invalid_request"):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"type": self.code, "message": str(self)}}, status_code=self.status)
 
 
 class ChatStream:
     def __init__(self, name: str = "node:0", model=None, tokenizer=None, device=None,
-                 num_of_concurrent_executions: int = 2, max_queue_size: int = 5,
-                 max_new_tokens: int = 256, context_len: int = 1024, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 num_of_concurrent_executions: int = _default("num_of_concurrent_executions"),
+                 max_queue_size: int = _default("max_queue_size"),
+                 max_new_tokens: int = _default("max_new_tokens"), context_len: int = _default("context_len"),
+                 temperature: float = _default("temperature"), top_k: int | None = None,
+                 top_p: float = _default("top_p"), repetition_penalty: float = 1.0,
                  chat_prompt_clazz=None, too_many_request_as_http_error: bool = False,
                  seed: int | None = None, logger: logging.Logger | None = None, model_name: str | None = None,
-                 retry_after_seconds: int = 1, telemetry: Telemetry | None = None, cpu_linear: str = "onednn",
-                 **_ignored_original_options):
+                 retry_after_seconds: int = 1, telemetry: Telemetry | None = None,
+                 cpu_linear: str = _default("cpu_linear"), **_ignored_original_options):
         if model is None or tokenizer is None:
             raise ValueError("ChatStream needs a model and a tokenizer (see chatstream.load_model)")
         if device is not None:
@@ -68,16 +60,17 @@ class ChatStream:
                        "context_len": context_len, "seed": seed}
         self.max_new_tokens = max_new_tokens
         self.context_len = context_len
-        # 503 with Retry-After by default (the original answered 200); 429 when asked for.
-        self.queue_full_status = 429 if too_many_request_as_http_error else 503
-        self.retry_after_seconds = retry_after_seconds
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len,
                              cpu_linear=cpu_linear)
+        # 503 with Retry-After by default (the original answered 200); 429 when asked for.
+        self.client = EngineClient(self.engine, self.admission, 429 if too_many_request_as_http_error else 503,
+                                   retry_after_seconds)
+        self.turns = Turns(tokenizer, self.new_chat_prompt, self.prompt_budget())
         self.telemetry = telemetry or Telemetry()
+        self.telemetry.model_name = self.model_name
         self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name)
-        self.draining = False
-        self._tasks: set[asyncio.Task] = set()
+        self._callbacks: set[asyncio.Task] = set()
         self.engine.start()
 
     # -- original companions ------------------------------------------------------------
@@ -101,156 +94,65 @@ class ChatStream:
 
     def shutdown(self):
         self.engine.stop()
-        self.telemetry.provider.force_flush()
+        self.telemetry.shutdown()
+
+    @property
+    def draining(self) -> bool:
+        return self.client.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.client.draining = value
 
     # -- the main entry point --------------------------------------------------------------
     async def handle_chat_stream_request(self, request: Request, request_body=None, callback=None):
         try:
-            data = await self._read_body(request, request_body)
-            user_input, regenerate = self._parse_chat_body(data)
+            user_input, regenerate = parse_chat_body(await read_json(request, request_body))
             session_mgr = getattr(request.state, "session", None)
-            chat_prompt = self._session_prompt(session_mgr)
-            undo = self._apply_turn(chat_prompt, user_input, regenerate)
-            try:
-                prompt_ids = self._prompt_ids(chat_prompt)
-            except RequestError:
-                undo()
-                raise
-        except RequestError as err:
+            session = session_mgr.get_session() if session_mgr is not None else {}
+            turn = await self.turns.begin(session_mgr, user_input, regenerate)
+        except ChatStreamError as err:
             return err.response()
-        session = session_mgr.get_session() if session_mgr else {}
-        params = self.sampling_params(session.get("generation_params"), stop=chat_prompt.get_stop_strs())
-        message_id = str(uuid.uuid4())
-        chat_prompt.set_responder_last_msg_id(message_id)
+        try:
+            params = self.sampling_params(session.get("generation_params"), stop=turn.stop)
+        except ChatStreamError as err:
+            turn.undo()
+            turn.release()
+            return err.response()
 
-        def on_end(run: StreamRun):
-            if run.outcome in (SUCCESS, DISCONNECTED_WHILE_STREAMING):
-                chat_prompt.set_responder_last_msg(run.full_text)
-            else:
-                undo()
-            if session_mgr is not None:
-                session_mgr.save_session()
-            self.metrics.record_run(run)
-            if callback is not None:
-                self._fire_callback(callback, request, run)
+        def on_end(summary: Summary) -> None:
+            turn.settle(summary)
+            self.observe(summary, request, callback)
 
-        messages = chat_prompt.messages() if hasattr(chat_prompt, "messages") else None
-        run = self.start_run(prompt_ids, params, on_end, "/chat_stream", messages, has_callback=callback is not None)
-        if isinstance(run, Response):
-            undo()
-            return run
-        return RunResponse(run, Formatter(), {"X-ChatStream-Last-Generated-Message-Id": message_id})
+        stream = self.open_stream(turn.prompt_ids, params, "/chat_stream", turn.messages, on_end)
+        return StreamResponse(stream, Formatter(), {"X-ChatStream-Last-Generated-Message-Id": turn.message_id})
 
-    def start_run(self, prompt_ids: list[int], params: SamplingParams, on_end, endpoint: str = "",
-                  messages=None, has_callback: bool = False) -> StreamRun | Response:
-        """Reserve a queue place for a generation, or an error response when none can be had."""
-        if self.draining:
-            self.metrics.record_rejected("draining")
-            return JSONResponse({"error": {"type": "unavailable", "message": "the server is shutting down"}},
-                                status_code=503, headers={"Retry-After": str(self.retry_after_seconds)})
-        ticket = self.admission.reserve()
-        if ticket is None:
-            self.metrics.record_rejected("queue_full")
-            return JSONResponse(
-                {"error": {"type": "too_many_requests",
-                           "message": f"all {self.admission.slots} slots are busy and the queue of "
-                                      f"{self.admission.max_queue} is full; retry later"}},
-                status_code=self.queue_full_status, headers={"Retry-After": str(self.retry_after_seconds)})
-        run_trace = self.telemetry.start_run(self.model_name, endpoint, params, len(prompt_ids), messages)
-        return StreamRun(self, ticket, prompt_ids, params, on_end, run_trace, has_callback)
+    def open_stream(self, prompt_ids: list[int], params: SamplingParams, endpoint: str, messages, on_end) -> Stream:
+        """A stream for the engine client's generator; it starts (and takes a queue place) when it is sent."""
+        timeline = Timeline(len(prompt_ids))
+        chunks = self.client.generate(prompt_ids, params, timeline)
+        return Stream(chunks, timeline, endpoint, params, messages, on_end)
+
+    def observe(self, summary: Summary, request=None, callback=None) -> None:
+        """Tell metrics, tracing and the user's callback (off the critical path) how a stream ended."""
+        if isinstance(summary.error, Rejected):
+            self.metrics.record_rejected(summary.error.reason)
+            return
+        self.metrics.record(summary)
+        trace = self.telemetry.record(summary, expect_callback=callback is not None and summary.admitted)
+        if callback is not None and summary.admitted:
+            self._fire_callback(callback, request, summary.outcome, trace)
 
     # -- pieces ---------------------------------------------------------------------------
-    async def _read_body(self, request: Request, request_body) -> object:
-        if request_body is None:
-            size = int(request.headers.get("content-length") or 0)
-            if size > MAX_BODY_BYTES:
-                raise RequestError(413, f"request body is {size} bytes; the limit is {MAX_BODY_BYTES}", "too_large")
-            chunks, total = [], 0
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > MAX_BODY_BYTES:
-                    raise RequestError(413, f"request body exceeds {MAX_BODY_BYTES} bytes", "too_large")
-                chunks.append(chunk)
-            request_body = b"".join(chunks)
-            request._body = request_body  # later request.body()/json() calls still work
-        if isinstance(request_body, (dict, list)):
-            return request_body
-        if isinstance(request_body, str):
-            request_body = request_body.encode("utf-8")
-        if len(request_body) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body exceeds {MAX_BODY_BYTES} bytes", "too_large")
-        try:
-            return json.loads(request_body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RequestError(400, f"request body is not valid JSON: {exc}") from None
-
-    @staticmethod
-    def _parse_chat_body(data) -> tuple[str | None, bool]:
-        if not isinstance(data, dict):
-            raise RequestError(400, 'request body must be a JSON object like {"user_input": "...", "regenerate": false}')
-        regenerate = data.get("regenerate", False)
-        if not isinstance(regenerate, bool):
-            raise RequestError(400, "'regenerate' must be true or false")
-        user_input = data.get("user_input")
-        if regenerate:
-            return None, True
-        if user_input is None:
-            raise RequestError(400, "'user_input' is required")
-        if not isinstance(user_input, str):
-            raise RequestError(400, "'user_input' must be a string")
-        if not user_input.strip():
-            raise RequestError(400, "'user_input' must not be empty")
-        return user_input, False
-
     def new_chat_prompt(self):
         prompt = self.chat_prompt_clazz()
         prompt.set_tokenizer(self.tokenizer)
         prompt.build_initial_prompt(prompt)
         return prompt
 
-    def _session_prompt(self, session_mgr):
-        if session_mgr is None:
-            return self.new_chat_prompt()
-        session = session_mgr.get_session()
-        prompt = session.get("chat_prompt")
-        if prompt is None:
-            prompt = self.new_chat_prompt()
-            session["chat_prompt"] = prompt
-        if getattr(prompt, "tokenizer", None) is None:
-            prompt.set_tokenizer(self.tokenizer)
-        return prompt
-
-    @staticmethod
-    def _apply_turn(chat_prompt, user_input, regenerate):
-        """Add the turn to the conversation; return a function that takes it back."""
-        if regenerate:
-            if chat_prompt.is_empty() or chat_prompt.get_responder_last_msg() is None:
-                raise RequestError(400, "nothing to regenerate: the conversation has no answer yet")
-            previous = chat_prompt.get_responder_last_msg()
-            chat_prompt.clear_last_responder_message()
-            return lambda: chat_prompt.set_responder_last_msg(previous)
-        chat_prompt.add_requester_msg(user_input)
-        chat_prompt.add_responder_msg(None)
-
-        def undo():
-            chat_prompt.remove_last_responder_msg()
-            chat_prompt.remove_last_requester_msg()
-        return undo
-
     def prompt_budget(self) -> int:
         """Prompt tokens allowed: the context less room for an answer (at most half the context)."""
         return self.context_len - min(self.max_new_tokens, self.context_len // 2)
-
-    def _prompt_ids(self, chat_prompt) -> list[int]:
-        """Render and tokenize; drop the oldest whole turns until the prompt fits the context."""
-        budget = self.prompt_budget()
-        while True:
-            ids = self.encode(chat_prompt.create_prompt())
-            if len(ids) <= budget:
-                return ids
-            if not chat_prompt.drop_oldest_turn():
-                raise RequestError(400, f"the input is too long: {len(ids)} tokens, the limit is {budget}",
-                                   "context_length_exceeded")
 
     def encode(self, text: str) -> list[int]:
         # Chat templates already contain the special tokens they need.
@@ -259,21 +161,26 @@ class ChatStream:
     def sampling_params(self, overrides: dict | None = None, max_new_tokens: int | None = None,
                         stop=()) -> SamplingParams:
         """The constructor's defaults, overridden by the non-None values given (the original's key names:
-        temperature, top_k_value, top_p_value, repetition_penalty, seed)."""
+        temperature, top_k_value, top_p_value, repetition_penalty, seed), checked: a bad value is a 400.
+        ``max_new_tokens`` is capped by the server's own."""
         merged = {**self.params, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-        return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens,
-                              temperature=float(merged["temperature"]), top_k=merged["top_k_value"],
-                              top_p=float(merged["top_p_value"] or 1.0),
-                              repetition_penalty=float(merged["repetition_penalty"] or 1.0), seed=merged["seed"],
-                              stop=list(stop or []))
+        params = SamplingParams(max_new_tokens=min(max_new_tokens or self.max_new_tokens, self.max_new_tokens),
+                                temperature=float(merged["temperature"]), top_k=merged["top_k_value"],
+                                top_p=float(merged["top_p_value"] or 1.0),
+                                repetition_penalty=float(merged["repetition_penalty"] or 1.0), seed=merged["seed"],
+                                stop=list(stop or []))
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        return params
 
-    def _fire_callback(self, callback, request, run: StreamRun) -> None:
+    def _fire_callback(self, callback, request, message: str, trace) -> None:
         """Run the user's callback off the critical path: sync ones in a thread, async ones as a task."""
-        message = run.outcome
 
         async def call():
             try:
-                with run.trace.callback(message):
+                with trace.callback(message):
                     if inspect.iscoroutinefunction(callback):
                         await callback(request, message)
                     else:
@@ -284,8 +191,8 @@ class ChatStream:
                 self.logger.exception("the completion callback raised (message=%s)", message)
 
         task = asyncio.get_running_loop().create_task(call())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._callbacks.add(task)
+        task.add_done_callback(self._callbacks.discard)
 
     # -- load ------------------------------------------------------------------------------
     def get_load(self) -> dict:
@@ -293,4 +200,26 @@ class ChatStream:
 
     @property
     def in_flight(self) -> int:
-        return self.admission.processing + self.admission.waiting
+        """Streams running or queued, and completion callbacks not yet done (a drain waits for all)."""
+        return self.admission.processing + self.admission.waiting + len(self._callbacks)
+
+
+def parse_chat_body(data) -> tuple[str | None, bool]:
+    if not isinstance(data, dict):
+        raise bad_request('request body must be a JSON object like {"user_input": "...", "regenerate": false}')
+    regenerate = data.get("regenerate", False)
+    if not isinstance(regenerate, bool):
+        raise bad_request("'regenerate' must be true or false", "regenerate")
+    if regenerate:
+        return None, True
+    user_input = data.get("user_input")
+    if user_input is None:
+        raise bad_request("'user_input' is required", "user_input")
+    if not isinstance(user_input, str):
+        raise bad_request("'user_input' must be a string", "user_input")
+    if not user_input.strip():
+        raise bad_request("'user_input' must not be empty", "user_input")
+    return user_input, False
+
+
+__all__ = ["ChatStream", "Turn", "parse_chat_body"]

@@ -33,7 +33,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 
 from . import envvars
 from .metrics import OTEL_BUCKETS
-from .run import UNKNOWN_ERROR
+from .lifecycle import UNKNOWN_ERROR
 
 log = logging.getLogger("chatstream.telemetry")
 
@@ -66,6 +66,23 @@ def span_to_dict(span: ReadableSpan) -> dict:
 def _plain(attributes) -> dict:
     """Span or event attributes as JSON-ready values (the SDK keeps sequences as tuples)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in (attributes or {}).items()}
+
+
+_QUERY_ATTRIBUTES = ("http.target", "http.url", "url.full", "url.query")
+
+
+def _without_query(span, scope) -> None:
+    """Query strings can carry secrets (``?api_key=``): HTTP spans keep the path only."""
+    if span is None or not span.is_recording():
+        return
+    path = scope.get("path", "")
+    span.set_attribute("http.target", path)
+    span.set_attribute("url.path", path)
+    if scope.get("query_string"):
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        span.set_attribute("http.url", f"{scope.get('scheme', 'http')}://{host}{path}")
+        span.set_attribute("url.full", f"{scope.get('scheme', 'http')}://{host}{path}")
+        span.set_attribute("url.query", "")
 
 
 class TraceStore(SpanProcessor):
@@ -101,6 +118,7 @@ class TraceStore(SpanProcessor):
 class Telemetry:
     def __init__(self, service_name: str | None = None, exporter=None, keep: int | None = None,
                  record_content: bool | None = None, metric_readers: list | None = None):
+        self.model_name = "model"  # set by ChatStream
         # OTEL_SERVICE_NAME, when set, wins (Resource.create reads it).
         attrs = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name or "chatstream"}
         resource = Resource.create(attrs)
@@ -146,32 +164,44 @@ class Telemetry:
         if getattr(app.state, "chatstream_instrumented", False):
             return
         FastAPIInstrumentor.instrument_app(app, tracer_provider=self.provider, exclude_spans=["send", "receive"],
-                                           excluded_urls="healthz,readyz,metrics,api/traces")
+                                           excluded_urls="healthz,readyz,metrics,api/traces",
+                                           server_request_hook=_without_query)
         app.state.chatstream_instrumented = True
 
     def shutdown(self) -> None:
         self.provider.shutdown()
         self.meter_provider.shutdown()
 
-    def start_run(self, model: str, endpoint: str, params, prompt_tokens: int, messages=None) -> "RunTrace":
-        return RunTrace(self, model, endpoint, params, prompt_tokens, messages)
+    def record(self, summary, expect_callback: bool = False) -> "StreamTrace":
+        return StreamTrace(self, summary, expect_callback)
 
 
-class RunTrace:
-    """The spans of one stream, opened and closed as the stream moves on."""
+class StreamTrace:
+    """The spans of one finished stream, written from its summary with the times it recorded.
 
-    def __init__(self, telemetry: Telemetry, model: str, endpoint: str, params, prompt_tokens: int, messages):
+    ``chat {model}`` (GenAI conventions) with the events admitted, first_token, last_token, and the children
+    ``chatstream.queue`` (arrival to slot), ``chatstream.prefill`` (slot to first token), ``chatstream.stream``
+    (first token to the end) and, when the stream has a callback, ``chatstream.callback``; the chat span ends
+    after the callback.
+    """
+
+    def __init__(self, telemetry: Telemetry, summary, expect_callback: bool):
         self.telemetry = telemetry
         tracer = telemetry.tracer
+        t, params = summary.timeline, summary.params
+        now = time.monotonic()
         attributes = {
             "gen_ai.operation.name": "chat",
             "gen_ai.provider.name": "chatstream",
-            "gen_ai.request.model": model,
+            "gen_ai.request.model": telemetry.model_name,
             "gen_ai.request.max_tokens": params.max_new_tokens,
             "gen_ai.request.temperature": params.temperature,
             "gen_ai.request.top_p": params.top_p,
-            "gen_ai.usage.input_tokens": prompt_tokens,
-            "chatstream.endpoint": endpoint,
+            "gen_ai.usage.input_tokens": t.prompt_tokens,
+            "gen_ai.usage.cache_read_input_tokens": t.cached_prompt_tokens,
+            "gen_ai.usage.output_tokens": t.completion_tokens,
+            "chatstream.endpoint": summary.endpoint,
+            OUTCOME: summary.outcome,
         }
         if params.top_k:
             attributes["gen_ai.request.top_k"] = params.top_k
@@ -179,52 +209,38 @@ class RunTrace:
             attributes["gen_ai.request.seed"] = params.seed
         if params.stop:
             attributes["gen_ai.request.stop_sequences"] = list(params.stop)
-        if telemetry.record_content and messages is not None:
-            attributes["gen_ai.input.messages"] = json.dumps(messages, ensure_ascii=False)
-        self.chat = tracer.start_span(f"chat {model}", kind=SpanKind.INTERNAL, attributes=attributes)
+        if t.finish_reason is not None:
+            attributes["gen_ai.response.finish_reasons"] = [t.finish_reason]
+        if telemetry.record_content:
+            if summary.messages is not None:
+                attributes["gen_ai.input.messages"] = json.dumps(summary.messages, ensure_ascii=False)
+            attributes["gen_ai.output.messages"] = json.dumps([{"role": "assistant", "content": summary.text}],
+                                                              ensure_ascii=False)
+        self.chat = tracer.start_span(f"chat {telemetry.model_name}", kind=SpanKind.INTERNAL, attributes=attributes,
+                                      start_time=t.arrived_ns)
         self._ctx = trace.set_span_in_context(self.chat)
-        self.queue = tracer.start_span("chatstream.queue", context=self._ctx)
-        self.prefill = self.streaming = None
+        marks = [("admitted", t.admitted_at), ("first_token", t.first_token_at), ("last_token", t.last_token_at)]
+        for name, at in marks:
+            if at is not None:
+                self.chat.add_event(name, timestamp=t.wall_ns(at))
+        phases = [("chatstream.queue", t.arrived_at, t.admitted_at),
+                  ("chatstream.prefill", t.admitted_at, t.first_token_at),
+                  ("chatstream.stream", t.first_token_at, None)]
+        for name, begin, end in phases:
+            if begin is not None:
+                span = tracer.start_span(name, context=self._ctx, start_time=t.wall_ns(begin))
+                span.end(end_time=t.wall_ns(end if end is not None else now))
+        if summary.outcome == UNKNOWN_ERROR:
+            if summary.error is not None:
+                self.chat.record_exception(summary.error)
+            self.chat.set_status(Status(StatusCode.ERROR, str(summary.error) if summary.error else summary.outcome))
         self.ended = False
-
-    def _child(self, name: str):
-        return self.telemetry.tracer.start_span(name, context=self._ctx)
-
-    def admitted(self) -> None:
-        self.queue.end()
-        self.chat.add_event("admitted")
-        self.prefill = self._child("chatstream.prefill")
-
-    def first_token(self) -> None:
-        if self.prefill is not None:
-            self.prefill.end()
-        self.chat.add_event("first_token")
-        self.streaming = self._child("chatstream.stream")
-
-    def finish(self, run, expect_callback: bool) -> None:
-        for span in (self.queue, self.prefill, self.streaming):
-            if span is not None and span.is_recording():
-                span.end()
-        chat = self.chat
-        if run.last_token_at is not None:
-            chat.add_event("last_token", timestamp=time.time_ns() - int((time.monotonic() - run.last_token_at) * 1e9))
-        chat.set_attribute("gen_ai.usage.output_tokens", run.completion_tokens)
-        chat.set_attribute(OUTCOME, run.outcome)
-        if run.finished is not None:
-            chat.set_attribute("gen_ai.response.finish_reasons", [run.finished.reason])
-        if self.telemetry.record_content:
-            chat.set_attribute("gen_ai.output.messages", json.dumps(
-                [{"role": "assistant", "content": run.full_text}], ensure_ascii=False))
-        if run.outcome == UNKNOWN_ERROR:
-            if run.error is not None:
-                chat.record_exception(run.error)
-            chat.set_status(Status(StatusCode.ERROR, str(run.error) if run.error else run.outcome))
         if not expect_callback:
-            self._end()
+            self.end()
 
     @contextmanager
     def callback(self, message: str):
-        span = self._child("chatstream.callback")
+        span = self.telemetry.tracer.start_span("chatstream.callback", context=self._ctx)
         span.set_attribute(OUTCOME, message)
         try:
             yield span
@@ -234,9 +250,9 @@ class RunTrace:
             raise
         finally:
             span.end()
-            self._end()
+            self.end()
 
-    def _end(self) -> None:
+    def end(self) -> None:
         if not self.ended:
             self.ended = True
             self.chat.end()

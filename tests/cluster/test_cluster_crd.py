@@ -48,7 +48,9 @@ def test_api_server_fills_defaults(release, namespace):
     apply(VALID, namespace)
     spec = json.loads(kubectl("get", "csd", "probe", "-n", namespace, "-o", "json").stdout)["spec"]
     assert spec["replicas"] == 1
-    assert spec["concurrency"] == {"maxConcurrentStreams": 4, "maxQueueSize": 16}
+    # The service's own defaults (chatstream.settings), one per setting.
+    assert spec["concurrency"] == {"maxConcurrentStreams": 8, "maxQueueSize": 32}
+    assert spec["shutdownGraceSeconds"] == 30
     assert spec["generation"] == {"maxNewTokens": 256, "contextLength": 2048}
     assert spec["model"] == {"source": "builtin:smollm2-135m-instruct", "dtype": "auto", "device": "auto"}
     assert spec["sessions"] == {"store": "memory"}
@@ -63,6 +65,8 @@ INVALID = [
     pytest.param(with_spec(model={"source": "hf:just-a-name"}), "an hf: source is hf:ORG/NAME", id="hf-without-org"),
     pytest.param(with_spec(model={"source": "builtin:smollm2-135m-instruct", "revision": "main"}), "model.revision applies only to hf: sources", id="revision-on-builtin"),
     pytest.param(with_spec(sessions={"store": "redis"}), "sessions.store redis needs sessions.redisURLSecretRef", id="redis-without-url"),
+    # The server exits on a context under 64 tokens: the API server refuses it first.
+    pytest.param(with_spec(generation={"maxNewTokens": 8, "contextLength": 16}), "spec.generation.contextLength in body should be greater than or equal to 64", id="context-too-short"),
     pytest.param(with_spec(generation={"maxNewTokens": 4096, "contextLength": 2048}), "generation.maxNewTokens must be smaller than generation.contextLength", id="tokens-exceed-context"),
     pytest.param(
         with_spec(model={"source": "builtin:smollm2-135m-instruct", "device": "cpu"}, resources={"limits": {"nvidia.com/gpu": 1}}),

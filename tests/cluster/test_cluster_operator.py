@@ -7,7 +7,9 @@ would look at: the Deployment and Service, the pods, status and
 
 from __future__ import annotations
 
+import base64
 import json
+import time
 
 import pytest
 import yaml
@@ -71,7 +73,11 @@ def test_operator_runs_as_the_charts_service_account_with_least_rights(operator)
         return kubectl("auth", "can-i", *args, f"--as={sa}", check=False).stdout.strip()
     assert can("patch", "deployments.apps", "-n", "default") == "yes"
     assert can("patch", "chatstreamdeployments.chatstream.io/status", "-n", "default") == "yes"
-    for verb, what in [("delete", "deployments.apps"), ("get", "secrets"), ("delete", "chatstreamdeployments.chatstream.io"),
+    # Session Secrets are read (to restore a deleted one with its value) but
+    # never changed or removed by the operator.
+    assert can("get", "secrets", "-n", "default") == "yes" and can("watch", "pods", "-n", "default") == "yes"
+    for verb, what in [("delete", "deployments.apps"), ("update", "secrets"), ("delete", "secrets"),
+                       ("patch", "secrets"), ("delete", "chatstreamdeployments.chatstream.io"),
                        ("create", "pods"), ("update", "deployments.apps")]:
         assert can(verb, what, "-n", "default") == "no", (verb, what)
     # The operator's own liveness endpoint answers, and its logs are JSON.
@@ -112,7 +118,8 @@ def test_cpu_example_yields_deployment_service_and_ready_pods(cpu_example):
     assert container["resources"] == {"requests": {"cpu": "2", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["terminationGracePeriodSeconds"] > 60  # longer than the service's shutdown grace
+    # Longer than the service's shutdown grace plus the preStop sleep.
+    assert pod["terminationGracePeriodSeconds"] > csd["spec"]["shutdownGraceSeconds"] + 5
     assert svc["spec"]["ports"][0]["port"] == 8000
 
     # Pods run on kwok's CPU nodes; status and printer columns show it.
@@ -190,21 +197,23 @@ def test_deleting_the_resource_removes_its_children(cpu_example):
 
 def test_operator_restart_changes_nothing(cpu_example, operator):
     name, ns = cpu_example
-    kinds = [("deployment", name), ("service", name), ("secret", f"{name}-session")]
+    kinds = [("deployment", name), ("service", name), ("secret", f"{name}-session"), ("secret", f"{name}-session-copy")]
 
     def snapshot():
-        return {k: (o["metadata"]["uid"], o["metadata"]["resourceVersion"]) for k, n in kinds if (o := get(k, n, ns))}
+        return {(k, n): (o["metadata"]["uid"], o["metadata"]["resourceVersion"]) for k, n in kinds if (o := get(k, n, ns))}
 
     before = snapshot()
-    assert len(before) == 3
+    assert len(before) == 4
+    status_before = get("csd", name, ns)["status"]
     operator.stop()
     operator.start()
 
     def resumed():
-        return any(r.get("message") == "Handler 'reconcile' succeeded." and r.get("object", {}).get("name") == name
+        return any(r.get("message") == "reconciled" and r.get("object", {}).get("name") == name
                    and r.get("object", {}).get("namespace") == ns for r in operator.records())
     wait_for("the restarted operator to resume the resource", resumed, timeout=60)
     assert snapshot() == before
+    assert get("csd", name, ns)["status"] == status_before
     assert len(get_list("deployments", ns)) == 1 and len(get_list("services", ns)) == 1
 
 
@@ -222,6 +231,131 @@ def test_pods_that_cannot_be_created_show_as_degraded(operator, namespace):
     assert condition(get("csd", "starved", namespace), "Ready")["status"] == "False"
     # `kubectl wait` works on the conditions, as users script it.
     kubectl("wait", "--for=condition=Degraded", "csd/starved", "-n", namespace, "--timeout=5s")
+
+
+def _recreated(kind: str, name: str, ns: str, old_uid: str):
+    obj = get(kind, name, ns)
+    return obj if obj and obj["metadata"]["uid"] != old_uid else None
+
+
+def _time_to_return(kind: str, name: str, ns: str) -> tuple[float, dict]:
+    """Delete a child the way a user would and time its return."""
+    uid = get(kind, name, ns)["metadata"]["uid"]
+    t0 = time.monotonic()
+    kubectl("delete", kind, name, "-n", ns, "--wait=false")
+    obj = wait_for(f"the {kind} to come back", lambda: _recreated(kind, name, ns, uid), timeout=60, interval=0.05)
+    return time.monotonic() - t0, obj
+
+
+def secret_value(name: str, ns: str) -> str:
+    return base64.b64decode(get("secret", name, ns)["data"]["secret"]).decode()
+
+
+def test_deleted_children_come_back_at_once(cpu_example):
+    """Level-triggered: the operator watches its children, so a deleted
+    Deployment or Service is back within seconds, not at the next resync."""
+    name, ns = cpu_example
+    took = {}
+    for kind in ("deployment", "service"):
+        took[kind], obj = _time_to_return(kind, name, ns)
+        assert obj["metadata"]["ownerReferences"][0]["name"] == name
+    print(f"\ndeleted child back after: " + ", ".join(f"{k} {v:.2f}s" for k, v in took.items()))
+    assert all(v < 5 for v in took.values()), took
+    wait_ready(name, ns, 2)
+
+
+def test_a_drifted_deployment_is_put_back(cpu_example):
+    name, ns = cpu_example
+    kubectl("scale", "deployment", name, "-n", ns, "--replicas=5")
+    kubectl("set", "env", f"deployment/{name}", "-n", ns, "CHATSTREAM_MAX_CONCURRENT=99")
+    def restored():
+        dep = get("deployment", name, ns)
+        return dep["spec"]["replicas"] == 2 and env_of(dep)["CHATSTREAM_MAX_CONCURRENT"] == "4" and dep
+    wait_for("the Deployment to be put back", restored, timeout=10, interval=0.1)
+    wait_ready(name, ns, 2)
+
+
+def test_a_deleted_session_secret_comes_back_with_the_same_value(cpu_example):
+    """Pods that run keep the value they were given; a new pod must get the
+    same one, or sessions signed by one pod fail on the other."""
+    name, ns = cpu_example
+    value = secret_value(f"{name}-session", ns)
+    assert secret_value(f"{name}-session-copy", ns) == value
+    took, secret = _time_to_return("secret", f"{name}-session", ns)
+    print(f"\nsession Secret back after {took:.2f}s")
+    assert secret_value(f"{name}-session", ns) == value and secret["immutable"] is True
+    _time_to_return("secret", f"{name}-session-copy", ns)
+    assert secret_value(f"{name}-session-copy", ns) == value
+    assert took < 5
+
+
+def test_a_session_secret_made_before_the_copy_existed_keeps_its_value(operator, namespace):
+    """Upgrading from an operator that kept only NAME-session: the copy is
+    made from it, and the value the pods run with stays."""
+    kubectl("create", "secret", "generic", "legacy-session", "-n", namespace, "--from-literal=secret=legacy-value")
+    apply({"apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment", "metadata": {"name": "legacy"},
+           "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}}}, namespace)
+    wait_for("the copy", lambda: get("secret", "legacy-session-copy", namespace), timeout=30)
+    assert secret_value("legacy-session-copy", namespace) == "legacy-value" == secret_value("legacy-session", namespace)
+
+
+LOADER_ERROR = ("chatstream: cannot load model hf:nobody/no-such-model: "
+                "We couldn't connect to 'https://huggingface.co' to load the files")
+
+
+def crash_loop(pod: dict, message: str) -> dict:
+    """The status the kubelet gives a container that wrote `message` to
+    /dev/termination-log, exited 1 and is waiting out its restart back-off.
+    kwok runs no containers, so the test writes it as the kubelet would
+    (kwok leaves a pod alone once it has an IP)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    container = pod["spec"]["containers"][0]
+    return {"status": {
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": now},
+                       {"type": "ContainersReady", "status": "False", "lastTransitionTime": now},
+                       {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                       {"type": "PodScheduled", "status": "True", "lastTransitionTime": now}],
+        "containerStatuses": [{
+            "name": container["name"], "image": container["image"], "imageID": "", "ready": False,
+            "restartCount": 2, "started": False,
+            "state": {"waiting": {"reason": "CrashLoopBackOff",
+                                  "message": f"back-off 20s restarting failed container={container['name']}"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message,
+                                         "startedAt": now, "finishedAt": now}},
+        }],
+    }}
+
+
+def test_a_model_that_cannot_load_shows_as_degraded_with_the_loaders_message(operator, namespace):
+    apply({"apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment", "metadata": {"name": "noload"},
+           "spec": {"model": {"source": "hf:nobody/no-such-model"}}}, namespace)
+    wait_ready("noload", namespace, 1)
+    [pod] = get_list("pods", namespace, SELECTOR.format("noload"))
+    assert pod["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    t0 = time.monotonic()
+    kubectl("patch", "pod", pod["metadata"]["name"], "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps(crash_loop(pod, LOADER_ERROR)))
+
+    def degraded():
+        cond = condition(get("csd", "noload", namespace), "Degraded")
+        return cond["status"] == "True" and cond
+    cond = wait_for("the Degraded condition", degraded, timeout=30, interval=0.1)
+    took = time.monotonic() - t0
+    print(f"\nDegraded {took:.2f}s after the container's crash was reported: {cond['message']}")
+    assert cond["reason"] == "CrashLoopBackOff" and LOADER_ERROR in cond["message"]
+    assert condition(get("csd", "noload", namespace), "Ready")["status"] == "False"
+    kubectl("wait", "--for=condition=Degraded", "csd/noload", "-n", namespace, "--timeout=5s")
+    assert took < 10
+
+
+def test_a_finalizer_left_by_an_earlier_version_is_removed(operator, namespace):
+    """Earlier versions had a timer, for which kopf puts a finalizer on the
+    resource; with that operator gone it would block deletion forever."""
+    apply({"apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment",
+           "metadata": {"name": "old", "finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]},
+           "spec": {"model": {"source": "builtin:smollm2-135m-instruct"}}}, namespace)
+    wait_for("the finalizer to go", lambda: not get("csd", "old", namespace)["metadata"].get("finalizers"), timeout=30)
+    kubectl("delete", "csd", "old", "-n", namespace, "--timeout=30s")
 
 
 def test_operator_logs_are_json_without_permission_errors(operator):

@@ -27,7 +27,7 @@ def test_defaults_give_a_runnable_cpu_deployment():
     e = env(dep)
     assert e[envvars.MODEL] == "builtin:smollm2-135m-instruct"
     assert e[envvars.PORT] == "8000"
-    assert e[envvars.MAX_CONCURRENT] == "4" and e[envvars.MAX_QUEUE] == "16"
+    assert e[envvars.MAX_CONCURRENT] == "8" and e[envvars.MAX_QUEUE] == "32"  # the server's defaults
     assert e[envvars.MAX_NEW_TOKENS] == "256" and e[envvars.CONTEXT_LENGTH] == "2048"
     assert e[envvars.DEVICE] == "auto" and e[envvars.DTYPE] == "auto"
     assert e[envvars.SESSION_STORE] == "memory"
@@ -151,6 +151,55 @@ def test_all_pods_share_one_session_secret():
     assert e[envvars.SESSION_SECRET] == {"secretKeyRef": {"name": "chat-session", "key": "secret"}}
     secret = resources.session_secret(body, "s3cret")
     assert secret["metadata"]["name"] == "chat-session" and secret["stringData"] == {"secret": "s3cret"}
+    assert secret["immutable"] is True
+
+
+def names_and_values(manifests: list[dict]) -> dict:
+    return {m["metadata"]["name"]: m["stringData"]["secret"] for m in manifests}
+
+
+def test_a_new_resource_gets_one_fresh_value_in_both_session_secrets():
+    made = resources.session_secrets_to_create(make_resource(), None, None, "fresh")
+    assert names_and_values(made) == {"chat-session": "fresh", "chat-session-copy": "fresh"}
+    assert all(m["immutable"] is True and m["metadata"]["ownerReferences"][0]["uid"] == "uid-1234" for m in made)
+
+
+def test_a_deleted_session_secret_comes_back_with_the_value_the_pods_were_given():
+    made = resources.session_secrets_to_create(make_resource(), None, "old", "fresh")
+    assert names_and_values(made) == {"chat-session": "old"}
+
+
+def test_a_deleted_copy_is_made_again_from_the_session_secret():
+    """Also the upgrade path: resources made before the copy existed."""
+    made = resources.session_secrets_to_create(make_resource(), "old", None, "fresh")
+    assert names_and_values(made) == {"chat-session-copy": "old"}
+
+
+def test_existing_session_secrets_are_never_rewritten():
+    assert resources.session_secrets_to_create(make_resource(), "a", "b", "fresh") == []
+
+
+def test_a_failing_container_leaves_its_message_for_status():
+    """The kubelet keeps the termination message (or the end of the log
+    when the file is empty) in the container status: status.py reads it."""
+    pod = resources.deployment(make_resource())["spec"]["template"]["spec"]
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert "terminationMessagePath" not in c  # the default, /dev/termination-log, is what the service writes
+
+
+def test_children_and_pods_lead_back_to_their_resource():
+    body = make_resource()
+    for child in (resources.deployment(body), resources.service(body), resources.session_secret(body, "s")):
+        assert resources.owner_of(child) == "chat"
+    pod = {"kind": "Pod", "metadata": {"name": "chat-1", "labels": resources.labels("chat"),
+                                      "ownerReferences": [{"kind": "ReplicaSet", "name": "chat-5d9", "controller": True}]}}
+    assert resources.owner_of(pod) == "chat"
+    stranger = {"kind": "Service", "metadata": {"name": "x", "labels": resources.labels("chat")}}
+    assert resources.owner_of(stranger) is None
+    other_crd = {"kind": "Deployment", "metadata": {"ownerReferences": [
+        {"apiVersion": "example.com/v1", "kind": "ChatStreamDeployment", "name": "x", "controller": True}]}}
+    assert resources.owner_of(other_crd) is None
 
 
 def test_pods_are_locked_down_and_probed():
@@ -168,6 +217,7 @@ def test_pods_are_locked_down_and_probed():
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     startup = c["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz", "the load budget is the startup probe's: it waits for the model"
     assert startup["periodSeconds"] * startup["failureThreshold"] == resources.STARTUP_BUDGET_SECONDS
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
 

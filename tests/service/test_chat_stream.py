@@ -110,17 +110,21 @@ def test_prompt_longer_than_context_is_rejected(server):
     with httpx.Client(base_url=server.url) as client:
         r = post(client, "/chat_stream", {"user_input": long_input})
         assert r.status_code == 400
-        assert r.json()["error"]["type"] == "context_length_exceeded"
+        assert r.json()["error"]["code"] == "context_length_exceeded"
         assert client.get("/get_prompt").json()["prompt"] is None
 
 
-def test_old_turns_are_dropped_to_fit_the_context(model_and_tokenizer, live_server):
+def test_old_turns_are_left_out_of_the_prompt_to_fit_the_context(model_and_tokenizer, live_server):
+    """The model sees the newest turns that fit (system prompt kept); the history keeps them all."""
     app, chat_stream, _ = make_app(*model_and_tokenizer, context_len=160, max_new_tokens=16)
     srv = live_server(app)
     with httpx.Client(base_url=srv.url) as client:
         for i in range(4):
             assert post(client, "/chat_stream", {"user_input": f"Fact number {i}: the sky is blue."}).status_code == 200
-        prompt = client.get("/get_prompt").json()["prompt"]
-    assert "Fact number 3" in prompt
-    assert "Fact number 0" not in prompt
-    assert prompt.startswith("<|im_start|>system"), "the system prompt is kept"
+        history = client.get("/get_prompt").json()["prompt"]
+    assert all(f"Fact number {i}" in history for i in range(4))
+    seen = [s for t in chat_stream.telemetry.store.traces() for s in t["spans"]
+            if s["attributes"].get("gen_ai.operation.name") == "chat"]
+    assert max(s["attributes"]["gen_ai.usage.input_tokens"] for s in seen) <= chat_stream.prompt_budget()
+    full = len(chat_stream.encode(history))
+    assert full > chat_stream.prompt_budget(), "the whole history would not have fit"

@@ -16,6 +16,7 @@ class Finished:
     reason: str               # "stop" (EOS or stop string), "length", or "cancelled"
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0   # prompt tokens whose KV came from the prefix cache (not prefilled)
 
 
 @dataclass(frozen=True)

@@ -1,80 +1,81 @@
-"""The generation loop: one thread, one forward pass per step for every stream.
+"""The engine: one thread, one forward pass per step for every stream.
 
-Each step admits waiting requests into free cache rows, runs one prefill pass
-over a bounded number of prompt tokens (long prompts are split into chunks so
-that running streams are never stalled for long; the bound is smaller while
-streams are decoding), then one decode pass that
-advances every running sequence by one token. Consumers are told about new
-text through a callback called on this thread; they hand it to their event
-loop themselves.
+The work is split three ways, as in vLLM, each part knowing nothing of the others:
+
+- :class:`~.scheduler.Scheduler` (pure, no model): who is admitted to which cache
+  row, which prompt chunks go through the next prefill pass under the token
+  budget, the decode batch, and the row moves when a sequence finishes or is
+  promoted;
+- :class:`~.runner.ModelRunner`: tensors, 4D masks and positions for that plan,
+  the KV cache, the forward pass and sampling;
+- :class:`~.output.OutputProcessor`: detokenizing, stop strings, EOS and length,
+  the events a consumer receives.
+
+:class:`Engine` owns the thread and the public, thread-safe API, and the rule
+for failures: whatever goes wrong with one sequence (its admission, its
+sampling, its text, its consumer's callback raising) fails that sequence only;
+a failed forward pass fails the sequences of that pass. Consumers are told
+about new text through a callback called on the engine thread; they hand it to
+their event loop themselves.
 """
 
 from __future__ import annotations
 
-import collections
-import inspect
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .cpu_linear import pack_linears
-from .detokenize import IncrementalDetokenizer, StopMatcher
-from .events import Delta, Failed, Finished
-from .kv_cache import SlotKVCache
-from .sampling import SamplingParams, sample
+from .events import Failed, Finished
+from .output import OutputProcessor
+from .runner import ModelRunner
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
 
 log = logging.getLogger("chatstream.engine")
 
-
-@dataclass(eq=False)
-class Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    on_event: Callable[[object], None]
-    generated: list[int] = field(default_factory=list)
-    row: int = -1
-    length: int = 0            # positions of this sequence held in the cache
-    next_token: int | None = None
-    state: str = "waiting"     # waiting | prefill | decode | done
-    cancelled: bool = False
-    detok: IncrementalDetokenizer | None = None
-    stops: StopMatcher | None = None
-    generator: torch.Generator | None = None
+__all__ = ["Engine", "Sequence", "default_eos_ids"]
 
 
 class Engine:
-    """Continuous batching over a :class:`SlotKVCache`."""
+    """Continuous batching over a slot KV cache, on a thread of its own.
+
+    The engine takes ownership of ``model``. With ``cpu_linear="onednn"`` (the default) every
+    ``nn.Linear`` of the model is replaced, in place, by a layer holding its weight prepacked for
+    oneDNN (cpu_linear.py): the weights are moved, not copied, so serving costs no second copy of
+    the model. The model still computes the same function afterwards, but it no longer holds
+    ``nn.Linear`` layers or their weights: do not train it or save its ``state_dict``. Packing a
+    shallow clone instead would leave the caller's layers intact only by keeping both the original
+    and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights) packing in place grows
+    the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
+    ``cpu_linear="torch"`` leaves the model untouched.
+    """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
                  prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
-                 cpu_linear: str = "onednn", idle_shrink_seconds: float = 5.0):
+                 cpu_linear: str = "onednn", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0):
         if cpu_linear not in ("onednn", "torch"):
             raise ValueError(f"cpu_linear must be 'onednn' or 'torch', not {cpu_linear!r}")
-        self.model = model
-        # On the CPU, swap the model's linear layers for oneDNN prepacked ones (cpu_linear.py says why).
         self.packed_linears = pack_linears(model) if cpu_linear == "onednn" else 0
+        if self.packed_linears:
+            log.info("the engine owns the model: its linear layers now hold oneDNN prepacked weights")
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
         self.max_batch = max_batch
         self.max_context = max_context
         # A prefill pass stalls every decoding row: with rows decoding it takes fewer prompt tokens
         # (128 halved inter-token p99 at 32 clients on 2 CPU cores against 512, for about the same tok/s).
-        self.prefill_tokens = prefill_tokens
-        self.prefill_tokens_decoding = min(prefill_tokens, prefill_tokens_decoding)
-        self.eos = set(eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer))
-        self.cache = SlotKVCache(max_batch)
-        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2")
+        # Positions of finished sequences kept for prompts that start with them (0: off; prefix_cache.py).
+        self.scheduler = Scheduler(max_batch, prefill_tokens, prefill_tokens_decoding, prefix_cache_tokens)
+        self.runner = ModelRunner(model, max_batch)
+        eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
+        self.output = OutputProcessor(tokenizer, set(eos), max_context)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._waiting: collections.deque[Sequence] = collections.deque()
-        self._decoding: list[Sequence] = []     # rows [0, d)
-        self._prefilling: list[Sequence] = []   # rows [d, d + p)
         self._thread: threading.Thread | None = None
         self._stopping = False
         # The cache gives memory back after this long with nothing to do (not at every gap between requests,
@@ -83,6 +84,34 @@ class Engine:
         self.steps = 0
 
     # -- public, thread-safe --------------------------------------------------------
+    @property
+    def model(self):
+        return self.runner.model
+
+    @model.setter
+    def model(self, model) -> None:  # tests swap in a failing model
+        self.runner.model = model
+
+    @property
+    def cache(self):
+        return self.runner.cache
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def eos(self) -> set[int]:
+        return self.output.eos
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.scheduler.prefill_tokens
+
+    @property
+    def prefill_tokens_decoding(self) -> int:
+        return self.scheduler.prefill_tokens_decoding
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
@@ -96,6 +125,10 @@ class Engine:
             self._thread = None
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[object], None]) -> Sequence:
+        """Queue a request; ``on_event`` gets Delta..., then one Finished or Failed, on the engine thread.
+
+        Raises ValueError for parameters or prompts the engine cannot serve (nothing is queued then).
+        """
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -112,7 +145,19 @@ class Engine:
 
     @property
     def active(self) -> int:
-        return len(self._decoding) + len(self._prefilling)
+        return self.scheduler.active
+
+    @property
+    def prefix_cache_stats(self) -> dict | None:
+        """Prefix cache accounting (a snapshot; None when the cache is off): prompt tokens looked up, tokens
+        served from the cache, the hit rate, entries and positions held, and the bytes they take."""
+        index = self.scheduler.prefixes
+        if index is None:
+            return None
+        return {"prompt_tokens": index.prompt_tokens, "cached_tokens": index.hit_tokens,
+                "hit_rate": index.hit_tokens / index.prompt_tokens if index.prompt_tokens else 0.0,
+                "entries": len(index.entries), "held_tokens": index.held_tokens,
+                "budget_tokens": index.budget_tokens, "held_bytes": self.runner.kept_bytes}
 
     # -- the loop ---------------------------------------------------------------------
     def _run(self) -> None:
@@ -121,193 +166,135 @@ class Engine:
             while not self._stopping:
                 self._drain_inbox()
                 self._reap_cancelled()
-                if not (self._waiting or self._prefilling or self._decoding):
+                if not self.scheduler.has_work():
                     now = time.monotonic()
                     idle_since = idle_since or now
                     if now - idle_since >= self.idle_shrink_seconds:
-                        self.cache.shrink()
+                        self.runner.shrink()
                     self._wake.wait(min(0.5, self.idle_shrink_seconds))
                     self._wake.clear()
                     continue
                 idle_since = None
                 try:
-                    self._admit()
-                    if self._prefilling:
-                        self._prefill_step()
-                    if self._decoding:
-                        self._decode_step()
+                    self._step()
                     self.steps += 1
-                except Exception as exc:  # a broken step fails its streams, not the server
+                except Exception as exc:  # a fault of the engine itself: fail what runs, keep serving
                     log.exception("generation step failed")
-                    self._fail_all(exc)
+                    for seq in self.scheduler.clear():
+                        self._deliver(seq, [Failed(exc)])
 
     def _drain_inbox(self) -> None:
         while True:
             try:
-                self._waiting.append(self._inbox.get_nowait())
+                self.scheduler.add(self._inbox.get_nowait())
             except queue.Empty:
                 return
 
     def _reap_cancelled(self) -> None:
-        for seq in [s for s in self._waiting if s.cancelled]:
-            self._waiting.remove(seq)
-            self._finish(seq, "cancelled", remove=False)
-        for seq in [s for s in self._decoding + self._prefilling if s.cancelled]:
-            self._finish(seq, "cancelled")
+        for seq in self.scheduler.sequences():
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
 
-    def _admit(self) -> None:
-        while self._waiting and self.active < self.max_batch:
-            seq = self._waiting.popleft()
-            seq.row = self.active
-            seq.state = "prefill"
-            # Reserve the sequence's whole extent now: the cache never grows mid-stream.
-            self.cache.ensure_capacity(min(len(seq.prompt_ids) + seq.params.max_new_tokens, self.max_context))
-            seq.detok = IncrementalDetokenizer(self.tokenizer)
-            seq.stops = StopMatcher(seq.params.stop)
-            seq.generator = torch.Generator(device=self.device)
-            if seq.params.seed is not None:
-                seq.generator.manual_seed(seq.params.seed)
+    def _step(self) -> None:
+        for seq in self.scheduler.admit():
+            try:
+                self._prepare(seq)
+            except Exception as exc:
+                self._fail(seq, exc, "admitting a sequence failed")
+
+        chunks = self.scheduler.prefill_chunks()
+        if chunks:
+            try:
+                logits = self.runner.prefill(chunks)
+            except Exception as exc:
+                for chunk in chunks:
+                    self._fail(chunk.seq, exc, "a prefill pass failed")
             else:
-                seq.generator.seed()
-            self._prefilling.append(seq)
+                done = self.scheduler.prefilled(chunks)
+                if done:
+                    seqs = [chunks[i].seq for i in done]
+                    picks = self.runner.sample(logits[done], seqs)
+                    for seq, pick in zip(seqs, picks):
+                        if isinstance(pick, Exception):
+                            self._fail(seq, pick, "sampling failed")
+                            continue
+                        self._apply(self.scheduler.promote(seq))
+                        self._take(seq, pick)
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if not self._bool_mask:
-            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(self.model.dtype).min)
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kwarg: self.cache})
-        return out.logits[:, -1, :]
+        batch = self.scheduler.decode_batch()
+        if batch:
+            try:
+                logits = self.runner.decode(batch)
+            except Exception as exc:
+                for seq in batch:
+                    self._fail(seq, exc, "a decode pass failed")
+                return
+            picks = self.runner.sample(logits, batch)
+            self.scheduler.decoded(batch)  # every row's new column is in the cache before any row moves
+            for seq, pick in zip(batch, picks):
+                self._take(seq, pick)
 
-    def _prefill_step(self) -> None:
-        budget = self.prefill_tokens_decoding if self._decoding else self.prefill_tokens
-        batch: list[tuple[Sequence, int]] = []
-        for seq in sorted(self._prefilling, key=lambda s: s.row):
-            if budget <= 0:
-                break
-            count = min(len(seq.prompt_ids) - seq.length, budget)
-            batch.append((seq, count))
-            budget -= count
-        width = max(count for _, count in batch)
-        view_len = max(seq.length + count for seq, count in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        pos = torch.zeros((len(batch), width), dtype=torch.long)
-        absolute = torch.full((len(batch), width), -1, dtype=torch.long)
-        for i, (seq, count) in enumerate(batch):
-            chunk = seq.prompt_ids[seq.length:seq.length + count]
-            ids[i, width - count:] = torch.tensor(chunk)
-            span = torch.arange(seq.length, seq.length + count)
-            pos[i, width - count:] = span
-            pos[i, : width - count] = seq.length
-            absolute[i, width - count:] = span
-        cols = torch.arange(view_len)
-        mask = cols[None, None, :] <= absolute[:, :, None]
-        mask[:, :, 0] |= absolute < 0  # padding queries look at one column, so softmax has something
-        first_row = min(seq.row for seq, _ in batch)
-        self.cache.plan_prefill(first_row, [(seq.length, count) for seq, count in batch], view_len)
-        logits = self._forward(ids.to(self.device), pos.to(self.device), mask[:, None].to(self.device))
-        done: list[tuple[int, Sequence]] = []
-        for i, (seq, count) in enumerate(batch):
-            seq.length += count
-            if seq.length == len(seq.prompt_ids):
-                done.append((i, seq))
-        if not done:
+    def _prepare(self, seq: Sequence) -> None:
+        """Per-sequence state on admission; raising here fails this sequence only."""
+        # Reserve the sequence's whole extent now: the cache never grows mid-stream.
+        self.runner.reserve(min(len(seq.prompt_ids) + seq.params.max_new_tokens, self.max_context))
+        if seq.prefix_key is not None:
+            self.runner.load(seq.row, seq.prefix_key, seq.cached_tokens)
+        seq.generator = self.runner.new_generator(seq.params.seed)
+        self.output.start(seq)
+
+    def _apply(self, moves: list) -> None:
+        if moves:
+            self.runner.apply(moves)
+
+    def _take(self, seq: Sequence, pick: int | Exception) -> None:
+        """A sampling result for ``seq``: emit its text, finish it, or fail it."""
+        if isinstance(pick, Exception):
+            self._fail(seq, pick, "sampling failed")
             return
-        picks = sample(logits[[i for i, _ in done]], [s.params for _, s in done],
-                       [self._seen(s) for _, s in done], [s.generator for _, s in done])
-        for (_, seq), token in zip(done, picks):
-            self._promote(seq)
-            self._accept(seq, token)
-
-    def _decode_step(self) -> None:
-        seqs = self._decoding
-        n = len(seqs)
-        lengths = torch.tensor([s.length for s in seqs])
-        view_len = int(lengths.max()) + 1
-        ids = torch.tensor([[s.next_token] for s in seqs])
-        mask = torch.arange(view_len)[None, :] <= lengths[:, None]
-        self.cache.plan_decode(n, lengths.to(self.device), view_len)
-        logits = self._forward(ids.to(self.device), lengths[:, None].to(self.device), mask[:, None, None].to(self.device))
-        picks = sample(logits, [s.params for s in seqs], [self._seen(s) for s in seqs], [s.generator for s in seqs])
-        batch = list(seqs)
-        for seq in batch:  # every row's new column is in the cache before any row moves
-            seq.length += 1
-        for seq, token in zip(batch, picks):
-            self._accept(seq, token)
-
-    def _seen(self, seq: Sequence) -> torch.Tensor | None:
-        if seq.params.repetition_penalty == 1.0:
-            return None
-        return torch.tensor(seq.prompt_ids + seq.generated, device=self.device).unique()
-
-    def _accept(self, seq: Sequence, token: int) -> None:
-        """A new token was sampled for ``seq``: emit it or finish the sequence."""
-        if seq.cancelled:
-            self._finish(seq, "cancelled")
+        try:
+            deltas, reason = self.output.accept(seq, pick)
+        except Exception as exc:
+            self._fail(seq, exc, "output processing failed")
             return
-        if token in self.eos:
-            self._finish(seq, "stop")
-            return
-        seq.generated.append(token)
-        seq.next_token = token
-        text, stopped = seq.stops.feed(seq.detok.push(token))
-        if text:
-            seq.on_event(Delta(text, len(seq.generated)))
-        if stopped:
-            self._finish(seq, "stop")
-        elif len(seq.generated) >= seq.params.max_new_tokens or seq.length + 1 >= self.max_context:
-            self._finish(seq, "length")
+        if self._deliver(seq, deltas) and reason is not None:
+            self._finish(seq, reason)
 
-    # -- rows -------------------------------------------------------------------------
-    def _promote(self, seq: Sequence) -> None:
-        """A prefilled sequence joins the decoding rows at row d."""
-        d = len(self._decoding)
-        other = next((s for s in self._prefilling if s.row == d), None)
-        if other is not None and other is not seq:
-            self.cache.swap_rows(seq.row, d, max(seq.length, other.length))
-            other.row = seq.row
-        seq.row = d
-        self._prefilling.remove(seq)
-        self._decoding.append(seq)
-        seq.state = "decode"
-
-    def _remove_row(self, seq: Sequence) -> None:
-        d = len(self._decoding)
-        if seq.state == "decode":
-            last = self._decoding[-1]
-            if last is not seq:
-                self.cache.move_row(last.row, seq.row, last.length)
-                last.row = seq.row
-                i = self._decoding.index(seq)
-                self._decoding[i] = last
-            self._decoding.pop()
-            free = d - 1
-        else:
-            self._prefilling.remove(seq)
-            free = seq.row
-        tail = max(self._prefilling, key=lambda s: s.row, default=None)
-        if tail is not None and tail.row > free:
-            self.cache.move_row(tail.row, free, tail.length)
-            tail.row = free
-
-    def _finish(self, seq: Sequence, reason: str, remove: bool = True) -> None:
+    def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.state == "done":
             return
-        if remove and seq.state in ("prefill", "decode"):
-            self._remove_row(seq)
-        seq.state = "done"
-        if reason != "cancelled" and seq.stops is not None:
-            rest = seq.stops.flush()
-            if rest:
-                seq.on_event(Delta(rest, len(seq.generated)))
-        seq.on_event(Finished(reason, len(seq.prompt_ids), len(seq.generated)))
+        self._apply(self.scheduler.remove(seq, keep=True))  # the row is free before the consumer hears of the end
+        try:
+            events = self.output.finish(seq, reason)
+        except Exception as exc:
+            log.exception("finishing a sequence failed")
+            events = [Failed(exc)]
+        self._deliver(seq, events)
 
-    def _fail_all(self, exc: Exception) -> None:
-        for seq in list(self._decoding) + list(self._prefilling):
-            seq.state = "done"
-            seq.on_event(Failed(exc))
-        self._decoding.clear()
-        self._prefilling.clear()
+    def _fail(self, seq: Sequence, exc: Exception, what: str) -> None:
+        if seq.state == "done":
+            return
+        log.error("%s: %s", what, exc, exc_info=exc)
+        self._apply(self.scheduler.remove(seq))
+        self._deliver(seq, [Failed(exc)])
+
+    def _deliver(self, seq: Sequence, events: list[object]) -> bool:
+        """Call the consumer with ``events``; False if its callback raised (the sequence is then failed)."""
+        for event in events:
+            try:
+                seq.on_event(event)
+            except Exception as exc:
+                if isinstance(event, (Finished, Failed)):  # the consumer has had its end; nothing more to send
+                    log.exception("a consumer's callback raised on the final event")
+                    return False
+                log.exception("a consumer's callback raised; failing its sequence")
+                self._apply(self.scheduler.remove(seq))
+                try:
+                    seq.on_event(Failed(exc))
+                except Exception:
+                    log.exception("a consumer's callback raised on the final event")
+                return False
+        return True
 
 
 def default_eos_ids(model, tokenizer) -> list[int]:

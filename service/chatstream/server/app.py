@@ -11,11 +11,12 @@ import logging
 import threading
 from pathlib import Path
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from ..config import Settings
+from .. import errors
+from ..errors import ChatStreamError
+from ..settings import Settings
 from .companion_api import add_companion_routes
 from .openai_api import build_router
 from .traces_api import build_router as build_traces_router
@@ -29,11 +30,12 @@ class ServerState:
         self.chat_stream = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
+        self.on_load_failed = None  # the runner stops the process (runner.py says why)
 
     def require(self):
         if self.chat_stream is None:
             detail = f"model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
-            raise HTTPException(503, detail, headers={"Retry-After": "5"})
+            raise ChatStreamError(503, detail, "unavailable", headers={"Retry-After": "5"})
         return self.chat_stream
 
 
@@ -67,9 +69,11 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
         try:
             state.chat_stream = build_chat_stream(settings, telemetry)
             log.info("model %s loaded; serving", settings.model)
-        except BaseException as exc:  # noqa: BLE001 - reported on /readyz, the process stays up
-            state.load_error = str(exc)
+        except BaseException as exc:  # noqa: BLE001 - reported on /healthz and /readyz, then the process stops
+            state.load_error = str(exc) or type(exc).__name__
             log.error("model load failed: %s", exc)
+            if state.on_load_failed is not None:
+                state.on_load_failed(state.load_error)
         finally:
             state.loaded.set()
 
@@ -84,33 +88,29 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
             threading.Thread(target=load, name="chatstream-model-load", daemon=True).start()
         yield
         if state.chat_stream is not None and chat_stream is None:
-            state.chat_stream.shutdown()
-        telemetry.provider.force_flush()
+            state.chat_stream.shutdown()  # stops the engine and flushes traces and metrics
+        else:
+            telemetry.provider.force_flush()
 
-    app = FastAPI(title="ChatStream", lifespan=lifespan)
+    # No /docs, /redoc or /openapi.json: they load scripts from a CDN and document nothing a client needs.
+    app = FastAPI(title="ChatStream", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     from ..sessions import SessionMiddleware
     app.add_middleware(SessionMiddleware, secret_key=settings.session_secret, store=session_store(settings))
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in exc.errors())
-        return JSONResponse({"error": {"message": problems, "type": "invalid_request_error",
-                                       "param": None, "code": "invalid_request_error"}}, status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
-        return JSONResponse({"error": {"message": exc.detail, "type": "unavailable" if exc.status_code == 503
-                                       else "http_error"}}, status_code=exc.status_code, headers=exc.headers)
+    errors.install(app)
 
     add_companion_routes(app, state.require)
     app.include_router(build_router(state.require))
-    app.include_router(build_traces_router(state.require))
+    if settings.traces_api == "on":
+        app.include_router(build_traces_router(state.require))
     telemetry.instrument(app)
 
     @app.get("/healthz")
     async def healthz():
+        if state.load_error:  # alive, but never going to serve: let the kubelet restart it
+            return JSONResponse({"status": "failed", "reason": f"model failed to load: {state.load_error}"},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+
+from ..errors import ChatStreamError, bad_request
+from ..request_body import read_json
+
+LIMITS = {"temperature": (0.0, 2.0), "top_k_value": (0, 500), "top_p_value": (0.0, 1.0)}
 
 
 def _session(request: Request):
@@ -11,8 +15,24 @@ def _session(request: Request):
     return manager.get_session() if manager is not None else None
 
 
+def _check_params(data) -> dict:
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    params = {}
+    for key, (low, high) in LIMITS.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise bad_request(f"{key} must be a number from {low} to {high}", key)
+        params[key] = value
+    if params.get("top_p_value") == 0:
+        raise bad_request("top_p_value must be above 0", "top_p_value")
+    return params
+
+
 def add_companion_routes(app: FastAPI, get_chat_stream) -> None:
-    """``get_chat_stream()`` returns the ChatStream (or raises HTTPException 503 while loading)."""
+    """``get_chat_stream()`` returns the ChatStream (or raises a 503 ChatStreamError while loading)."""
     taken = {getattr(route, "path", None) for route in app.router.routes}
     if "/chat_stream" not in taken:  # the application's own endpoint wins
         @app.post("/chat_stream")
@@ -43,27 +63,14 @@ def add_companion_routes(app: FastAPI, get_chat_stream) -> None:
     @app.post("/set_generation_params")
     async def set_generation_params(request: Request):
         try:
-            data = await request.json()
-        except ValueError:
-            return JSONResponse({"success": False, "message": "request body is not valid JSON"}, status_code=400)
-        if not isinstance(data, dict):
-            return JSONResponse({"success": False, "message": "request body must be a JSON object"}, status_code=400)
-        limits = {"temperature": (0.0, 2.0), "top_k_value": (0, 500), "top_p_value": (0.0, 1.0)}
-        params = {}
-        for key, (low, high) in limits.items():
-            value = data.get(key)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-                return JSONResponse({"success": False, "message": f"{key} must be a number from {low} to {high}"},
-                                    status_code=400)
-            params[key] = value
-        if params.get("top_p_value") == 0:
-            return JSONResponse({"success": False, "message": "top_p_value must be above 0"}, status_code=400)
+            params = _check_params(await read_json(request))
+        except ChatStreamError as err:
+            return err.response()
         session = _session(request)
         if session is None:
             return {"success": False, "message": "no session", "generation_params": None}
-        session["generation_params"] = {**session.get("generation_params", {}), **params}
+        if params:  # an empty update must not create a session
+            session["generation_params"] = {**session.get("generation_params", {}), **params}
         return {"success": True, "message": "success", "generation_params": _merged(get_chat_stream(), session)}
 
     @app.get("/get_generation_params")

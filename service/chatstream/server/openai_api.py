@@ -1,23 +1,33 @@
-"""OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``.
+"""OpenAI-compatible ``/v1/chat/completions`` and ``/v1/models``: a translation, nothing more.
 
-Requests share the same admission limits and engine as ``/chat_stream``; they
-keep no session (the client sends the whole conversation each time).
+The request becomes a prompt and sampling parameters; the stream, its
+admission limits and its outcome are the library's (lifecycle.py). Requests
+keep no session: the client sends the whole conversation each time. Fields
+this server cannot honour are refused with a 400 rather than ignored.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from typing import Literal
 
+import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from ..run import (DISCONNECTED_BEFORE_STREAMING, SUCCESS, UNKNOWN_ERROR, ClientGone, Formatter, RunResponse,
-                   StreamRun, watch_disconnect)
+from ..errors import ChatStreamError, bad_request
+from ..lifecycle import Formatter, Stream
+from ..lifecycle import StreamResponse
+from ..render import ControlTextError, encode_chat
+from ..request_body import read_json
+
+UNSUPPORTED = {  # field -> the value meaning "not used"; anything else is refused
+    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "logprobs": (None, False),
+    "top_logprobs": None, "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0), "audio": None, "modalities": (None, ["text"]), "prediction": None,
+}
 
 
 class TextPart(BaseModel):
@@ -34,14 +44,18 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text"]
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    messages: list[Message] = Field(min_length=1, max_length=1024)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -50,11 +64,27 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)
+    response_format: ResponseFormat | None = None
+    user: str | None = None
 
 
-def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "param": param, "code": code}},
-                        status_code=status)
+def parse_request(data) -> ChatCompletionRequest:
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    for name, unused in UNSUPPORTED.items():
+        value = data.get(name)
+        allowed = unused if isinstance(unused, tuple) else (unused,)
+        if value not in allowed:
+            raise bad_request(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+    fmt = data.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format",
+                          "unsupported_parameter")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise bad_request(problems) from None
 
 
 class SSEFormatter(Formatter):
@@ -67,12 +97,15 @@ class SSEFormatter(Formatter):
         self.include_usage = include_usage
         self.first = True
 
+    def _event(self, body: dict) -> bytes:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
     def _chunk(self, choices: list, usage: dict | None = None) -> bytes:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": choices}
         if self.include_usage:
             body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+        return self._event(body)
 
     def delta(self, text: str) -> bytes:
         out = b""
@@ -81,42 +114,43 @@ class SSEFormatter(Formatter):
             out += self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         return out + self._chunk([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
 
-    def end(self, run: StreamRun) -> bytes:
+    def end(self, stream: Stream) -> bytes:
         out = self.delta("") if self.first else b""
-        out += self._chunk([{"index": 0, "delta": {}, "finish_reason": run.finished.reason}])
+        out += self._chunk([{"index": 0, "delta": {}, "finish_reason": stream.timeline.finish_reason}])
         if self.include_usage:
-            out += self._chunk([], usage(run))
+            out += self._chunk([], usage(stream))
         return out + b"data: [DONE]\n\n"
 
-
-def usage(run: StreamRun) -> dict:
-    prompt = len(run.prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": run.completion_tokens,
-            "total_tokens": prompt + run.completion_tokens}
+    def failed(self, error: ChatStreamError) -> bytes:
+        # What vLLM does: an error event, which the openai client raises as an APIError.
+        return self._event(error.body()) + b"data: [DONE]\n\n"
 
 
-async def collect(run: StreamRun, request: Request) -> str:
-    """Run to the end without streaming; the outcome is decided as for a stream."""
-    watcher = asyncio.ensure_future(watch_disconnect(request.receive, run))
-    outcome = UNKNOWN_ERROR
-    try:
-        if not await run.wait_admitted(watcher):
-            outcome = DISCONNECTED_BEFORE_STREAMING
-            raise ClientGone()
-        run.start()
-        async for _ in run.deltas():
-            pass
-        outcome = SUCCESS
-        return run.full_text
-    except ClientGone:
-        outcome = DISCONNECTED_BEFORE_STREAMING
-        raise
-    except Exception as exc:
-        run.error = exc
-        raise
-    finally:
-        watcher.cancel()
-        run.end(outcome)
+class CompletionFormatter(Formatter):
+    """Not streamed: the whole answer in one JSON body at the end."""
+
+    media_type = "application/json"
+
+    def __init__(self, completion_id: str, model: str):
+        self.id = completion_id
+        self.model = model
+
+    def delta(self, text: str) -> None:
+        return None
+
+    def end(self, stream: Stream) -> bytes:
+        return json.dumps({
+            "id": self.id, "object": "chat.completion", "created": int(time.time()), "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(stream.text)},
+                         "finish_reason": stream.timeline.finish_reason or "stop"}],
+            "usage": usage(stream)}, ensure_ascii=False).encode()
+
+
+def usage(stream: Stream) -> dict:
+    t = stream.timeline
+    return {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+            "total_tokens": t.prompt_tokens + t.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": t.cached_prompt_tokens}}
 
 
 def build_router(get_chat_stream) -> APIRouter:
@@ -129,44 +163,33 @@ def build_router(get_chat_stream) -> APIRouter:
                                             "owned_by": "chatstream"}]}
 
     @router.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
         cs = get_chat_stream()
+        body = parse_request(await read_json(request))
         if body.model not in (None, "", cs.model_name):
-            return error(404, f"the model {body.model!r} does not exist; this server serves {cs.model_name!r}",
-                         "model_not_found", "model")
+            raise ChatStreamError(404, f"the model {body.model!r} does not exist; this server serves "
+                                       f"{cs.model_name!r}", "invalid_request_error", "model", "model_not_found")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            prompt = cs.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            prompt_ids = await anyio.to_thread.run_sync(encode_chat, cs.tokenizer, messages)
+        except ControlTextError as exc:
+            raise bad_request(str(exc), "messages") from None
         except Exception as exc:
-            return error(400, f"the messages cannot be rendered with this model's chat template: {exc}",
-                         "invalid_request_error", "messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens or cs.max_new_tokens
-        prompt_ids = cs.encode(prompt)
+            raise bad_request(f"the messages cannot be rendered with this model's chat template: {exc}",
+                              "messages") from None
         budget = cs.context_len - 1
         if len(prompt_ids) > budget:
-            return error(400, f"the messages are {len(prompt_ids)} tokens; this model's context is "
-                              f"{cs.context_len}", "context_length_exceeded", "messages")
+            raise bad_request(f"the messages are {len(prompt_ids)} tokens; this model's context is "
+                              f"{cs.context_len}", "messages", "context_length_exceeded")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         params = cs.sampling_params({"temperature": body.temperature, "top_p_value": body.top_p, "seed": body.seed},
-                                    max_new_tokens=max_tokens, stop=stop)
-        run = cs.start_run(prompt_ids, params, cs.metrics.record_run, "/v1/chat/completions", messages)
-        if not isinstance(run, StreamRun):
-            return run
+                                    max_new_tokens=body.max_completion_tokens or body.max_tokens, stop=stop)
+        stream = cs.open_stream(prompt_ids, params, "/v1/chat/completions", messages, cs.observe)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return RunResponse(run, SSEFormatter(completion_id, cs.model_name, include_usage))
-        try:
-            text = await collect(run, request)
-        except ClientGone:
-            return JSONResponse({}, status_code=499)
-        except Exception as exc:
-            return error(500, f"generation failed: {exc}", "internal_error")
-        return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
-                "model": cs.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": run.finished.reason if run.finished else "stop"}],
-                "usage": usage(run)}
+            return StreamResponse(stream, SSEFormatter(completion_id, cs.model_name, include_usage))
+        return StreamResponse(stream, CompletionFormatter(completion_id, cs.model_name))
 
     return router

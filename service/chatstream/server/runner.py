@@ -1,22 +1,43 @@
 """Running the app under uvicorn with a graceful drain on SIGTERM.
 
 On the first SIGTERM (or Ctrl-C) readiness turns false and new requests get
-503, while streams in flight run to their end, for up to the grace period;
-then uvicorn shuts down. A second signal stops at once.
+503, while streams in flight and their completion callbacks run to their end,
+for up to the grace period; then uvicorn shuts down. A second signal stops at
+once. A model that cannot load stops the process with exit code 3 after
+writing the loader's message where Kubernetes reads it (the container's
+termination log), so that a pod says why instead of sitting Running and
+NotReady forever.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 
 import uvicorn
 
-from ..config import Settings
+from .. import envvars
+from ..settings import Settings
 from .app import create_app
 
 log = logging.getLogger("chatstream.server")
+
+EXIT_MODEL_LOAD_FAILED = 3
+
+
+def report_fatal(message: str) -> None:
+    """Say why the server cannot start: on stderr and in the termination log when there is one."""
+    print(message, file=sys.stderr)
+    path = os.environ.get(envvars.TERMINATION_LOG, "/dev/termination-log")
+    if path and os.path.exists(os.path.dirname(path) or "."):
+        try:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(message[-4000:])  # Kubernetes keeps at most 4096 bytes
+        except OSError:
+            pass
 
 
 class DrainingServer(uvicorn.Server):
@@ -25,6 +46,11 @@ class DrainingServer(uvicorn.Server):
         self.state = state
         self.grace_seconds = grace_seconds
         self.draining = False
+        state.on_load_failed = self._load_failed
+
+    def _load_failed(self, message: str) -> None:
+        report_fatal(f"model load failed: {message}")
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         cs = self.state.chat_stream
@@ -40,16 +66,17 @@ class DrainingServer(uvicorn.Server):
         while cs.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         if cs.in_flight:
-            log.warning("grace period over with %d streams in flight; stopping", cs.in_flight)
+            log.warning("grace period over with %d streams or callbacks in flight; stopping", cs.in_flight)
         else:
-            log.info("all streams finished; stopping")
+            log.info("all streams and callbacks finished; stopping")
         self.should_exit = True
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings) -> int:
     from ..threads import configure
     configure(settings.threads)  # before any thread runs torch: threads.py says why
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)
     DrainingServer(config, app.state.server, settings.shutdown_grace_seconds).run()
+    return EXIT_MODEL_LOAD_FAILED if app.state.server.load_error else 0

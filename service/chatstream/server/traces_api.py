@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from ..errors import ChatStreamError
 from ..telemetry import OUTCOME
 
 PAGE = Path(__file__).parent / "static" / "traces.html"
@@ -57,7 +58,7 @@ def build_router(get_chat_stream) -> APIRouter:
             if len(out) >= limit:
                 break
         if trace_id and not out:
-            raise HTTPException(404, f"no trace {trace_id} in memory")
+            return ChatStreamError(404, f"no trace {trace_id} in memory", "not_found").response()
         return {"traces": out}
 
     @router.get("/traces")

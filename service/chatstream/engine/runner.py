@@ -1,0 +1,133 @@
+"""The forward pass: inputs, 4D masks and positions for the scheduler's plan, the KV cache, sampling.
+
+The runner turns a plan into tensors and the model's answer into next tokens;
+it decides nothing about which sequence runs. The model writes keys and values
+through :class:`SlotKVCache` (one row per running sequence); the runner tells
+the cache what the next pass writes (``plan_prefill`` / ``plan_decode``) and
+applies the row moves the scheduler asks for.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from .kv_cache import SlotKVCache
+from .prefix_cache import Drop, Save
+from .sampling import sample
+from .scheduler import Chunk, Move
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, max_batch: int):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = SlotKVCache(max_batch)
+        self.kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefix cache entries, per layer
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # sdpa and flash attention take a boolean mask; eager attention wants an additive one.
+        self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2")
+
+    # -- cache ----------------------------------------------------------------------------
+    def reserve(self, length: int) -> None:
+        """Room for ``length`` positions per row (a sequence's whole extent, reserved on admission)."""
+        self.cache.ensure_capacity(length)
+
+    def apply(self, orders: list[Move | Save | Drop]) -> None:
+        """Row moves and prefix-cache orders from the scheduler, in their order."""
+        cache = self.cache
+        for order in orders:
+            if isinstance(order, Move):
+                if order.swap:
+                    cache.swap_rows(order.src, order.dst, order.length)
+                else:
+                    cache.move_row(order.src, order.dst, order.length)
+            elif isinstance(order, Save):
+                row, n = order.row, order.length
+                self.kept[order.key] = [(k[row, :, :n].clone(), v[row, :, :n].clone())
+                                        for k, v in zip(cache.keys, cache.values)]
+            else:
+                self.kept.pop(order.key, None)
+
+    def load(self, row: int, key: int, length: int) -> None:
+        """Copy the first ``length`` positions of kept entry ``key`` into cache row ``row``."""
+        for (k, v), kb, vb in zip(self.kept[key], self.cache.keys, self.cache.values):
+            kb[row, :, :length] = k[:, :length]
+            vb[row, :, :length] = v[:, :length]
+
+    @property
+    def kept_bytes(self) -> int:
+        entries = list(self.kept.values())  # read from other threads too
+        return sum(t.numel() * t.element_size() for entry in entries for pair in entry for t in pair)
+
+    def shrink(self) -> None:
+        self.cache.shrink()
+
+    # -- forward --------------------------------------------------------------------------
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        if not self._bool_mask:
+            mask = torch.zeros(mask.shape, dtype=model.dtype, device=self.device).masked_fill(
+                ~mask, torch.finfo(model.dtype).min)
+        out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
+                    logits_to_keep=1, **{self._cache_kwarg: self.cache})
+        return out.logits[:, -1, :]
+
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """One pass over prompt chunks on contiguous rows; the logits of each chunk's last token ([n, vocab]).
+
+        Chunks are right-aligned in a ``[n, width]`` batch; padding queries attend to column 0 only, so
+        their softmax is defined, and their keys are never written to the cache.
+        """
+        n = len(chunks)
+        width = max(c.count for c in chunks)
+        view_len = max(c.start + c.count for c in chunks)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        absolute = torch.full((n, width), -1, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, width - c.count:] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.count])
+            span = torch.arange(c.start, c.start + c.count)
+            pos[i, width - c.count:] = span
+            pos[i, : width - c.count] = c.start
+            absolute[i, width - c.count:] = span
+        cols = torch.arange(view_len)
+        mask = cols[None, None, :] <= absolute[:, :, None]
+        mask[:, :, 0] |= absolute < 0
+        first_row = chunks[0].seq.row
+        self.cache.plan_prefill(first_row, [(c.start, c.count) for c in chunks], view_len)
+        return self._forward(ids.to(self.device), pos.to(self.device), mask[:, None].to(self.device))
+
+    def decode(self, batch: list[Sequence]) -> torch.Tensor:
+        """One pass advancing rows ``[0, n)`` by their ``next_token``; the next-token logits ([n, vocab])."""
+        lengths = torch.tensor([s.length for s in batch])
+        view_len = int(lengths.max()) + 1
+        ids = torch.tensor([[s.next_token] for s in batch])
+        mask = torch.arange(view_len)[None, :] <= lengths[:, None]
+        self.cache.plan_decode(len(batch), lengths.to(self.device), view_len)
+        return self._forward(ids.to(self.device), lengths[:, None].to(self.device),
+                             mask[:, None, None].to(self.device))
+
+    # -- sampling -------------------------------------------------------------------------
+    def new_generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(device=self.device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        return generator
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Exception]:
+        """The next token of each sequence, or the exception its sampling raised (the others are unaffected)."""
+        try:
+            seen = [self._seen(s) for s in seqs]
+        except Exception as exc:  # not expected; still not a reason to fail more than these sequences
+            return [exc] * len(seqs)
+        return sample(logits, [s.params for s in seqs], seen, [s.generator for s in seqs])
+
+    def _seen(self, seq: Sequence) -> torch.Tensor | None:
+        if seq.params.repetition_penalty == 1.0:
+            return None
+        return torch.tensor(seq.prompt_ids + seq.generated, device=self.device).unique()

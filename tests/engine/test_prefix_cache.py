@@ -1,0 +1,251 @@
+"""The prefix cache (issue 12): kept KV of finished sequences serves the prompts that start with it.
+
+Without a model first (the scheduler's bookkeeping with the fake forward pass of test_scheduler: every row
+must hold exactly its sequence's tokens, loaded or prefilled), then on the real model: greedy output with a
+cache hit equals the output without the cache, alone, under concurrency and under eviction.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from chatstream.engine import Engine, SamplingParams
+from chatstream.engine.prefix_cache import Drop, PrefixIndex, Save
+from chatstream.engine.scheduler import Scheduler
+
+from .test_engine import Collector
+from .test_scheduler import FakeRunner, token_for
+
+
+class KeepingRunner(FakeRunner):
+    def __init__(self, max_batch):
+        super().__init__(max_batch)
+        self.kept: dict[int, list[int]] = {}
+
+    def apply(self, orders):
+        for o in orders:
+            if isinstance(o, Save):
+                self.kept[o.key] = list(self.rows[o.row][:o.length])
+            elif isinstance(o, Drop):
+                del self.kept[o.key]
+            else:
+                super().apply([o])
+
+    def load(self, s):
+        if s.prefix_key is not None:
+            for p in range(s.cached_tokens):
+                self._write(s.row, p, self.kept[s.prefix_key][p])
+
+
+def step(sched, runner, finished):
+    for s in sched.admit():
+        runner.load(s)
+    chunks = sched.prefill_chunks()
+    if chunks:
+        runner.prefill(chunks)
+        for i in sched.prefilled(chunks):
+            s = chunks[i].seq
+            runner.apply(sched.promote(s))
+            accept(sched, runner, s, finished)
+    batch = sched.decode_batch()
+    if batch:
+        runner.decode(batch)
+        sched.decoded(batch)
+        for s in batch:
+            accept(sched, runner, s, finished)
+    runner.check(sched)
+    assert sched.prefixes.held_tokens <= sched.prefixes.budget_tokens
+    assert set(runner.kept) == set(sched.prefixes.entries)
+    for key, tokens in sched.prefixes.entries.items():
+        assert runner.kept[key] == tokens
+
+
+def accept(sched, runner, s, finished):
+    s.generated.append(token_for(s))
+    s.next_token = s.generated[-1]
+    if len(s.generated) >= s.params.max_new_tokens:
+        runner.apply(sched.remove(s, keep=True))
+        finished.append(s)
+
+
+def make(tokens, max_new):
+    from chatstream.engine.sequence import Sequence
+    return Sequence(list(tokens), SamplingParams(max_new_tokens=max_new), lambda e: None)
+
+
+def test_index_keeps_the_longest_match_extends_and_evicts_least_recently_used():
+    index = PrefixIndex(budget_tokens=10)
+    a, _ = index.insert([1, 2, 3, 4])
+    assert index.lookup([1, 2, 3, 4, 5]) == (a, 4)
+    assert index.lookup([1, 2, 3, 4]) == (a, 3), "the last prompt token is always prefilled"
+    assert index.lookup([9, 1]) == (None, 0)
+    b, drops = index.insert([1, 2, 3, 4, 5, 6])          # the conversation went on: the old turn is dropped
+    assert drops == [a] and index.held_tokens == 6
+    assert index.insert([1, 2, 3]) == (None, [])          # already held inside b
+    c, drops = index.insert([7, 8, 9])
+    assert drops == [] and index.held_tokens == 9
+    index.lookup([1, 2, 0])                               # b is used: c is now the oldest
+    d, drops = index.insert([5, 5])
+    assert drops == [c] and index.held_tokens == 8 and list(index.entries) == [b, d]
+    assert index.insert(list(range(11))) == (None, [])    # larger than the whole budget: not kept
+    assert index.hit_tokens == 4 + 3 + 2 and index.prompt_tokens == 5 + 4 + 2 + 3
+
+
+def test_a_conversation_turn_prefills_only_its_new_tokens():
+    sched = Scheduler(max_batch=2, prefill_tokens=512, prefix_cache_tokens=1000)
+    runner, finished = KeepingRunner(2), []
+    first = make(range(100, 140), max_new=5)
+    sched.add(first)
+    while sched.has_work():
+        step(sched, runner, finished)
+    history = first.prompt_ids + first.generated      # the client sends the whole history back
+    second = make(history + [7, 8, 9], max_new=5)
+    sched.add(second)
+    step(sched, runner, finished)
+    # Kept: the prompt and the generated tokens that went through the model (all but the last).
+    assert second.cached_tokens == len(history) - 1
+    assert runner.prefill_passes[-1] == [(second, len(history) - 1, 4)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_conversations_always_find_their_own_tokens(seed):
+    rng = random.Random(seed)
+    max_batch = rng.choice([1, 2, 4])
+    budget = rng.choice([30, 100, 400])
+    sched = Scheduler(max_batch, prefill_tokens=rng.choice([8, 64]), prefill_tokens_decoding=rng.choice([4, 16]),
+                      prefix_cache_tokens=budget)
+    runner, finished = KeepingRunner(max_batch), []
+    systems = [[rng.randint(0, 50) for _ in range(rng.randint(5, 30))] for _ in range(3)]
+    for t in range(300):
+        if rng.random() < 0.3:
+            if finished and rng.random() < 0.5:
+                prev = rng.choice(finished)
+                base = prev.prompt_ids + prev.generated
+            else:
+                base = rng.choice(systems)
+            s = make(base + [rng.randint(0, 50) for _ in range(rng.randint(1, 10))], rng.randint(1, 8))
+            if len(s.prompt_ids) < 200:
+                sched.add(s)
+        if rng.random() < 0.03 and sched.sequences():
+            runner.apply(sched.remove(rng.choice(sched.sequences()), keep=rng.random() < 0.5))
+        if sched.has_work():
+            step(sched, runner, finished)
+    while sched.has_work():
+        step(sched, runner, finished)
+    assert sched.prefixes.hit_tokens > 0
+
+
+# -- the real model ---------------------------------------------------------------------------------------------
+
+SYSTEM = ("You are a careful assistant. Answer in one short sentence, plainly, without lists, and never repeat "
+          "the question. If you do not know, say so.")
+QUESTIONS = ["What is the capital of France?", "What is 2+2?", "Name a color.", "Who wrote Hamlet?"]
+
+
+def render(tok, turns):
+    return tok(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+
+
+def ask(engine, prompts, max_new_tokens=20):
+    outs = []
+    for ids in prompts:
+        c = Collector()
+        engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), c)
+        outs.append(c)
+    for c in outs:
+        assert c.done.wait(180)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def plain(model_and_tokenizer):
+    """Answers computed without a prefix cache, for any list of prompts."""
+    model, tok = model_and_tokenizer
+    memo = {}
+
+    def answers(prompts):
+        missing = [p for p in prompts if tuple(p) not in memo]
+        if missing:
+            eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16)
+            eng.start()
+            try:
+                for ids, c in zip(missing, ask(eng, missing)):
+                    memo[tuple(ids)] = (c.text, c.end.reason, c.end.completion_tokens)
+            finally:
+                eng.stop()
+        return [memo[tuple(p)] for p in prompts]
+    return answers
+
+
+def cached_engine(model_and_tokenizer, budget):
+    model, tok = model_and_tokenizer
+    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16,
+                 prefix_cache_tokens=budget)
+    eng.start()
+    return eng
+
+
+def summary(c):
+    return c.text, c.end.reason, c.end.completion_tokens
+
+
+def test_next_turn_hits_and_answers_as_without_cache(model_and_tokenizer, plain):
+    _, tok = model_and_tokenizer
+    eng = cached_engine(model_and_tokenizer, 4096)
+    try:
+        turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+        first_ids = render(tok, turns)
+        first = ask(eng, [first_ids])[0]
+        assert first.end.cached_prompt_tokens == 0
+        # Another request takes the same cache row meanwhile: the kept copy must serve the next turn.
+        other = ask(eng, [render(tok, [{"role": "user", "content": "Write a haiku about the sea."}])], 40)[0]
+        assert other.end.cached_prompt_tokens < 10
+        turns += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
+        second_ids = render(tok, turns)
+        second = ask(eng, [second_ids])[0]
+        # The whole first turn (prompt and answer, the answer re-tokenized from its text) is reused.
+        assert second.end.cached_prompt_tokens >= len(first_ids)
+        assert [summary(first), summary(second)] == plain([first_ids, second_ids])
+        stats = eng.prefix_cache_stats
+        assert stats["cached_tokens"] == sum(c.end.cached_prompt_tokens for c in (first, other, second))
+        assert stats["prompt_tokens"] == len(first_ids) + other.end.prompt_tokens + len(second_ids)
+        assert 0 < stats["held_tokens"] <= 4096 and stats["held_bytes"] == stats["held_tokens"] * 30 * 2 * 3 * 64 * 4
+    finally:
+        eng.stop()
+
+
+def test_concurrent_hits_on_one_prefix_answer_as_without_cache(model_and_tokenizer, plain):
+    _, tok = model_and_tokenizer
+    prompts = [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in QUESTIONS]
+    eng = cached_engine(model_and_tokenizer, 4096)
+    try:
+        warm = ask(eng, [prompts[0]])
+        outs = ask(eng, prompts)  # four at once, all starting from the kept system prompt
+        assert all(c.end.cached_prompt_tokens >= 30 for c in outs)
+        assert [summary(c) for c in warm + outs] == plain([prompts[0]] + prompts)
+    finally:
+        eng.stop()
+
+
+def test_eviction_keeps_the_budget_and_never_changes_an_answer(model_and_tokenizer, plain):
+    _, tok = model_and_tokenizer
+    prompts = [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+               for q in QUESTIONS]
+    budget = len(prompts[0]) + 30   # room for about one finished sequence: each end evicts the previous one
+    eng = cached_engine(model_and_tokenizer, budget)
+    held = []
+    try:
+        outs = []
+        for _ in range(2):
+            for c in ask(eng, prompts):
+                outs.append(c)
+                held.append(eng.prefix_cache_stats["held_tokens"])
+        assert max(held) <= budget
+        assert any(c.end.cached_prompt_tokens for c in outs)
+        assert [summary(c) for c in outs] == plain(prompts + prompts)
+    finally:
+        eng.stop()
