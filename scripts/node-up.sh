@@ -122,7 +122,7 @@ podman_() { command podman --runtime /usr/sbin/runc "$@"; }
 # the last import (a stamp per image under $NODE_DIR/images) or containerd
 # lost it. The old content is garbage-collected by containerd, so one copy stays.
 import_image() {
-  local image="$1" id stamp t0=$SECONDS size
+  local image="$1" id stamp t0=$SECONDS size bytes
   id="$(podman_ image inspect --format '{{.Id}}' "$image" 2>/dev/null)" ||
     { say "no podman image $image (scripts/build-images.sh builds it)"; return 1; }
   stamp="$NODE_DIR/images/$(echo "$image" | tr '/:' '__').id"
@@ -130,16 +130,30 @@ import_image() {
     say "$image: already imported (${id:0:12})"
     return 0
   fi
-  size="$(podman_ image inspect --format '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1/1e9}')"
-  say "importing $image (${id:0:12}, $size) into containerd; a 7 GB image takes 2-3 min"
+  bytes="$(podman_ image inspect --format '{{.Size}}' "$image")"
+  size="$(awk -v b="$bytes" 'BEGIN {printf "%.2f GB", b/1e9}')"
+  say "importing $image (${id:0:12}, $size) into containerd; a 7 GB image takes 2-4 min"
   mkdir -p "$NODE_DIR/images"
   rm -f "$stamp"
-  # podman save writes a docker-archive, which keeps the image's name; dd shows progress.
-  podman_ save "$image" |
+  # podman save writes a docker-archive, which keeps the image's name; dd
+  # shows progress. podman first writes the archive to a temporary file: in
+  # memory when there is room, so that the disk holds no third copy.
+  TMPDIR="$(big_tmpdir "$bytes")" podman_ save "$image" |
     dd bs=4M iflag=fullblock status=progress 2> >(tr '\r' '\n' | awk '/copied/ { printf "\r[node-up import] %-70.70s", $0 } END { print "" }' >&2) |
     ctr_ images import - >/dev/null
   echo "$id" >"$stamp"
   say "imported $image in $((SECONDS - t0))s"
+}
+
+big_tmpdir() {  # big_tmpdir BYTES: /dev/shm if it and free memory have room, else /var/tmp
+  local need=$(($1 + $1 / 5)) shm mem
+  shm="$(df --output=avail -B1 /dev/shm 2>/dev/null | tail -1)"
+  mem="$(($(awk '/^MemAvailable:/ {print $2}' /proc/meminfo) * 1024))"
+  if [ "${shm:-0}" -gt "$need" ] && [ "$mem" -gt $((need + 4 * 1024 * 1024 * 1024)) ]; then
+    echo /dev/shm
+  else
+    echo /var/tmp
+  fi
 }
 
 pause_image() {

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.node
 # 2 cores: its drain must cover two rounds of answers (the first runs here
 # cut streams with 30 s).
 GRACE = 120
-MAX_TOKENS = 64
+MAX_TOKENS = 48
 
 
 def ready(name: str, ns: str, generation: int | None = None) -> bool:
