@@ -55,8 +55,8 @@ def test_operator_runs_in_the_cluster_as_a_pod(operator_pod):
     status = pod["status"]["containerStatuses"][0]
     assert status["ready"] and status["restartCount"] == 0, status
     # Its logs come through the apiserver from the kubelet: it reached the API from inside the pod.
-    logs = kubectl("logs", "-n", RELEASE_NS, pod["metadata"]["name"]).stdout
-    assert logs.strip(), "the operator pod logged nothing"
+    logs = wait_for("the operator's first log lines",
+                    lambda: kubectl("logs", "-n", RELEASE_NS, pod["metadata"]["name"]).stdout.strip(), timeout=60)
     assert "Forbidden" not in logs and "Unauthorized" not in logs, logs[-2000:]
 
 

@@ -70,7 +70,10 @@ def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redi
 
     before = {ip: answered(ip) for ip in ips}
     turns = 0
-    with httpx.Client(base_url=url, timeout=120) as client:
+    # A new connection per turn: kube-proxy picks a pod per connection, and
+    # a kept-alive one would keep every turn on the same pod.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=url, timeout=120, limits=fresh) as client:
         client.post("/set_generation_params", json={"temperature": 0}).raise_for_status()
 
         def say(text: str) -> str:
