@@ -8,7 +8,10 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
 RUN="$CLUSTER_DIR/run"
 
-CLUSTER_DIR="$CLUSTER_DIR" "$ROOT/scripts/node-down.sh" || true
+if ! CLUSTER_DIR="$CLUSTER_DIR" bash "$ROOT/scripts/node-down.sh"; then
+  echo "[cluster-down] the node did not stop cleanly; its PID files stay in $RUN" >&2
+  node_left=1
+fi
 
 # Reverse start order, so that nothing logs errors about what went first.
 for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
@@ -22,5 +25,6 @@ for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   fi
   rm -f "$pidfile"
 done
-rm -rf "$CLUSTER_DIR/etcd" "$CLUSTER_DIR/logs" "$RUN"
+rm -rf "$CLUSTER_DIR/etcd"
+[ -n "${node_left:-}" ] || rm -rf "$CLUSTER_DIR/logs" "$RUN"
 echo "[cluster-down] stopped" >&2

@@ -55,6 +55,17 @@ done
 
 # 3. kube-proxy's iptables rules, the bridge and the guard.
 "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+# What --cleanup leaves: the kubelet's and kube-proxy's canary, hint and
+# firewall chains (KUBE-FIREWALL drops non-loopback packets to 127/8).
+for ipt in iptables ip6tables; do
+  for table in filter nat mangle; do
+    "$ipt" -t "$table" -S 2>/dev/null | grep -E '^-A [A-Z]+ .*-j KUBE-' | grep -v '^-A KUBE-' | sed 's/^-A/-D/' |
+      while read -r rule; do eval "$ipt -t $table $rule" 2>/dev/null; done
+    chains="$("$ipt" -t "$table" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}')"
+    for chain in $chains; do "$ipt" -t "$table" -F "$chain" 2>/dev/null; done
+    for chain in $chains; do "$ipt" -t "$table" -X "$chain" 2>/dev/null; done
+  done
+done
 ip link del "$BRIDGE" 2>/dev/null
 while iptables -t raw -D PREROUTING -i "$BRIDGE" -j "$GUARD" 2>/dev/null; do :; done
 iptables -t raw -F "$GUARD" 2>/dev/null && iptables -t raw -X "$GUARD" 2>/dev/null
