@@ -26,8 +26,17 @@ from node_helpers import (
 )
 
 
+# The first node test's setup may build the binaries, the images and import
+# them (on a fresh machine: 15-20 min quiet, more on a loaded one), which the
+# suite's 600 s per-test timeout would cut.
+SETUP_BUDGET_SECONDS = 2700
+
+
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: 0 if item.get_closest_marker("node") else 1)
+    for item in items:
+        if item.get_closest_marker("node") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SETUP_BUDGET_SECONDS))
 
 
 def pytest_terminal_summary(terminalreporter):
