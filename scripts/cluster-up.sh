@@ -32,6 +32,10 @@ ETCD_PORT="${ETCD_PORT:-23790}"
 NODE="${CHATSTREAM_NODE:-1}"
 FAKE_NODES="${CHATSTREAM_FAKE_NODES:-1}"
 NODE_IP="10.245.0.1"  # scripts/node-env.sh
+if [ "$NODE" = 1 ] && [ "$(id -u)" != 0 ]; then
+  echo "[cluster-up] the real node needs root (bridge, iptables, containerd): kwok nodes only" >&2
+  NODE=0
+fi
 API_ADDR="127.0.0.1"
 [ "$NODE" = 1 ] && API_ADDR="$NODE_IP"
 K8S_VERSION="v1.33.13"
