@@ -36,6 +36,19 @@ if [ "$NODE" = 1 ] && [ "$(id -u)" != 0 ]; then
   echo "[cluster-up] the real node needs root (bridge, iptables, containerd): kwok nodes only" >&2
   NODE=0
 fi
+node_owner() {  # the cluster directory whose node runs on this machine, if another's
+  local owner pid
+  owner="$(cat "${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/node/owner" 2>/dev/null)" || return 0
+  [ "$owner" = "$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)" ] && return 0
+  for pid in "$owner"/run/{containerd,kubelet}.pid; do
+    [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null && { echo "$owner"; return 0; }
+  done
+  return 0
+}
+if [ "$NODE" = 1 ] && [ -n "$(node_owner)" ]; then
+  echo "[cluster-up] the real node belongs to the cluster in $(node_owner): kwok nodes only" >&2
+  NODE=0
+fi
 API_ADDR="127.0.0.1"
 [ "$NODE" = 1 ] && API_ADDR="$NODE_IP"
 K8S_VERSION="v1.33.13"
