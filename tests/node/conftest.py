@@ -15,6 +15,7 @@ not share the cluster's resources.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -65,7 +66,7 @@ def node():
         pytest.skip("no real node: another cluster directory on this machine holds it (scripts/node-up.sh)")
     wait_for("the real node Ready", lambda: pod_ready(get("node", NODE_NAME)), timeout=60)
     yield NODE_NAME
-    if started and __import__("os").environ.get("CHATSTREAM_KEEP_CLUSTER") != "1":
+    if started and os.environ.get("CHATSTREAM_KEEP_CLUSTER") != "1":
         subprocess.run([str(ROOT / "scripts/cluster-down.sh")], check=False, timeout=300)
 
 

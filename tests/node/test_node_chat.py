@@ -4,7 +4,6 @@ Ready by their own probes, and the chat answers through the Service."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx

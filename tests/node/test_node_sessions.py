@@ -10,7 +10,7 @@ import subprocess
 import httpx
 import pytest
 from node_helpers import (
-    ON_REAL_NODE, ROOT, apply, condition, example, get, get_list, kubectl, run, service_url, wait_for,
+    ON_REAL_NODE, ROOT, apply, condition, example, get, get_list, run, service_url, wait_for,
 )
 
 pytestmark = pytest.mark.node
