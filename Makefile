@@ -29,10 +29,12 @@ test: model
 	$(PY) -m pytest -ra
 
 test-fast: model
-	$(PY) -m pytest -ra -m "not cluster and not images and not browser"
+	$(PY) -m pytest -ra -m "not cluster and not images and not browser and not node"
 
+# A real one-node cluster to try by hand: the chart's operator and the CPU
+# example running on it, and the kubectl port-forward line for the chat page.
 cluster:
-	bash scripts/cluster-up.sh
+	bash scripts/cluster-demo.sh
 
 cluster-down:
 	bash scripts/cluster-down.sh

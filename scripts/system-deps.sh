@@ -13,5 +13,6 @@ if ((${#need[@]})); then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
-# The control plane and the container images (podman, runc, debootstrap).
-bash scripts/system-deps-cluster.sh images
+# The control plane, the container images (podman, runc, debootstrap) and the
+# real node (containerd, CNI plugins, iptables, gcc for the pause binary).
+bash scripts/system-deps-cluster.sh node

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# `make cluster`: a real one-node Kubernetes cluster on this machine to try
+# ChatStream by hand. No fake nodes and no taint, so every pod lands on the
+# real node. Builds the images (incremental), imports them into the node's
+# containerd (only when changed), installs the chart (the operator runs as a
+# pod), applies manifests/examples/cpu-builtin.yaml with a CPU request this
+# machine can grant (DEMO_CPU, default 250m), waits until it is Ready and
+# prints how to reach the chat page. `make cluster-down` stops it all.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
+BIN="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/bin"
+export KUBECONFIG="$CLUSTER_DIR/kubeconfig" PATH="$BIN:$PATH"
+CPU="${DEMO_CPU:-250m}"
+say() { printf '[cluster %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+CHATSTREAM_FAKE_NODES=0 "$ROOT/scripts/cluster-up.sh"
+kubectl get node chatstream-node >/dev/null 2>&1 || { say "no real node came up; see $CLUSTER_DIR/logs"; exit 1; }
+bash "$ROOT/scripts/build-images.sh"
+"$ROOT/scripts/node-up.sh" import localhost/chatstream-operator:0.1.0 localhost/chatstream:0.1.0
+say "helm install chatstream (the operator runs as a pod)"
+helm upgrade --install chatstream "$ROOT/charts/chatstream" --namespace chatstream-system \
+  --create-namespace --wait --timeout 180s >/dev/null
+kubectl wait --for=condition=Established crd/chatstreamdeployments.chatstream.io --timeout=60s >/dev/null
+say "kubectl apply -f manifests/examples/cpu-builtin.yaml (CPU request $CPU)"
+sed "s/requests: {cpu: \"2\"/requests: {cpu: \"$CPU\"/" "$ROOT/manifests/examples/cpu-builtin.yaml" |
+  kubectl apply -n default -f -
+kubectl wait -n default --for=condition=Ready csd/smollm2-cpu --timeout=600s >/dev/null
+kubectl get -n default csd smollm2-cpu
+cat >&2 <<EOF
+
+The chat page, from this machine:
+  export KUBECONFIG=$KUBECONFIG PATH=$BIN:\$PATH
+  kubectl port-forward -n default svc/smollm2-cpu 8000:8000
+  then open http://127.0.0.1:8000/
+Stop it all with: make cluster-down
+EOF

@@ -1,0 +1,129 @@
+"""Fixtures for the tests on the real node (marker `node`).
+
+The session brings the cluster up with scripts/cluster-up.sh, which starts the
+control plane, the kwok nodes and one real node (a no-op when all are up),
+builds the images with scripts/build-images.sh (incremental) and imports them
+into the node's containerd (only when their image ID changed). The chart is
+then installed the way a user installs it: the operator runs in the cluster, as
+a pod from its image, with the chart's ServiceAccount and RBAC.
+
+These tests run before the rest of the suite: the tests in tests/cluster run
+the operator as a host process for the whole session, and two operators must
+not share the cluster's resources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import uuid
+
+import pytest
+from node_helpers import (
+    BIN, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, RELEASE, RELEASE_NS, ROOT, SERVICE_IMAGE,
+    TIMINGS, get, get_list, kubectl, pod_ready, record, run, wait_for,
+)
+
+
+# The first node test's setup may build the binaries, the images and import
+# them (on a fresh machine: 15-20 min quiet, more on a loaded one), which the
+# suite's 600 s per-test timeout would cut.
+SETUP_BUDGET_SECONDS = 2700
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: 0 if item.get_closest_marker("node") else 1)
+    for item in items:
+        if item.get_closest_marker("node") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SETUP_BUDGET_SECONDS))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.section("real node timings")
+        for what, seconds in TIMINGS:
+            terminalreporter.write_line(f"{what}: {seconds:.1f}s")
+
+
+def _cluster_is_up() -> bool:
+    if not (CLUSTER_DIR / "kubeconfig").exists() or not (BIN / "kubectl").exists():
+        return False
+    return kubectl("get", "--raw", "/readyz", check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def node():
+    """The cluster with its real node Ready: reused when already up (make
+    cluster); otherwise started here and stopped after the session
+    (CHATSTREAM_KEEP_CLUSTER=1 keeps it)."""
+    started = not _cluster_is_up()
+    t0 = time.monotonic()
+    subprocess.run([str(ROOT / "scripts/cluster-up.sh")], check=True, timeout=3600)
+    record("cluster-up (control plane and real node)", time.monotonic() - t0)
+    if get("node", NODE_NAME) is None:
+        pytest.skip("no real node: another cluster directory on this machine holds it (scripts/node-up.sh)")
+    wait_for("the real node Ready", lambda: pod_ready(get("node", NODE_NAME)), timeout=60)
+    yield NODE_NAME
+    if started and os.environ.get("CHATSTREAM_KEEP_CLUSTER") != "1":
+        subprocess.run([str(ROOT / "scripts/cluster-down.sh")], check=False, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def node_images(node):
+    """The images built from this tree, in the node's containerd."""
+    subprocess.run(["bash", str(ROOT / "scripts/build-images.sh")], check=True, timeout=3600)
+    t0 = time.monotonic()
+    out = run(str(ROOT / "scripts/node-up.sh"), "import", OPERATOR_IMAGE, SERVICE_IMAGE, timeout=1800)
+    took = time.monotonic() - t0
+    warm = out.stderr.count("already imported") == 2
+    record(f"image import into containerd ({'unchanged, skipped' if warm else 'imported'})", took)
+    return {"operator": OPERATOR_IMAGE, "service": SERVICE_IMAGE}
+
+
+@pytest.fixture(scope="package")
+def operator_pod(node_images) -> dict:
+    """`helm install` of the chart, its operator pinned to the real node.
+    Uninstalled after the package (the CRD stays, as the chart keeps it)."""
+    t0 = time.monotonic()
+    run(
+        str(BIN / "helm"), "upgrade", "--install", RELEASE, str(ROOT / "charts/chatstream"),
+        "--namespace", RELEASE_NS, "--create-namespace",
+        "--set-json", f"nodeSelector={json.dumps(ON_REAL_NODE['nodeSelector'])}",
+        "--set-json", f"tolerations={json.dumps(ON_REAL_NODE['tolerations'])}",
+        "--wait", "--timeout", "180s", timeout=240,
+    )
+    kubectl("wait", "--for=condition=Established", "crd/chatstreamdeployments.chatstream.io", "--timeout=60s")
+
+    def running_pod():
+        pods = get_list("pods", RELEASE_NS, "app.kubernetes.io/name=chatstream-operator")
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        return live[0] if len(live) == 1 and pod_ready(live[0]) else None
+
+    pod = wait_for("the operator pod Ready", running_pod, timeout=120)
+    record("helm install -> operator pod Ready", time.monotonic() - t0)
+    yield pod
+    run(str(BIN / "helm"), "uninstall", RELEASE, "--namespace", RELEASE_NS, "--wait", "--timeout", "120s",
+        check=False, timeout=180)
+
+
+def _namespace() -> str:
+    name = f"node-{uuid.uuid4().hex[:8]}"
+    kubectl("create", "namespace", name)
+    wait_for("the default ServiceAccount", lambda: get("serviceaccount", "default", name))
+    return name
+
+
+@pytest.fixture(scope="module")
+def module_namespace(node):
+    name = _namespace()
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(node):
+    name = _namespace()
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)

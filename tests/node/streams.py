@@ -1,0 +1,80 @@
+"""Clients that stream answers continuously, counting how each stream ended."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+
+
+@dataclass
+class Tally:
+    completed: int = 0
+    cut: list[str] = field(default_factory=list)      # began, then ended without [DONE]
+    failed: list[str] = field(default_factory=list)   # refused or errored before any token
+    longest: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __str__(self) -> str:
+        return (f"{self.completed} streams completed, {len(self.cut)} cut, {len(self.failed)} failed, "
+                f"longest {self.longest:.1f}s")
+
+
+def stream_once(url: str, max_tokens: int, timeout: float) -> tuple[str, str, float]:
+    """One streamed chat; returns (outcome, detail, seconds): outcome is
+    completed, cut or failed."""
+    t0 = time.monotonic()
+    pieces, done = 0, False
+    body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": PROMPT}]}
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout) as r:
+            if r.status_code != 200:
+                return "failed", f"HTTP {r.status_code}: {r.read()[:200]!r}", time.monotonic() - t0
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    json.loads(line[6:])
+                    pieces += 1
+    except (httpx.HTTPError, json.JSONDecodeError) as err:
+        outcome = "cut" if pieces else "failed"
+        return outcome, f"{type(err).__name__}: {err} after {pieces} pieces", time.monotonic() - t0
+    if not done:
+        return ("cut" if pieces else "failed"), f"ended without [DONE] after {pieces} pieces", time.monotonic() - t0
+    return "completed", "", time.monotonic() - t0
+
+
+class Load:
+    """n clients, each streaming one answer after another until stopped."""
+
+    def __init__(self, url: str, clients: int = 8, max_tokens: int = 96, timeout: float = 120):
+        self.url, self.max_tokens, self.timeout = url, max_tokens, timeout
+        self.tally = Tally()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def _client(self) -> None:
+        while not self.stopping.is_set():
+            outcome, detail, took = stream_once(self.url, self.max_tokens, self.timeout)
+            with self.tally.lock:
+                self.tally.longest = max(self.tally.longest, took)
+                if outcome == "completed":
+                    self.tally.completed += 1
+                else:
+                    getattr(self.tally, outcome).append(detail)
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(self.timeout + 10)

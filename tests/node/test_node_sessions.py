@@ -1,0 +1,99 @@
+"""Sessions shared by two replicas through a real Redis running as a pod,
+its URL in a Secret: a conversation through the Service keeps its history
+whichever pod answers each turn."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import httpx
+import pytest
+from node_helpers import (
+    ON_REAL_NODE, ROOT, apply, condition, example, get, get_list, run, service_url, wait_for,
+)
+
+pytestmark = pytest.mark.node
+
+REDIS_IMAGE = "localhost/chatstream-test-redis:bookworm"
+
+
+@pytest.fixture(scope="module")
+def redis_image(node_images):
+    subprocess.run(
+        ["podman", "--runtime", "/usr/sbin/runc", "build", "--network", "host", "--layers", "-q",
+         "-f", str(ROOT / "tests/node/images/redis.Containerfile"), "-t", REDIS_IMAGE, str(ROOT / "tests/node/images")],
+        check=True, capture_output=True, timeout=900,
+    )
+    run(str(ROOT / "scripts/node-up.sh"), "import", REDIS_IMAGE, timeout=600)
+    return REDIS_IMAGE
+
+
+def redis(ns: str, image: str) -> None:
+    labels = {"app": "redis"}
+    apply({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redis"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {**ON_REAL_NODE, "containers": [{
+                "name": "redis", "image": image, "ports": [{"containerPort": 6379}],
+                "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}},
+                "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 2},
+            }]},
+        }},
+    }, ns)
+    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "redis"},
+           "spec": {"selector": labels, "ports": [{"port": 6379}]}}, ns)
+    apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sessions"},
+           "stringData": {"url": f"redis://redis.{ns}.svc:6379/0"}}, ns)
+
+
+def answered(pod_ip: str) -> int:
+    """Streams this pod has finished (its own /metrics)."""
+    text = httpx.get(f"http://{pod_ip}:8000/metrics", timeout=10).text
+    return int(sum(float(v) for v in re.findall(r'^chatstream_outcomes_total\{[^}]*\} (\S+)$', text, re.M)))
+
+
+def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redis_image, namespace):
+    ns, name = namespace, "shared"
+    redis(ns, redis_image)
+    apply(example(name, replicas=2, sessions={"store": "redis", "redisURLSecretRef": {"name": "sessions"}},
+                  generation={"maxNewTokens": 48, "contextLength": 2048}), ns)
+    wait_for(f"{name} Ready", lambda: condition(get("csd", name, ns), "Ready").get("status") == "True",
+             timeout=600, interval=1)
+    svc = get("service", name, ns)
+    assert svc["spec"]["sessionAffinity"] == "None"  # any pod may answer any turn
+    ips = [p["status"]["podIP"] for p in get_list("pods", ns, f"app.kubernetes.io/instance={name}")]
+    assert len(ips) == 2
+    url = service_url(name, ns)
+    wait_for("the Service answering", lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=60)
+
+    before = {ip: answered(ip) for ip in ips}
+    turns = 0
+    # A new connection per turn: kube-proxy picks a pod per connection, and
+    # a kept-alive one would keep every turn on the same pod.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=url, timeout=120, limits=fresh) as client:
+        client.post("/set_generation_params", json={"temperature": 0}).raise_for_status()
+
+        def say(text: str) -> str:
+            nonlocal turns
+            r = client.post("/chat_stream", json={"user_input": text})
+            assert r.status_code == 200, r.text
+            turns += 1
+            return r.text
+
+        say("My name is Alice. Please remember it.")
+        # Small talk until both pods have answered a turn of this conversation.
+        for topic in ["Name a color.", "Name a fruit.", "Name an animal.", "Name a city.", "Name a tree.",
+                      "Name a planet.", "Name a sport.", "Name a flower."]:
+            if turns >= 3 and all(answered(ip) > before[ip] for ip in ips):
+                break
+            say(topic)
+        reply = say("What is my name?")
+        served = {ip: answered(ip) - before[ip] for ip in ips}
+        prompt = client.get("/get_prompt").json()["prompt"]
+    print(f"sessions across replicas: {turns} turns, per pod {served}")
+    assert all(n > 0 for n in served.values()), f"one pod answered every turn: {served}"
+    assert "Alice" in reply, reply
+    assert prompt.count("<|im_start|>user") == turns, prompt
