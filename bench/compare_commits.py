@@ -92,7 +92,9 @@ def main() -> int:
                                                 duration=args.duration, warmup=3, warmup_cap=60, tail_cap=60,
                                                 drain_cap=30, log=print))
                     w0, w1 = run.window
-                    tokens = sum(r.tokens or 0 for r in run.records if r.ok and w0 <= r.end <= w1)
+                    # Each request's tokens, spread over its time, counted for the part inside the window.
+                    tokens = sum((r.tokens or 0) * max(0.0, min(r.end, w1) - max(r.start, w0)) / (r.end - r.start)
+                                 for r in run.records if r.ok and r.end > r.start)
                     rate = tokens / (w1 - w0)
                     rates.setdefault((peer.key, level), []).append(rate)
                     print(f"  round {rnd + 1} {peer.key:>16} {level:>3} clients: {rate:7.1f} tok/s", flush=True)
