@@ -136,7 +136,6 @@ def _env(body: dict) -> list[dict]:
         {"name": envvars.MAX_QUEUE, "value": str(conc["maxQueueSize"])},
         {"name": envvars.MAX_NEW_TOKENS, "value": str(gen["maxNewTokens"])},
         {"name": envvars.CONTEXT_LENGTH, "value": str(gen["contextLength"])},
-        {"name": envvars.PREFIX_CACHE_TOKENS, "value": str(gen["prefixCacheTokens"])},
         {"name": envvars.CACHE_DIR, "value": CACHE_DIR},
         {"name": envvars.SHUTDOWN_GRACE_SECONDS, "value": str(spec["shutdownGraceSeconds"])},
         {"name": envvars.SESSION_STORE, "value": sessions["store"]},
@@ -148,6 +147,8 @@ def _env(body: dict) -> list[dict]:
         # Hub downloads need a writable home; the root filesystem is read-only.
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
     ]
+    if "prefixCacheTokens" in gen:  # the API server fills it in; a spec built by hand may leave the default
+        env.append({"name": envvars.PREFIX_CACHE_TOKENS, "value": str(gen["prefixCacheTokens"])})
     if "revision" in model:
         env.append({"name": envvars.REVISION, "value": model["revision"]})
     if sessions["store"] == "redis":

@@ -59,7 +59,11 @@ def well_formed(client: httpx.Client) -> None:
 
 # -- 1: one turn at a time per session ---------------------------------------------------------
 
-def test_concurrent_turns_in_one_session_keep_the_history_well_formed(srv):
+def test_concurrent_turns_in_one_session_keep_the_history_well_formed(model_and_tokenizer, live_server):
+    _, chat_stream, _ = make_app(*model_and_tokenizer, num_of_concurrent_executions=1, max_queue_size=4,
+                                 max_new_tokens=200)
+    srv = live_server(create_app(Settings(session_secret="s"), chat_stream=chat_stream))
+    srv.chat_stream = chat_stream
     with httpx.Client(base_url=srv.url) as client:
         assert chat(client, "My name is Alice.").status_code == 200
         cookies = dict(client.cookies)
@@ -78,10 +82,19 @@ def test_concurrent_turns_in_one_session_keep_the_history_well_formed(srv):
         assert 200 in codes and set(codes) <= {200, 409}, codes
         conflicts = [body for _, code, body in results if code == 409]
         assert all("already being answered" in json.loads(b)["error"]["message"] for b in conflicts)
-        # A regenerate while a turn streams is refused too; a disconnect mid-turn leaves nothing half-done.
-        with client.stream("POST", "/chat_stream", json={"user_input": LONG}, timeout=120) as r:
-            next(r.iter_bytes())
-            assert client.post("/chat_stream", json={"regenerate": True}, timeout=60).status_code == 409
+        # A turn waiting in the queue (behind another user's long answer) holds its session: a regenerate
+        # meanwhile is refused too.
+        blocker = threading.Thread(target=lambda: httpx.post(srv.url + "/chat_stream", json={"user_input": LONG},
+                                                             timeout=120))
+        blocker.start()
+        wait_until(lambda: srv.chat_stream.admission.processing == 1, 30)
+        queued = threading.Thread(target=send, args=("Queued: what is 5 plus 5?",))
+        queued.start()
+        wait_until(lambda: srv.chat_stream.admission.waiting == 1, 30)
+        r = client.post("/chat_stream", json={"regenerate": True}, timeout=60)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "turn_in_progress"
+        blocker.join()
+        queued.join()
         wait_until(lambda: not srv.chat_stream.turns.busy, 30)
         assert chat(client, "", regenerate=True).status_code == 200
         assert chat(client, "And what is my name?").status_code == 200
@@ -90,7 +103,7 @@ def test_concurrent_turns_in_one_session_keep_the_history_well_formed(srv):
         answered = [text for text, code, _ in results if code == 200]
         for text in answered:
             assert text in prompt
-        assert prompt.count("<|im_start|>user") == 1 + len(answered) + 2
+        assert prompt.count("<|im_start|>user") == 1 + len(answered) + 1  # + "And what is my name?"
 
 
 # -- 2, 3, 10: a poisoned request fails alone ---------------------------------------------------
@@ -294,8 +307,10 @@ def test_model_that_cannot_load_exits_with_its_message(tmp_path):
     import subprocess
     import sys
     log = tmp_path / "termination-log"
-    from conftest import free_port
-    env = {**os.environ, "CHATSTREAM_TERMINATION_LOG": str(log), "CHATSTREAM_PORT": str(free_port()),
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "CHATSTREAM_TERMINATION_LOG": str(log), "CHATSTREAM_PORT": str(port),
            "CHATSTREAM_MODEL": str(tmp_path / "no-such-model"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "chatstream", "serve"], env=env, capture_output=True, text=True,
                           timeout=120)
