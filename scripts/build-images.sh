@@ -113,4 +113,7 @@ base_image
 build "localhost/chatstream-operator:$TAG" operator/Dockerfile "$BASE_IMAGE"
 build "localhost/chatstream:$TAG" service/Dockerfile "$BASE_IMAGE"
 [ "$GPU" = 1 ] && build "localhost/chatstream-gpu:$TAG" service/Dockerfile.gpu "$GPU_BASE_IMAGE"
+# Layers of replaced builds are left dangling (several GB each, torch is in
+# them); the current images' chains have children and stay as build cache.
+say "pruning dangling layers: $(podman image prune -f | wc -l) removed"
 say "done"
