@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 from node_helpers import (
-    BIN, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, RELEASE, RELEASE_NS, ROOT, SERVICE_IMAGE,
+    BIN, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, REDIS_IMAGE, RELEASE, RELEASE_NS, ROOT, SERVICE_IMAGE,
     TIMINGS, get, get_list, kubectl, pod_ready, record, run, wait_for,
 )
 
@@ -80,6 +80,18 @@ def node_images(node):
     warm = out.stderr.count("already imported") == 2
     record(f"image import into containerd ({'unchanged, skipped' if warm else 'imported'})", took)
     return {"operator": OPERATOR_IMAGE, "service": SERVICE_IMAGE}
+
+
+@pytest.fixture(scope="session")
+def redis_image(node_images):
+    """Debian's redis-server in an image built here, in the node's containerd."""
+    subprocess.run(
+        ["podman", "--runtime", "/usr/sbin/runc", "build", "--network", "host", "--layers", "-q",
+         "-f", str(ROOT / "tests/node/images/redis.Containerfile"), "-t", REDIS_IMAGE, str(ROOT / "tests/node/images")],
+        check=True, capture_output=True, timeout=900,
+    )
+    run(str(ROOT / "scripts/node-up.sh"), "import", REDIS_IMAGE, timeout=600)
+    return REDIS_IMAGE
 
 
 @pytest.fixture(scope="package")

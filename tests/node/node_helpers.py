@@ -19,6 +19,7 @@ TAINT_KEY = "chatstream.io/real-node"
 RELEASE, RELEASE_NS = "chatstream", "chatstream-system"
 OPERATOR_IMAGE = "localhost/chatstream-operator:0.1.0"
 SERVICE_IMAGE = "localhost/chatstream:0.1.0"
+REDIS_IMAGE = "localhost/chatstream-test-redis:bookworm"
 QUESTION = "What is the capital of France?"
 
 # What a pod needs to land on the real node (the tests' cluster taints it so
@@ -119,3 +120,25 @@ def service_url(name: str, namespace: str) -> str:
     svc = get("service", name, namespace)
     assert svc, f"no Service {namespace}/{name}"
     return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+
+
+def redis(ns: str, image: str) -> None:
+    """A real Redis as a pod (Debian's redis-server, tests/node/images), its URL
+    in the Secret `sessions` (key `url`), as a user would give it to
+    spec.sessions.redisURLSecretRef."""
+    labels = {"app": "redis"}
+    apply({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redis"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {**ON_REAL_NODE, "containers": [{
+                "name": "redis", "image": image, "ports": [{"containerPort": 6379}],
+                "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}},
+                "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 2},
+            }]},
+        }},
+    }, ns)
+    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "redis"},
+           "spec": {"selector": labels, "ports": [{"port": 6379}]}}, ns)
+    apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sessions"},
+           "stringData": {"url": f"redis://redis.{ns}.svc:6379/0"}}, ns)

@@ -5,49 +5,15 @@ whichever pod answers each turn."""
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 
 import httpx
 import pytest
 from node_helpers import (
-    ON_REAL_NODE, ROOT, apply, condition, example, get, get_list, kubectl, pod_ready, run, service_url, wait_for,
+    apply, condition, example, get, get_list, kubectl, pod_ready, redis, service_url, wait_for,
 )
 
 pytestmark = pytest.mark.node
-
-REDIS_IMAGE = "localhost/chatstream-test-redis:bookworm"
-
-
-@pytest.fixture(scope="module")
-def redis_image(node_images):
-    subprocess.run(
-        ["podman", "--runtime", "/usr/sbin/runc", "build", "--network", "host", "--layers", "-q",
-         "-f", str(ROOT / "tests/node/images/redis.Containerfile"), "-t", REDIS_IMAGE, str(ROOT / "tests/node/images")],
-        check=True, capture_output=True, timeout=900,
-    )
-    run(str(ROOT / "scripts/node-up.sh"), "import", REDIS_IMAGE, timeout=600)
-    return REDIS_IMAGE
-
-
-def redis(ns: str, image: str) -> None:
-    labels = {"app": "redis"}
-    apply({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redis"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
-            "metadata": {"labels": labels},
-            "spec": {**ON_REAL_NODE, "containers": [{
-                "name": "redis", "image": image, "ports": [{"containerPort": 6379}],
-                "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}},
-                "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 2},
-            }]},
-        }},
-    }, ns)
-    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "redis"},
-           "spec": {"selector": labels, "ports": [{"port": 6379}]}}, ns)
-    apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sessions"},
-           "stringData": {"url": f"redis://redis.{ns}.svc:6379/0"}}, ns)
-
 
 def service_endpoints(name: str, ns: str) -> set[str]:
     """The ready addresses behind a Service (its EndpointSlices)."""
