@@ -148,8 +148,10 @@ def new_session() -> aiohttp.ClientSession:
 
 
 async def one_request(session, proto: Protocol, base: str, model: str, client: int, prompt_idx: int,
-                      max_tokens: int) -> Record:
-    url, body = proto.request(base, PROMPTS[prompt_idx], max_tokens, model)
+                      max_tokens: int, tag: str = "") -> Record:
+    """``tag`` goes before the prompt: a request-unique tag leaves a server's prefix
+    cache only the chat template's preamble to reuse, as distinct users' questions would."""
+    url, body = proto.request(base, f"{tag}{PROMPTS[prompt_idx]}", max_tokens, model)
     rec = Record(client=client, prompt=prompt_idx, start=time.perf_counter())
     try:
         async with session.post(url, json=body) as resp:
@@ -182,7 +184,7 @@ class LevelRun:
 
 async def run_level(proto: Protocol, base: str, model: str, clients: int, max_tokens: int, *,
                     duration: float, warmup: float, warmup_cap: float, tail_cap: float,
-                    drain_cap: float, log=print) -> LevelRun:
+                    drain_cap: float, repeat_prompts: bool = False, log=print) -> LevelRun:
     """Closed loop at ``clients`` concurrency.
 
     Warm-up lasts ``warmup`` seconds or until every client has finished one request,
@@ -202,7 +204,8 @@ async def run_level(proto: Protocol, base: str, model: str, clients: int, max_to
         n = 0
         while not stop:
             inflight[i] = time.perf_counter()
-            rec = await one_request(session, proto, base, model, i, (i + n) % len(PROMPTS), max_tokens)
+            tag = "" if repeat_prompts else f"(Request {i}.{n}) "
+            rec = await one_request(session, proto, base, model, i, (i + n) % len(PROMPTS), max_tokens, tag)
             del inflight[i]
             records.append(rec)
             n += 1

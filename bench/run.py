@@ -158,7 +158,7 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
             run = asyncio.run(run_level(
                 PROTOCOLS[peer.protocol], server.base, model, c, args.new_tokens, duration=args.duration,
                 warmup=args.warmup, warmup_cap=args.warmup_cap, tail_cap=args.duration,
-                drain_cap=5.0 if last else args.drain_cap, log=log))
+                drain_cap=5.0 if last else args.drain_cap, repeat_prompts=args.repeat_prompts, log=log))
             sampler.mark(None)
             busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
             count_tokens(tokenizer, run.records)
@@ -294,6 +294,9 @@ def main() -> None:
     ap.add_argument("--warmup-cap", type=float, default=40.0)
     ap.add_argument("--drain-cap", type=float, default=240.0)
     ap.add_argument("--peers", default=DEFAULT_PEERS)
+    ap.add_argument("--repeat-prompts", action="store_true",
+                    help="send the 8 prompts as they are (a prefix cache then skips their prefill); "
+                         "by default each request's prompt starts with its own tag")
     ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
     ap.add_argument("--quick", action="store_true", help="short run for development: 1,8 clients, 10s windows")
     ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
