@@ -1,7 +1,7 @@
 """kopf handlers: thin glue between watch events and one reconcile function.
 
 Level-triggered: an event about a ChatStreamDeployment, or about anything it
-owns (Deployment, Service, session Secrets, pods), only names the resource
+owns (Deployments, Services, session Secrets, the router's ConfigMap, pods), only names the resource
 to look at again. `reconcile` then reads what is there, puts back what is
 missing or drifted (server-side apply of the pure builders in resources.py),
 and writes the status computed by status.compute: the one place status is
@@ -22,11 +22,11 @@ import secrets
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import kube, resources, status
+from . import kube, resources, router, status
 from .workqueue import WorkQueue
 
 CSD = (resources.GROUP, resources.VERSION, resources.PLURAL)
-CHILDREN = [("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "secrets")]
+CHILDREN = [("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "secrets"), ("", "v1", "configmaps")]
 PODS = ("", "v1", "pods")
 POD_LABELS = {"app.kubernetes.io/name": "chatstream"}
 RETRY_SECONDS = 15  # after the API refused something; any event retries sooner
@@ -73,6 +73,10 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
         _session_secrets(resource)
         kube.apply(resources.service(resource))
         deployment = kube.apply(resources.deployment(resource, images))
+        # The session-affine router (router.py): config, headless pods
+        # Service, router Service, router Deployment (at 0 when disabled).
+        for manifest in router.children(resource, images.router):
+            kube.apply(manifest)
     except ApiException as err:
         if _namespace_going(err):
             log.info("namespace is being deleted; nothing to reconcile", extra=_ref(namespace, name))

@@ -8,7 +8,7 @@ decides what status says; handlers.py writes its result, and only there.
 
 from __future__ import annotations
 
-from . import resources
+from . import resources, router
 
 # Container waiting reasons that will not fix themselves without a change
 # (the kubelet's names). A pod in one of these is failing, not starting.
@@ -138,6 +138,10 @@ def compute(resource: dict, deployment: dict | None, pods: list[dict], error: st
     old = resource.get("status") or {}
     name, generation = meta["name"], meta.get("generation", 0)
     out = {"selector": resources.selector(name), "endpoint": resources.endpoint(name, meta["namespace"])}
+    # Where clients get session affinity (router.py); null removes it from
+    # the stored status (a merge patch) when routing is turned off.
+    routed = router.routing(resource["spec"])["enabled"]
+    out["routingEndpoint"] = router.routing_endpoint(name, meta["namespace"]) if routed else None
     if deployment is not None:
         fields, conditions = _from_deployment(deployment, pod_failure(pods))
         out.update(fields)
