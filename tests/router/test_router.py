@@ -137,25 +137,38 @@ def test_streams_pass_through_unbuffered_with_little_overhead(proxy, pods):
         r = client.post(f"{proxy.url}/v1/chat/completions", json=body)
         pod = {p.name: p for p in pods}[r.headers[SERVED_BY]]
         direct, routed = [], []
-        for _ in range(5):
+        for _ in range(8):
             direct.append(_first_byte(client, f"{pod.url}/v1/chat/completions", body))
             routed.append(_first_byte(client, f"{proxy.url}/v1/chat/completions", body))
-        # A cheap request: what the proxy adds per request, model time aside.
+        # What the proxy adds per request, model time aside: a /v1 request the
+        # pod answers at once (an unknown model: 404), through the same path
+        # (body buffered, json_query, hash, stick table) without the header.
+        cheap = {"model": "no-such-model", "messages": [{"role": "user", "content": "Tell a story."}]}
         t_direct, t_routed = [], []
-        for _ in range(40):
-            t0 = time.perf_counter(); client.get(f"{pod.url}/readyz"); t_direct.append(time.perf_counter() - t0)
-            t0 = time.perf_counter(); client.get(f"{proxy.url}/readyz"); t_routed.append(time.perf_counter() - t0)
-    ttfb_overhead = statistics.median(r[0] for r in routed) - statistics.median(d[0] for d in direct)
+        with httpx.Client(timeout=30) as bare:
+            for _ in range(40):
+                for url, times in ((pod.url, t_direct), (proxy.url, t_routed)):
+                    t0 = time.perf_counter()
+                    assert bare.post(f"{url}/v1/chat/completions", json=cheap).status_code == 404
+                    times.append(time.perf_counter() - t0)
+    # The fastest of each: the model's time varies with the other load on a
+    # shared CPU; what the proxy adds is in every sample, the noise is not.
+    ttfb_overhead = min(r[0] for r in routed) - min(d[0] for d in direct)
     req_overhead = statistics.median(t_routed) - statistics.median(t_direct)
-    print(f"\nTTFB direct {statistics.median(d[0] for d in direct) * 1000:.1f} ms, routed "
-          f"{statistics.median(r[0] for r in routed) * 1000:.1f} ms (overhead {ttfb_overhead * 1000:.2f} ms); "
-          f"GET /readyz overhead {req_overhead * 1000:.2f} ms (median of 40); stream "
+    print(f"\nTTFB direct min {min(d[0] for d in direct) * 1000:.1f} / median "
+          f"{statistics.median(d[0] for d in direct) * 1000:.1f} ms, routed min {min(r[0] for r in routed) * 1000:.1f}"
+          f" / median {statistics.median(r[0] for r in routed) * 1000:.1f} ms (overhead of the minima "
+          f"{ttfb_overhead * 1000:.2f} ms); "
+          f"a cheap /v1 request: {statistics.median(t_direct) * 1000:.2f} ms direct, overhead "
+          f"{req_overhead * 1000:.2f} ms (medians of 40); stream "
           f"{statistics.median(r[1] for r in routed) * 1000:.0f} ms in {statistics.median(r[2] for r in routed)} chunks")
     for first, total, chunks in routed:
         # The first token arrives through the proxy long before the stream ends, in many pieces.
         assert chunks > 5 and first < total / 2, (first, total, chunks)
     assert req_overhead < 0.005
-    assert ttfb_overhead < 0.025  # model-time noise on a shared CPU dominates this one
+    # Model time on a shared CPU varies by tens of ms between runs (either
+    # way), so this one only guards against gross buffering.
+    assert ttfb_overhead < 0.050
 
 
 def test_client_disconnect_reaches_the_pod(proxy, pods):
