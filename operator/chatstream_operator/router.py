@@ -49,7 +49,9 @@ PRESTOP_SLEEP_SECONDS = 5
 # An HTTP header name (RFC 9110 token, kept simple); it is written into
 # haproxy.cfg, so nothing else may get there. The CRD has the same pattern.
 HEADER_PATTERN = re.compile(r"^[A-Za-z0-9-]{1,64}$")
-ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
+# Up to two buffers (tune.bufsize) per side of a stream in flight: 2048
+# connections could hold ~256 MiB of buffers at worst.
+ROUTER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 
 def routing(spec: dict) -> dict:
@@ -96,7 +98,7 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
         "# Rendered by chatstream-operator (chatstream_operator/router.py); edits are overwritten.",
         "global",
         "    log stdout format raw local0 info",
-        "    maxconn 4096",
+        "    maxconn 2048",
         f"    tune.bufsize {BUFSIZE}",
         "    # A stopping router (SIGUSR1, the image's STOPSIGNAL) lets streams in",
         "    # flight end for as long as a stopping pod does (spec.shutdownGraceSeconds).",
