@@ -195,7 +195,9 @@ def test_conversation_moves_when_its_pod_dies_and_keeps_its_history(proxy, pods)
         first.kill()
         try:
             # At once, before any health check noticed: the router retries on another pod.
+            t0 = time.perf_counter()
             r = client.post("/chat_stream", json={"user_input": "What is my name?"})
+            print(f"\nthe turn after the kill answered by another pod in {time.perf_counter() - t0:.2f} s")
             assert r.status_code == 200, r.text
             second = r.headers[SERVED_BY]
             assert second != first.name
