@@ -8,6 +8,7 @@ need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)  # tests/router: the real router
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # tests/router: DNS for server-template
 if ((${#need[@]})); then
   echo "==> installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

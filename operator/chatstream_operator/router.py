@@ -85,12 +85,16 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
                    replicas: int = 1, servers: list[tuple[str, str]] | None = None,
                    bind: str = f":{ROUTER_PORT}", monitor_bind: str = f":{MONITOR_PORT}",
                    health_interval: str = "2s", affinity: bool = True,
-                   stats_socket: str | None = "/run/haproxy/admin.sock", hard_stop_after: int = 30) -> str:
+                   stats_socket: str | None = "/run/haproxy/admin.sock", hard_stop_after: int = 30,
+                   nameservers: list[str] | None = None, pod_port: int = resources.PORT) -> str:
     """haproxy.cfg for one resource.
 
     servers: explicit (name, "host:port") pairs instead of the DNS template
-    (tests); affinity=False leaves out every stick rule (the tests use it to
-    show that their assertions fail without them)."""
+    (tests); nameservers: "ip:port" DNS servers instead of the pod's
+    /etc/resolv.conf and pod_port the pods' port (tests, with a local DNS
+    server and pods on loopback addresses); affinity=False leaves
+    out every stick rule (the tests use it to show that their assertions
+    fail without them)."""
     if not HEADER_PATTERN.match(session_header):
         raise ValueError(f"routing.sessionHeader {session_header!r} is not a header name (letters, digits, '-')")
     header = session_header.lower()
@@ -125,7 +129,8 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
     if servers is None:
         lines += [
             "resolvers cluster",
-            "    parse-resolv-conf",
+            *([f"    nameserver dns{i} {addr}" for i, addr in enumerate(nameservers, 1)] if nameservers
+              else ["    parse-resolv-conf"]),
             "    accepted_payload_size 8192",
             "    resolve_retries 3",
             "    timeout resolve 1s",
@@ -203,7 +208,7 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
     if servers is None:
         fqdn = f"{pods_service_name(name)}.{namespace}.svc.{CLUSTER_DOMAIN}"
         lines.append(
-            f"    server-template pod 1-{slots(replicas)} {fqdn}:{resources.PORT} check resolvers cluster"
+            f"    server-template pod 1-{slots(replicas)} {fqdn}:{pod_port} check resolvers cluster"
             " init-addr none resolve-prefer ipv4"
         )
     else:

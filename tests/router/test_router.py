@@ -16,6 +16,8 @@ import httpx
 
 from chatstream_operator import router
 
+from .harness import wait_until
+
 MODEL = "smollm2-135m-instruct"
 SERVED_BY = router.SERVED_BY_HEADER
 
@@ -214,3 +216,36 @@ def test_conversation_moves_when_its_pod_dies_and_keeps_its_history(proxy, pods)
             time.sleep(1.5)  # health checks see it again
         r = client.post("/chat_stream", json={"user_input": "Thanks."})
         assert r.headers[SERVED_BY] == second
+
+
+def test_pods_found_through_cluster_dns_and_one_leaving_it(dns_proxy, pods):
+    """The config as the cluster gets it: `server-template` slots filled from
+    the headless Service's DNS name (dnsmasq here, CoreDNS there). A pod that
+    leaves the Service's endpoints (not ready, or deleted) leaves DNS; the
+    router drops it and its conversations move, history kept."""
+    hosts = {p.host for p in pods}
+
+    def resolved_up():
+        up, addrs = dns_proxy.servers_up(), dns_proxy.addresses()
+        return {addrs[s] for s in up}
+
+    wait_until(lambda: resolved_up() == hosts, 30, "the router resolved every pod and saw it up")
+    slots = dns_proxy.addresses()
+    print(f"\nslots filled from DNS: { {s: a for s, a in slots.items() if a in hosts} }")
+    with httpx.Client(base_url=dns_proxy.url, timeout=120) as client:
+        served = [client.post("/chat_stream", json={"user_input": t}).headers[SERVED_BY]
+                  for t in ("My name is Bob. Please remember it.", "Hello again.")]
+        assert len(set(served)) == 1, served
+        slot, addr = served[0], slots[served[0]]
+        dns_proxy.dns.publish(sorted(hosts - {addr}))
+        try:
+            t0 = time.monotonic()
+            wait_until(lambda: addr not in resolved_up(), 30, "the router dropped the pod that left DNS")
+            print(f"the router dropped the pod {time.monotonic() - t0:.1f} s after it left DNS")
+            r = client.post("/chat_stream", json={"user_input": "What is my name?"})
+            assert r.status_code == 200, r.text
+            assert dns_proxy.addresses()[r.headers[SERVED_BY]] in hosts - {addr}
+            assert "My name is Bob" in client.get("/get_prompt").json()["prompt"]
+        finally:
+            dns_proxy.dns.publish(sorted(hosts))
+        wait_until(lambda: resolved_up() == hosts, 30, "the pod back in the router")
