@@ -22,6 +22,7 @@ def children(resource):
 
 
 def haproxy_check(config: str, tmp_path) -> subprocess.CompletedProcess:
+    assert shutil.which(HAPROXY), "haproxy is not installed (scripts/system-deps.sh installs it)"
     path = tmp_path / "haproxy.cfg"
     path.write_text(config)
     return subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
