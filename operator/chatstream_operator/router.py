@@ -35,9 +35,9 @@ CLUSTER_DOMAIN = "cluster.local"
 # Server slots filled from DNS. A fixed number, so that scaling the pods up to
 # it changes nothing in the config (no router restart, no table lost).
 MIN_SLOTS = 32
-# The request body HAProxy may inspect for `user` and the first messages:
-# it must fit in one buffer (tune.bufsize) with the headers. Larger bodies
-# are forwarded untouched, routed by load (see docs/routing.md).
+# The request body HAProxy may inspect for `user` and the first messages is
+# what fits in one buffer (tune.bufsize) with the headers. Larger bodies are
+# forwarded whole, but only their start is inspected (docs/routing.md).
 BUFSIZE = 65536
 # Conversations remembered; each entry is ~100 bytes of string key + counters.
 TABLE_SIZE = "1m"
