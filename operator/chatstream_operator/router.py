@@ -310,8 +310,8 @@ def deployment(body: dict, image: str) -> dict:
         "volumes": [{"name": "config", "configMap": {"name": router_name(name)}},
                     {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}],
     }
-    if spec.get("nodeSelector"):
-        pod_spec["nodeSelector"] = dict(spec["nodeSelector"])
+    # spec.nodeSelector and tolerations are for the model pods (often GPU
+    # nodes); the router needs neither and goes wherever it fits.
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

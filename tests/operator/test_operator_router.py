@@ -133,3 +133,13 @@ def test_router_image_setting(monkeypatch):
     assert parse_args([]).router_image == resources.Images().router
     monkeypatch.setenv("CHATSTREAM_OPERATOR_ROUTER_IMAGE", "registry.example/router:1")
     assert parse_args([]).router_image == "registry.example/router:1"
+
+
+def test_router_does_not_follow_the_model_pods_node_selector():
+    """A GPU resource's nodeSelector without its GPU toleration would leave
+    the router unschedulable on tainted GPU nodes."""
+    resource = make_resource({"model": {"source": "builtin:smollm2-135m-instruct", "device": "cuda"},
+                              "nodeSelector": {"accelerator": "nvidia"}})
+    pod = router.deployment(resource, IMAGE)["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert resources.deployment(resource)["spec"]["template"]["spec"]["nodeSelector"] == {"accelerator": "nvidia"}
