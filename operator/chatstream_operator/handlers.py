@@ -68,15 +68,17 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
     resource = kube.get_resource(namespace, name)
     if resource is None or resource["metadata"].get("deletionTimestamp"):
         return None  # gone or going: the garbage collector removes the children
-    error, retry, deployment = None, None, None
+    error, retry, deployment, router_deployment = None, None, None, None
     try:
         _session_secrets(resource)
         kube.apply(resources.service(resource))
         deployment = kube.apply(resources.deployment(resource, images))
         # The session-affine router (router.py): config, headless pods
         # Service, router Service, router Deployment (at 0 when disabled).
-        for manifest in router.children(resource, images.router):
+        *router_children, router_manifest = router.children(resource, images.router)
+        for manifest in router_children:
             kube.apply(manifest)
+        router_deployment = kube.apply(router_manifest)
     except ApiException as err:
         if _namespace_going(err):
             log.info("namespace is being deleted; nothing to reconcile", extra=_ref(namespace, name))
@@ -84,7 +86,7 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
         error, retry = f"the API refused a child: {err.status} {err.reason}: {err.body}", RETRY_SECONDS
         log.warning(error, extra=_ref(namespace, name))
     pods = kube.list_pods(namespace, resources.selector(name))
-    new = status.compute(resource, deployment, pods, error, _now())
+    new = status.compute(resource, deployment, pods, error, _now(), router_deployment)
     if status.changed(resource, new):
         kube.patch_status(namespace, name, new)
     log.info("reconciled", extra=_ref(namespace, name))

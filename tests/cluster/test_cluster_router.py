@@ -37,8 +37,11 @@ def test_router_children_status_and_switch(operator, namespace):
     router = get("deployment", f"{NAME}-router", ns)
     assert router["spec"]["replicas"] == 1
     assert router["metadata"]["ownerReferences"][0]["name"] == NAME
-    wait_for("the router pod to be ready", lambda: (get("deployment", f"{NAME}-router", ns).get("status") or {})
-             .get("readyReplicas") == 1, timeout=90)
+    def router_ready():
+        conds = (get("csd", NAME, ns).get("status") or {}).get("conditions") or []
+        return any(c["type"] == "RouterReady" and c["status"] == "True" for c in conds)
+    wait_for("status to say the router is ready", router_ready, timeout=90)
+    assert get("deployment", f"{NAME}-router", ns)["status"]["readyReplicas"] == 1
     table = kubectl("get", "csd", NAME, "-n", ns).stdout.splitlines()
     assert endpoint in table[1].split()
 

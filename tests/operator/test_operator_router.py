@@ -143,3 +143,29 @@ def test_router_does_not_follow_the_model_pods_node_selector():
     pod = router.deployment(resource, IMAGE)["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert resources.deployment(resource)["spec"]["template"]["spec"]["nodeSelector"] == {"accelerator": "nvidia"}
+
+
+def _router_observed(ready: int) -> dict:
+    manifest = router.deployment(make_resource(), IMAGE)
+    return {**manifest, "status": {"replicas": 1, "readyReplicas": ready}}
+
+
+def test_status_says_whether_the_router_is_ready():
+    resource = make_resource()
+
+    def router_ready(router_deployment, old=None):
+        resource["status"] = old or {}
+        new = status.compute(resource, None, [], None, "2026-11-25T00:00:00Z", router_deployment)
+        return next((c for c in new["conditions"] if c["type"] == "RouterReady"), None), new
+
+    cond, new = router_ready(_router_observed(0))
+    assert (cond["status"], cond["reason"]) == ("False", "RouterNotReady")
+    cond, new = router_ready(_router_observed(1))
+    assert (cond["status"], cond["reason"]) == ("True", "RouterReady")
+    # Not read this time (the reconcile failed first): what was reported stays.
+    cond, _ = router_ready(None, old=new)
+    assert (cond["status"], cond["lastTransitionTime"]) == ("True", new["conditions"][-1]["lastTransitionTime"])
+    # Routing off: no router condition at all.
+    resource["spec"]["routing"]["enabled"] = False
+    cond, _ = router_ready(_router_observed(0), old=new)
+    assert cond is None
