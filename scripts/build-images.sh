@@ -115,7 +115,19 @@ build "localhost/chatstream-operator:$TAG" operator/Dockerfile "$BASE_IMAGE"
 build "localhost/chatstream:$TAG" service/Dockerfile "$BASE_IMAGE"
 build "localhost/chatstream-router:$TAG" router/Containerfile "$BASE_IMAGE"
 [ "$GPU" = 1 ] && build "localhost/chatstream-gpu:$TAG" service/Dockerfile.gpu "$GPU_BASE_IMAGE"
-# Layers of replaced builds are left dangling (several GB each, torch is in
-# them); the current images' chains have children and stay as build cache.
-say "pruning dangling layers: $(podman image prune -f | wc -l) removed"
+# Builds leave untagged layers behind (several GB each once torch is in
+# them). Some are the build cache of the images just built (the stages an
+# image copies from have no child), so prune only those a day old, and all of
+# them only when the disk runs short (the next build then redoes the last
+# stages and the node imports the image again).
+prune() {
+  local free_gb
+  free_gb="$(df -BG --output=avail "$(podman info --format '{{.Store.GraphRoot}}')" | tail -1 | tr -dc 0-9)"
+  if [ "$free_gb" -lt "${PRUNE_BELOW_GB:-25}" ]; then
+    say "only ${free_gb} GB free: pruning every untagged layer: $(podman image prune -f | wc -l) removed"
+  else
+    say "pruning untagged layers older than a day: $(podman image prune -f --filter until=24h | wc -l) removed"
+  fi
+}
+prune
 say "done"

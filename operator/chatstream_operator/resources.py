@@ -146,6 +146,12 @@ def _env(body: dict) -> list[dict]:
             "valueFrom": {"secretKeyRef": {"name": session_secret_name(meta["name"]), "key": SESSION_SECRET_KEY}},
         },
         {"name": envvars.OTEL_SERVICE_NAME, "value": meta["name"]},
+        # Which pod a span came from, in the OpenTelemetry k8s resource
+        # conventions: a trace backend tells the replicas apart by these.
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": envvars.OTEL_RESOURCE_ATTRIBUTES,
+         "value": f"k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),k8s.deployment.name={meta['name']}"},
         # Hub downloads need a writable home; the root filesystem is read-only.
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
     ]

@@ -136,7 +136,8 @@ class Telemetry:
             else record_content
         self.tracer = self.provider.get_tracer("chatstream")
         readers = list(metric_readers or [])
-        if otlp_configured and not metric_readers:
+        # OTEL_METRICS_EXPORTER=none (the SDK's own switch) keeps metrics to /metrics.
+        if otlp_configured and not metric_readers and os.environ.get(envvars.OTEL_METRICS_EXPORTER) != "none":
             readers.append(self._otlp_metric_reader())
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=[
             View(instrument_name=name, aggregation=ExplicitBucketHistogramAggregation(list(bounds)))

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 
 import httpx
 import pytest
 from node_helpers import (
-    ON_REAL_NODE, ROOT, apply, condition, example, get, get_list, run, service_url, wait_for,
+    ON_REAL_NODE, ROOT, apply, condition, example, get, get_list, kubectl, pod_ready, run, service_url, wait_for,
 )
 
 pytestmark = pytest.mark.node
@@ -46,6 +47,13 @@ def redis(ns: str, image: str) -> None:
            "spec": {"selector": labels, "ports": [{"port": 6379}]}}, ns)
     apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sessions"},
            "stringData": {"url": f"redis://redis.{ns}.svc:6379/0"}}, ns)
+
+
+def service_endpoints(name: str, ns: str) -> set[str]:
+    """The ready addresses behind a Service (its EndpointSlices)."""
+    slices = get_list("endpointslices", ns, f"kubernetes.io/service-name={name}")
+    return {a for s in slices for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready")
+            for a in e["addresses"]}
 
 
 def answered(pod_ip: str) -> int:
@@ -97,3 +105,55 @@ def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redi
     assert all(n > 0 for n in served.values()), f"one pod answered every turn: {served}"
     assert "Alice" in reply, reply
     assert prompt.count("<|im_start|>user") == turns, prompt
+
+
+
+def test_with_the_memory_store_a_conversation_is_lost_with_its_pod(operator_pod, namespace):
+    """What docs/sessions.md says a user loses with the memory store and 2
+    replicas: the Service keeps a client on one pod (sessionAffinity:
+    ClientIP), so the conversation holds while that pod lives; when it goes
+    (rollout, scale-down, eviction, crash) the next turn lands on a pod that
+    never saw it and starts again there, with a new session and cookie."""
+    ns, name = namespace, "memory"
+    apply(example(name, replicas=2, sessions={"store": "memory"},
+                  generation={"maxNewTokens": 16, "contextLength": 2048}), ns)
+    wait_for(f"{name} Ready", lambda: condition(get("csd", name, ns), "Ready").get("status") == "True",
+             timeout=600, interval=1)
+    assert get("service", name, ns)["spec"]["sessionAffinity"] == "ClientIP"
+    pods = {p["status"]["podIP"]: p["metadata"]["name"]
+            for p in get_list("pods", ns, f"app.kubernetes.io/instance={name}")}
+    assert len(pods) == 2
+    url = service_url(name, ns)
+    wait_for("the Service answering", lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=60)
+
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    with httpx.Client(base_url=url, timeout=120, limits=fresh) as client:
+        def say(text: str) -> str:
+            """The turn, and the pod that answered it."""
+            before = {ip: answered(ip) for ip in pods}
+            r = client.post("/chat_stream", json={"user_input": text})
+            assert r.status_code == 200, r.text
+            return next(ip for ip in pods if answered(ip) > before[ip])
+
+        served = {say(t) for t in ["My name is Alice.", "Name a color.", "Name a fruit.", "Name an animal."]}
+        assert len(served) == 1, f"the turns of one client spread over {served}"
+        [holder] = served
+        kubectl("delete", "pod", "-n", ns, pods[holder], "--wait=false")
+        del pods[holder]
+        t0 = time.monotonic()
+        # The next turn, once the Service has dropped the leaving pod (its
+        # preStop sleep keeps it answering for a few seconds).
+        wait_for("the Service without the deleted pod", lambda: holder not in service_endpoints(name, ns), timeout=60)
+        r = client.post("/chat_stream", json={"user_input": "What is my name?"})
+        assert r.status_code == 200, r.text
+        cookie = {"chatstream_session": client.cookies["chatstream_session"]}
+    # Whichever pod answered (the other one, or the replacement if it was
+    # already Ready) is the one that knows the session now.
+    live = [p["status"]["podIP"] for p in get_list("pods", ns, f"app.kubernetes.io/instance={name}")
+            if pod_ready(p) and p["status"]["podIP"] != holder]
+    prompts = [httpx.get(f"http://{ip}:8000/get_prompt", cookies=cookie, timeout=10).json()["prompt"] for ip in live]
+    [held] = [p for p in prompts if p]
+    print(f"memory store, 2 replicas: the pod holding a 4-turn conversation went away; the next turn "
+          f"({time.monotonic() - t0:.1f}s later) was answered by the other pod holding "
+          f"{held.count('<|im_start|>user') - 1} of the 4 earlier turns")
+    assert held.count("<|im_start|>user") == 1 and "Alice" not in held, held

@@ -37,6 +37,12 @@ def test_defaults_give_a_runnable_cpu_deployment():
     # No tracing section: no sampler override, no exporter.
     assert envvars.OTEL_EXPORTER_OTLP_ENDPOINT not in e and envvars.OTEL_TRACES_SAMPLER not in e
     assert e[envvars.OTEL_SERVICE_NAME] == "chat"
+    # Spans name their pod (the kubelet expands $(POD_NAME) from the downward API).
+    by_name = {x["name"]: x for x in c["env"]}
+    assert by_name["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert e[envvars.OTEL_RESOURCE_ATTRIBUTES].startswith("k8s.pod.name=$(POD_NAME),")
+    names = [x["name"] for x in c["env"]]
+    assert names.index("POD_NAME") < names.index(envvars.OTEL_RESOURCE_ATTRIBUTES)  # $(VAR) needs it defined first
 
 
 def test_children_are_owned_by_the_resource_and_selected_by_its_labels():
