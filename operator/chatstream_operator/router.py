@@ -189,7 +189,7 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
             "    option http-buffer-request",
             "    acl v1 path_beg /v1/",
             "    # /chat_stream and the other cookie APIs: the session id (the signed",
-            "    # cookie's first dot-separated field; the signature changes, the id not).",
+            "    # cookie's first dot-separated field: the timestamp and signature after it may change).",
             f"    http-request set-var(txn.key) req.cook({COOKIE}),field(1,.),regsub(^,c:) if !v1 {{ req.cook({COOKIE}) -m found }}",
             f"    # /v1: the {session_header} header, else the OpenAI `user` field, else a hash",
             "    # of the first message (the first two when the first is the system prompt:",
