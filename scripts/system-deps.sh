@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Debian packages the service tests use: a real browser for the chat page and a
-# real Redis for shared sessions.
+# real Redis for shared sessions, HAProxy for the session-affine router.
 # Idempotent: installs only what is missing. The cluster and image parts have
 # their own list (system-deps-cluster.sh), called from here.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)  # tests/router: the real router
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)  # tests/router: DNS for server-template
 if ((${#need[@]})); then
   echo "==> installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -1,7 +1,7 @@
 """kopf handlers: thin glue between watch events and one reconcile function.
 
 Level-triggered: an event about a ChatStreamDeployment, or about anything it
-owns (Deployment, Service, session Secrets, pods), only names the resource
+owns (Deployments, Services, session Secrets, the router's ConfigMap, pods), only names the resource
 to look at again. `reconcile` then reads what is there, puts back what is
 missing or drifted (server-side apply of the pure builders in resources.py),
 and writes the status computed by status.compute: the one place status is
@@ -22,11 +22,11 @@ import secrets
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import kube, resources, status
+from . import kube, resources, router, status
 from .workqueue import WorkQueue
 
 CSD = (resources.GROUP, resources.VERSION, resources.PLURAL)
-CHILDREN = [("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "secrets")]
+CHILDREN = [("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "secrets"), ("", "v1", "configmaps")]
 PODS = ("", "v1", "pods")
 POD_LABELS = {"app.kubernetes.io/name": "chatstream"}
 RETRY_SECONDS = 15  # after the API refused something; any event retries sooner
@@ -68,11 +68,17 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
     resource = kube.get_resource(namespace, name)
     if resource is None or resource["metadata"].get("deletionTimestamp"):
         return None  # gone or going: the garbage collector removes the children
-    error, retry, deployment = None, None, None
+    error, retry, deployment, router_deployment = None, None, None, None
     try:
         _session_secrets(resource)
         kube.apply(resources.service(resource))
         deployment = kube.apply(resources.deployment(resource, images))
+        # The session-affine router (router.py): config, headless pods
+        # Service, router Service, router Deployment (at 0 when disabled).
+        *router_children, router_manifest = router.children(resource, images.router)
+        for manifest in router_children:
+            kube.apply(manifest)
+        router_deployment = kube.apply(router_manifest)
     except ApiException as err:
         if _namespace_going(err):
             log.info("namespace is being deleted; nothing to reconcile", extra=_ref(namespace, name))
@@ -80,7 +86,7 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
         error, retry = f"the API refused a child: {err.status} {err.reason}: {err.body}", RETRY_SECONDS
         log.warning(error, extra=_ref(namespace, name))
     pods = kube.list_pods(namespace, resources.selector(name))
-    new = status.compute(resource, deployment, pods, error, _now())
+    new = status.compute(resource, deployment, pods, error, _now(), router_deployment)
     if status.changed(resource, new):
         kube.patch_status(namespace, name, new)
     log.info("reconciled", extra=_ref(namespace, name))

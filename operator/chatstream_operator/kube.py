@@ -35,6 +35,9 @@ def apply(manifest: dict) -> dict:
     elif manifest["kind"] == "Service":
         api = kubernetes.client.CoreV1Api()
         resp = api.patch_namespaced_service(meta["name"], meta["namespace"], manifest, **kw)
+    elif manifest["kind"] == "ConfigMap":
+        api = kubernetes.client.CoreV1Api()
+        resp = api.patch_namespaced_config_map(meta["name"], meta["namespace"], manifest, **kw)
     else:
         raise ValueError(f"cannot apply a {manifest['kind']}")
     return _json(resp)

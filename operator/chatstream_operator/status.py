@@ -8,7 +8,7 @@ decides what status says; handlers.py writes its result, and only there.
 
 from __future__ import annotations
 
-from . import resources
+from . import resources, router
 
 # Container waiting reasons that will not fix themselves without a change
 # (the kubelet's names). A pod in one of these is failing, not starting.
@@ -127,17 +127,33 @@ def _from_deployment(deployment: dict, failure: tuple[str, str] | None) -> tuple
     return fields, [ready_c, progressing_c, degraded_c]
 
 
-def compute(resource: dict, deployment: dict | None, pods: list[dict], error: str | None, now: str) -> dict:
+def _router_condition(router_deployment: dict, generation: int) -> dict:
+    st = router_deployment.get("status") or {}
+    ready = st.get("readyReplicas", 0)
+    if ready >= 1:
+        return _condition("RouterReady", True, "RouterReady", "the session-affine router has a ready pod", generation)
+    # Not ready while it sees no ready model pod, or when its pod cannot run.
+    return _condition("RouterReady", False, "RouterNotReady",
+                      f"{ready}/{router_deployment['spec'].get('replicas', 1)} router pods ready", generation)
+
+
+def compute(resource: dict, deployment: dict | None, pods: list[dict], error: str | None, now: str,
+            router_deployment: dict | None = None) -> dict:
     """The whole status of `resource`.
 
     deployment: the owned Deployment as last seen (None when the reconcile
     failed before it could be read); pods: the resource's pods; error: why
-    the last reconcile failed, if it did. Conditions keep their
-    lastTransitionTime while their status holds (see `merge_conditions`)."""
+    the last reconcile failed, if it did; router_deployment: the router's
+    Deployment as last seen (router.py), None when not read. Conditions keep
+    their lastTransitionTime while their status holds (see `merge_conditions`)."""
     meta = resource["metadata"]
     old = resource.get("status") or {}
     name, generation = meta["name"], meta.get("generation", 0)
     out = {"selector": resources.selector(name), "endpoint": resources.endpoint(name, meta["namespace"])}
+    # Where clients get session affinity (router.py); null removes it from
+    # the stored status (a merge patch) when routing is turned off.
+    routed = router.routing(resource["spec"])["enabled"]
+    out["routingEndpoint"] = router.routing_endpoint(name, meta["namespace"]) if routed else None
     if deployment is not None:
         fields, conditions = _from_deployment(deployment, pod_failure(pods))
         out.update(fields)
@@ -146,6 +162,15 @@ def compute(resource: dict, deployment: dict | None, pods: list[dict], error: st
         out.update({k: old[k] for k in ("replicas", "readyReplicas", "observedGeneration") if k in old})
         conditions = [c for c in old.get("conditions") or [] if c.get("type") != "Degraded"]
         conditions = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in conditions]
+    # RouterReady: only while routing is on; kept as it was when the router
+    # was not read this time.
+    kept = [c for c in conditions if c["type"] == "RouterReady"]
+    conditions = [c for c in conditions if c["type"] != "RouterReady"]
+    if routed and router_deployment is not None:
+        conditions.append(_router_condition(router_deployment, generation))
+    elif routed:
+        conditions += kept or [{k: v for k, v in c.items() if k != "lastTransitionTime"}
+                               for c in old.get("conditions") or [] if c.get("type") == "RouterReady"]
     if error is not None:
         conditions = [c for c in conditions if c["type"] != "Degraded"]
         conditions.append(_condition("Degraded", True, "ReconcileError", error, generation))

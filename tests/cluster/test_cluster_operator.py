@@ -131,8 +131,9 @@ def test_cpu_example_yields_deployment_service_and_ready_pods(cpu_example):
     assert {p["metadata"]["name"] for p in selected} == {p["metadata"]["name"] for p in ready_pods(name, ns)}
     assert condition(get("csd", name, ns), "Degraded")["status"] == "False"
     table = kubectl("get", "csd", name, "-n", ns).stdout.splitlines()
-    assert table[0].split() == ["NAME", "MODEL", "REPLICAS", "READY", "CONCURRENCY", "AGE"]
-    assert table[1].split()[:5] == [name, "builtin:smollm2-135m-instruct", "2", "2", "4"]
+    assert table[0].split() == ["NAME", "MODEL", "REPLICAS", "READY", "CONCURRENCY", "ROUTING", "AGE"]
+    assert table[1].split()[:6] == [name, "builtin:smollm2-135m-instruct", "2", "2", "4",
+                                    f"http://{name}-router.{ns}.svc:8000"]
 
 
 def test_gpu_example_asks_for_a_gpu_and_lands_on_the_gpu_node(operator, namespace):
@@ -214,7 +215,8 @@ def test_operator_restart_changes_nothing(cpu_example, operator):
     wait_for("the restarted operator to resume the resource", resumed, timeout=60)
     assert snapshot() == before
     assert get("csd", name, ns)["status"] == status_before
-    assert len(get_list("deployments", ns)) == 1 and len(get_list("services", ns)) == 1
+    # The pods' Deployment and Service, and the router's (docs/routing.md).
+    assert len(get_list("deployments", ns)) == 2 and len(get_list("services", ns)) == 3
 
 
 def test_pods_that_cannot_be_created_show_as_degraded(operator, namespace):

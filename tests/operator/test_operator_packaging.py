@@ -54,8 +54,9 @@ def test_default_service_images_agree():
     deployment = yaml.safe_load((ROOT / "manifests/operator.yaml").read_text())
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     images = resources.Images()
-    assert values["serviceImages"] == {"cpu": images.cpu, "gpu": images.gpu}
-    assert env == {"CHATSTREAM_OPERATOR_IMAGE": images.cpu, "CHATSTREAM_OPERATOR_GPU_IMAGE": images.gpu}
+    assert values["serviceImages"] == {"cpu": images.cpu, "gpu": images.gpu, "router": images.router}
+    assert env == {"CHATSTREAM_OPERATOR_IMAGE": images.cpu, "CHATSTREAM_OPERATOR_GPU_IMAGE": images.gpu,
+                   "CHATSTREAM_OPERATOR_ROUTER_IMAGE": images.router}
     chart_template = (CHART / "templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (CHATSTREAM_OPERATOR_\w+)", chart_template)) == set(env)
 

@@ -1,0 +1,79 @@
+"""Fixtures of the router tests: a real Redis, three real `chatstream serve`
+pods, and the real haproxy in front of them (see harness.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import socket
+
+import pytest
+
+from .harness import DNSMASQ, HAPROXY, REDIS, Dns, Pod, Router, free_port, wait_until
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    if REDIS is None:
+        pytest.fail("redis-server is not installed (scripts/system-deps.sh installs it)")
+    port = free_port()
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
+    wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None, 10,
+               "redis-server started")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def pods(redis_url, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("pods")
+    port = free_port()
+    started = [Pod(f"pod{i}", f"127.0.0.{i + 1}", port, redis_url, logs) for i in (1, 2, 3)]
+    try:
+        for pod in started:
+            pod.start()
+        for pod in started:
+            pod.wait_ready()
+        yield started
+    finally:
+        for pod in started:
+            if pod.proc and pod.proc.poll() is None:
+                pod.proc.terminate()
+                try:
+                    pod.proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    pod.kill()
+
+
+@pytest.fixture(scope="module")
+def proxy(pods, tmp_path_factory):
+    if HAPROXY is None:
+        pytest.fail("haproxy is not installed (scripts/system-deps.sh installs it)")
+    with Router(pods, tmp_path_factory.mktemp("router")) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def plain_proxy(pods, tmp_path_factory):
+    """The same config without its stick rules: the control that shows the
+    affinity assertions can fail."""
+    if HAPROXY is None:
+        pytest.fail("haproxy is not installed (scripts/system-deps.sh installs it)")
+    with Router(pods, tmp_path_factory.mktemp("plain"), affinity=False) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def dns_proxy(pods, tmp_path_factory):
+    """The cluster form of the config: pods found through DNS."""
+    if HAPROXY is None or DNSMASQ is None:
+        pytest.fail("haproxy or dnsmasq is not installed (scripts/system-deps.sh installs them)")
+    workdir = tmp_path_factory.mktemp("dns")
+    dns = Dns(workdir).start([p.host for p in pods])
+    try:
+        with Router(pods, workdir, nameserver=f"127.0.0.1:{dns.port}") as r:
+            r.dns = dns
+            yield r
+    finally:
+        dns.stop()
