@@ -20,7 +20,8 @@ say() { printf '[cluster %s] %s\n' "$(date +%T)" "$*" >&2; }
 CHATSTREAM_FAKE_NODES=0 "$ROOT/scripts/cluster-up.sh"
 kubectl get node chatstream-node >/dev/null 2>&1 || { say "no real node came up; see $CLUSTER_DIR/logs"; exit 1; }
 bash "$ROOT/scripts/build-images.sh"
-"$ROOT/scripts/node-up.sh" import localhost/chatstream-operator:0.1.0 localhost/chatstream:0.1.0
+"$ROOT/scripts/node-up.sh" import localhost/chatstream-operator:0.1.0 localhost/chatstream:0.1.0 \
+  localhost/chatstream-router:0.1.0
 say "helm install chatstream (the operator runs as a pod)"
 helm upgrade --install chatstream "$ROOT/charts/chatstream" --namespace chatstream-system \
   --create-namespace --wait --timeout 180s >/dev/null
@@ -38,13 +39,15 @@ sed "s/requests: {cpu: \"2\"/requests: {cpu: \"$CPU\"/" "$ROOT/manifests/example
   kubectl apply -n default -f -
 [ -z "$tracing" ] || kubectl patch -n default csd smollm2-cpu --type merge -p "$tracing" >/dev/null
 kubectl wait -n default --for=condition=Ready csd/smollm2-cpu --timeout=600s >/dev/null
+kubectl wait -n default --for=condition=RouterReady csd/smollm2-cpu --timeout=120s >/dev/null
 kubectl get -n default csd smollm2-cpu
 cat >&2 <<EOF
 
 The chat page, from this machine:
   export KUBECONFIG=$KUBECONFIG PATH=$BIN:\$PATH
-  kubectl port-forward -n default svc/smollm2-cpu 8000:8000
+  kubectl port-forward -n default svc/smollm2-cpu-router 8000:8000
   then open http://127.0.0.1:8000/   (its own recent traces: http://127.0.0.1:8000/traces)
+  (svc/smollm2-cpu-router keeps each conversation on one pod; svc/smollm2-cpu is the plain Service)
 EOF
 [ "$TRACES" = 1 ] && cat >&2 <<EOF
 The traces in Jaeger (query API; this build of Jaeger has no web UI):

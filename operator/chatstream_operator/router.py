@@ -311,7 +311,13 @@ def deployment(body: dict, image: str) -> dict:
                     {"name": "run", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}}],
     }
     # spec.nodeSelector and tolerations are for the model pods (often GPU
-    # nodes); the router needs neither and goes wherever it fits.
+    # nodes); the router has its own in spec.routing and otherwise goes
+    # wherever it fits.
+    placement = spec.get("routing") or {}
+    if placement.get("nodeSelector"):
+        pod_spec["nodeSelector"] = dict(placement["nodeSelector"])
+    if placement.get("tolerations"):
+        pod_spec["tolerations"] = [dict(t) for t in placement["tolerations"]]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

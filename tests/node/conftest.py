@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 from node_helpers import (
-    BIN, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, REDIS_IMAGE, RELEASE, RELEASE_NS, ROOT, SERVICE_IMAGE,
+    BIN, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, REDIS_IMAGE, RELEASE, RELEASE_NS, ROOT, ROUTER_IMAGE, SERVICE_IMAGE,
     TIMINGS, get, get_list, kubectl, pod_ready, record, run, wait_for,
 )
 
@@ -75,11 +75,12 @@ def node_images(node):
     """The images built from this tree, in the node's containerd."""
     subprocess.run(["bash", str(ROOT / "scripts/build-images.sh")], check=True, timeout=3600)
     t0 = time.monotonic()
-    out = run(str(ROOT / "scripts/node-up.sh"), "import", OPERATOR_IMAGE, SERVICE_IMAGE, timeout=1800)
+    images = {"operator": OPERATOR_IMAGE, "service": SERVICE_IMAGE, "router": ROUTER_IMAGE}
+    out = run(str(ROOT / "scripts/node-up.sh"), "import", *images.values(), timeout=1800)
     took = time.monotonic() - t0
-    warm = out.stderr.count("already imported") == 2
+    warm = out.stderr.count("already imported") == len(images)
     record(f"image import into containerd ({'unchanged, skipped' if warm else 'imported'})", took)
-    return {"operator": OPERATOR_IMAGE, "service": SERVICE_IMAGE}
+    return images
 
 
 @pytest.fixture(scope="session")

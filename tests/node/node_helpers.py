@@ -19,6 +19,7 @@ TAINT_KEY = "chatstream.io/real-node"
 RELEASE, RELEASE_NS = "chatstream", "chatstream-system"
 OPERATOR_IMAGE = "localhost/chatstream-operator:0.1.0"
 SERVICE_IMAGE = "localhost/chatstream:0.1.0"
+ROUTER_IMAGE = "localhost/chatstream-router:0.1.0"
 REDIS_IMAGE = "localhost/chatstream-test-redis:bookworm"
 QUESTION = "What is the capital of France?"
 
@@ -105,13 +106,14 @@ def pod_ready(pod: dict) -> bool:
 
 def example(name: str, replicas: int, cpu: str = "100m", **spec) -> dict:
     """manifests/examples/cpu-builtin.yaml as a user would apply it here:
-    pinned to the real node, with a CPU request this 2-core machine can
-    grant to several pods."""
+    pinned to the real node (the model pods and the router), with a CPU
+    request this 2-core machine can grant to several pods."""
     body = yaml.safe_load((ROOT / "manifests/examples/cpu-builtin.yaml").read_text())
     body["metadata"]["name"] = name
     body["spec"]["replicas"] = replicas
     body["spec"]["resources"]["requests"]["cpu"] = cpu
     body["spec"].update(ON_REAL_NODE)
+    body["spec"]["routing"] = dict(ON_REAL_NODE)  # the router (on by default) really runs too
     body["spec"].update(spec)
     return body
 

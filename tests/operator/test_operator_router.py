@@ -145,6 +145,17 @@ def test_router_does_not_follow_the_model_pods_node_selector():
     assert resources.deployment(resource)["spec"]["template"]["spec"]["nodeSelector"] == {"accelerator": "nvidia"}
 
 
+def test_router_placement_is_its_own():
+    """spec.routing.nodeSelector / tolerations place the router (a tainted
+    node the model pods also use, a pool for proxies)."""
+    where = {"nodeSelector": {"pool": "edge"}, "tolerations": [{"key": "edge", "operator": "Exists"}]}
+    resource = make_resource({"model": {"source": "builtin:smollm2-135m-instruct"}, "routing": where})
+    pod = router.deployment(resource, IMAGE)["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "edge"} and pod["tolerations"] == where["tolerations"]
+    model_pod = resources.deployment(resource)["spec"]["template"]["spec"]
+    assert model_pod.get("nodeSelector") != {"pool": "edge"}
+
+
 def _router_observed(ready: int) -> dict:
     manifest = router.deployment(make_resource(), IMAGE)
     return {**manifest, "status": {"replicas": 1, "readyReplicas": ready}}
