@@ -27,9 +27,13 @@ OTEL_BUCKETS = {
 
 
 class Metrics:
-    def __init__(self, admission, meter, model_name: str, cache_stats=lambda: None):
+    def __init__(self, admission, meter, model_name: str, cache_stats=lambda: None, engine_info=None):
         self.registry = CollectorRegistry()
         r = self.registry
+        if engine_info:  # what serves: device, dtype, the CPU linear kernel chosen at start
+            info = Gauge("chatstream_engine_info", "How the model is served (always 1)", sorted(engine_info),
+                         registry=r)
+            info.labels(**engine_info).set(1)
         self.model_attrs = {"gen_ai.operation.name": "chat", "gen_ai.request.model": model_name,
                             "gen_ai.provider.name": "chatstream"}
         running = Gauge("chatstream_requests_running", "Generations running now", registry=r)

@@ -68,9 +68,10 @@ TABLE: tuple[Setting, ...] = (
     S("device", str, "auto", envvars.DEVICE, "auto (CUDA when present), cpu, cuda or cuda:N", crd="model.device"),
     S("dtype", str, "auto", envvars.DTYPE, "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16",
       choices=("auto", "float32", "bfloat16", "float16"), crd="model.dtype"),
-    S("cpu_linear", str, "onednn", envvars.CPU_LINEAR,
-      "linear layers on the CPU: onednn (weights prepacked once) or torch (PyTorch's own kernel)",
-      choices=("onednn", "torch"), library="cpu_linear"),
+    S("cpu_linear", str, "auto", envvars.CPU_LINEAR,
+      "linear layers on the CPU: auto (time both kernels on the model at start, serve with the faster), "
+      "onednn (weights prepacked once) or torch (PyTorch's own kernel)",
+      choices=("auto", "onednn", "torch"), library="cpu_linear"),
     S("threads", int, 0, envvars.THREADS,
       "CPU threads for the model; 0 uses the schedulable CPUs, capped by the container's CPU limit", minimum=0),
     S("max_concurrent", int, 8, envvars.MAX_CONCURRENT,

@@ -72,7 +72,7 @@ class ChatStream:
         self.telemetry = telemetry or Telemetry()
         self.telemetry.model_name = self.model_name
         self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name,
-                               lambda: self.engine.prefix_cache_stats)
+                               lambda: self.engine.prefix_cache_stats, self.engine.info)
         self._callbacks: set[asyncio.Task] = set()
         self.engine.start()
 

@@ -10,7 +10,7 @@ import torch
 
 from chatstream import load_model
 from chatstream.engine import Engine
-from chatstream.engine.cpu_linear import PackedLinear, available, pack_linears
+from chatstream.engine.cpu_linear import MEASURED_ROWS, PackedLinear, available, choose, pack_linears, speedup
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -101,3 +101,30 @@ def test_layers_with_bias_and_3d_inputs():
         got = model(x)
     assert isinstance(model[0], PackedLinear) and model[0].bias is not None
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_serves_with_the_kernel_it_measured_faster():
+    model, tok = fresh()
+    engine = Engine(model, tok, max_batch=2, cpu_linear="auto")
+    timings = engine.linear_timings
+    assert set(timings) == set(MEASURED_ROWS)
+    assert all(t["torch"] > 0 and t["onednn"] > 0 for t in timings.values())
+    # More rows cost more: the timings measure the layers, not the timer.
+    assert timings[128]["torch"] > timings[1]["torch"]
+    assert engine.cpu_linear == choose(timings)
+    assert (engine.packed_linears > 0) == (engine.cpu_linear == "onednn")
+    assert isinstance(model.lm_head, PackedLinear) == (engine.cpu_linear == "onednn")
+    # A second engine over the same model keeps what the first chose, without measuring again.
+    again = Engine(model, tok, max_batch=2, cpu_linear="auto")
+    assert again.cpu_linear == engine.cpu_linear and again.linear_timings is None
+
+
+def test_the_choice_needs_a_clear_win_in_every_regime_together():
+    def timings(*ratios):  # torch / onednn per row count
+        return {n: {"torch": r, "onednn": 1.0} for n, r in zip(MEASURED_ROWS, ratios)}
+    assert choose(timings(2.0, 2.0, 2.0)) == "onednn"
+    assert choose(timings(1.02, 1.03, 1.01)) == "torch"  # within the margin: leave the model as it is
+    assert choose(timings(0.5, 0.6, 0.7)) == "torch"
+    # A large win in one regime does not hide a loss in the others: the geometric mean decides.
+    assert abs(speedup(timings(4.0, 0.5, 0.5)) - 1.0) < 1e-9
+    assert choose(timings(4.0, 0.5, 0.5)) == "torch"

@@ -34,7 +34,8 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 @pytest.fixture
 def engine(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16)
+    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16,
+                 cpu_linear="onednn")
     eng.start()
     yield eng
     eng.stop()

@@ -31,6 +31,25 @@ def test_local_directory(converted):
     assert model.served_name == converted.name
 
 
+def test_the_converted_model_carries_no_gguf_marker(converted, tmp_path, monkeypatch):
+    # The weights are plain floats: the GGUF quantization_config that save_pretrained copies would make
+    # transformers attach its GGUF quantizer to every load, and vLLM refuse the directory.
+    import json
+    assert "quantization_config" not in json.loads((converted / "config.json").read_text())
+    model, _ = load_model(str(converted), device="cpu", dtype="bfloat16")
+    assert getattr(model, "hf_quantizer", None) is None
+    # A conversion cached by an older version (marker still there) is cleaned when it is next used.
+    monkeypatch.setenv("CHATSTREAM_CACHE_DIR", str(tmp_path))
+    old = tmp_path / "models" / converted.name
+    shutil.copytree(converted, old)
+    config = json.loads((old / "config.json").read_text())
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (old / "config.json").write_text(json.dumps(config))
+    assert prepare_builtin(converted.name) == old
+    assert json.loads((old / "config.json").read_text()) == {
+        k: v for k, v in config.items() if k != "quantization_config"}
+
+
 def test_hub_id_offline_from_a_hub_cache(converted, tmp_path, monkeypatch):
     """hf:ORG/NAME resolves through huggingface_hub's cache layout with the hub offline."""
     repo = tmp_path / "hub" / "models--acme--tiny-chat"

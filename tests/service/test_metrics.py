@@ -75,3 +75,6 @@ def test_prometheus_and_otel_agree(model_and_tokenizer, live_server):
                               if n == prom_name + "_bucket" and dict(labels)["le"] != "+Inf")
         assert list(point.explicit_bounds) == prom_buckets
     assert p[("chatstream_requests_running", ())] == [pt.value for pt in o["chatstream.requests.running"]][0] == 0
+    [info] = [dict(labels) for (n, labels), v in p.items() if n == "chatstream_engine_info" and v == 1]
+    assert info == {"device": "cpu", "dtype": "float32", "cpu_linear": chat_stream.engine.cpu_linear}
+    assert info["cpu_linear"] in ("onednn", "torch")

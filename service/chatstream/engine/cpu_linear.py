@@ -21,6 +21,7 @@ was.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -58,6 +59,73 @@ def available(model: torch.nn.Module) -> str | None:
     return None
 
 
+# Row counts a served model's linear layers see: one decoding stream, a busy decode batch, a prefill chunk.
+MEASURED_ROWS = (1, 16, 128)
+KERNELS = ("torch", "onednn")
+
+
+def measure(model: torch.nn.Module, rows: tuple[int, ...] = MEASURED_ROWS, rounds: int = 5,
+            batch_hint: int = 32) -> dict[int, dict[str, float]]:
+    """Seconds one pass through every linear layer of ``model`` takes with each kernel, per row count.
+
+    Each distinct weight shape is timed on the model's own first weight of that shape and counted as
+    often as the model has it. The two kernels are timed alternately and the fastest of ``rounds``
+    rounds is kept, so a busy neighbour slows both alike instead of biasing the choice. About a
+    second for SmolLM2-135M on 2 cores.
+    """
+    layers: dict[tuple[int, int], list[torch.nn.Linear]] = {}
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            layers.setdefault((m.in_features, m.out_features), []).append(m)
+    totals = {n: dict.fromkeys(KERNELS, 0.0) for n in rows}
+    with torch.inference_mode():
+        for (features, _), same in layers.items():
+            weight, bias = same[0].weight.detach(), same[0].bias
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+            kernels = {
+                "torch": lambda x: torch.nn.functional.linear(x, weight, bias),
+                "onednn": lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], ""),
+            }
+            for n in rows:
+                x = torch.randn(n, features).to(weight.dtype)
+                start = time.perf_counter()
+                kernels["torch"](x)  # warm-up, and a guess at how many calls fill ~2 ms
+                repeat = max(1, min(32, int(2e-3 / max(time.perf_counter() - start, 1e-6))))
+                best = dict.fromkeys(KERNELS, float("inf"))
+                for _ in range(rounds):
+                    for name, run in kernels.items():
+                        start = time.perf_counter()
+                        for _ in range(repeat):
+                            run(x)
+                        best[name] = min(best[name], (time.perf_counter() - start) / repeat)
+                for name in KERNELS:
+                    totals[n][name] += best[name] * len(same)
+    return totals
+
+
+def speedup(timings: dict[int, dict[str, float]]) -> float:
+    """How much faster oneDNN is than PyTorch's kernel: the geometric mean over the row counts."""
+    ratios = [t["torch"] / t["onednn"] for t in timings.values()]
+    product = 1.0
+    for r in ratios:
+        product *= r
+    return product ** (1 / len(ratios))
+
+
+def choose(timings: dict[int, dict[str, float]], margin: float = 0.05) -> str:
+    """The kernel to serve with: oneDNN only when it is faster by more than ``margin`` overall.
+
+    Each row count weighs the same (one stream, a decode batch, a prefill), so neither regime hides
+    a loss in the other. Without a clear win the model is left as it is, with its own layers.
+    """
+    return "onednn" if speedup(timings) > 1 + margin else "torch"
+
+
+def packed_count(model: torch.nn.Module) -> int:
+    """How many of the model's layers already hold oneDNN prepacked weights."""
+    return sum(isinstance(m, PackedLinear) for m in model.modules())
+
+
 def pack_linears(model: torch.nn.Module, batch_hint: int = 32) -> int:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`PackedLinear`; return how many the model now has.
 
@@ -86,7 +154,7 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 32) -> int:
         setattr(parent, name, replacement)
     if swaps:
         _release_checkpoint_mapping(model)
-    count = sum(isinstance(m, PackedLinear) for m in model.modules())
+    count = packed_count(model)
     log.info("%d linear layers use oneDNN prepacked weights", count)
     return count
 

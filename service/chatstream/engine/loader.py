@@ -11,6 +11,7 @@ Sources:
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -99,6 +100,7 @@ def prepare_builtin(name: str) -> Path:
     """Convert the builtin GGUF to a safetensors directory once; return that directory."""
     target = cache_dir() / "models" / name
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        drop_gguf_marker(target)  # a conversion made before the marker was dropped
         return target
     gguf = builtin_gguf(name)
     log.info("converting %s to safetensors under %s (once)", gguf.name, target)
@@ -108,12 +110,31 @@ def prepare_builtin(name: str) -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        drop_gguf_marker(staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)  # atomic: a half-written conversion is never picked up
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def drop_gguf_marker(directory: Path) -> None:
+    """Remove the GGUF ``quantization_config`` that ``save_pretrained`` copies into config.json.
+
+    The saved weights are plain float tensors, but the key makes transformers attach its GGUF
+    quantizer to every later load (it warns about packed weights that are not there and marks the
+    model unserializable), and other tools refuse the directory (vLLM: "gguf" is not a
+    quantization it loads from safetensors). Written atomically: a reader never sees half a file.
+    """
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del config["quantization_config"]
+    staging = config_path.with_name(".config.json.tmp")
+    staging.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    staging.replace(config_path)
 
 
 def _load_gguf(path: Path):

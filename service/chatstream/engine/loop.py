@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .cpu_linear import pack_linears
+from . import cpu_linear as linear_kernels
 from .events import Failed, Finished
 from .output import OutputProcessor
 from .runner import ModelRunner
@@ -45,23 +45,40 @@ __all__ = ["Engine", "Sequence", "default_eos_ids"]
 class Engine:
     """Continuous batching over a slot KV cache, on a thread of its own.
 
-    The engine takes ownership of ``model``. With ``cpu_linear="onednn"`` (the default) every
-    ``nn.Linear`` of the model is replaced, in place, by a layer holding its weight prepacked for
-    oneDNN (cpu_linear.py): the weights are moved, not copied, so serving costs no second copy of
-    the model. The model still computes the same function afterwards, but it no longer holds
+    The engine takes ownership of ``model``. On the CPU, ``cpu_linear="auto"`` (the default) times
+    PyTorch's linear kernel against oneDNN's prepacked one on the model's own weight shapes (about a
+    second at start, cpu_linear.py) and serves with the faster: which one wins depends on the CPU
+    (on the AMD EPYC of bench/results oneDNN is 1.6x faster over a float32 step; where the BLAS is
+    fast the margin may vanish). ``"onednn"`` packs without measuring, ``"torch"`` never packs.
+    Packing replaces every ``nn.Linear`` of the model, in place, by a layer holding its weight
+    prepacked for oneDNN: the weights are moved, not copied, so serving costs no second copy of the
+    model. The model still computes the same function afterwards, but it no longer holds
     ``nn.Linear`` layers or their weights: do not train it or save its ``state_dict``. Packing a
     shallow clone instead would leave the caller's layers intact only by keeping both the original
     and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights) packing in place grows
     the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
-    ``cpu_linear="torch"`` leaves the model untouched.
+    ``engine.cpu_linear`` says which kernel serves, ``engine.linear_timings`` what was measured.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
                  prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
-                 cpu_linear: str = "onednn", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0):
-        if cpu_linear not in ("onednn", "torch"):
-            raise ValueError(f"cpu_linear must be 'onednn' or 'torch', not {cpu_linear!r}")
-        self.packed_linears = pack_linears(model) if cpu_linear == "onednn" else 0
+                 cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0):
+        if cpu_linear not in ("auto", "onednn", "torch"):
+            raise ValueError(f"cpu_linear must be 'auto', 'onednn' or 'torch', not {cpu_linear!r}")
+        self.linear_timings = None
+        if cpu_linear == "auto":
+            cpu_linear = "torch"
+            if linear_kernels.packed_count(model):  # a second engine over a model the first one packed
+                cpu_linear = "onednn"
+            elif linear_kernels.available(model) is None:
+                self.linear_timings = linear_kernels.measure(model)
+                cpu_linear = linear_kernels.choose(self.linear_timings)
+                log.info("linear kernels measured on this CPU: oneDNN %.2fx PyTorch's (%s); serving with %s",
+                         linear_kernels.speedup(self.linear_timings),
+                         ", ".join(f"{n} rows {t['torch'] * 1e3:.1f} vs {t['onednn'] * 1e3:.1f} ms"
+                                   for n, t in self.linear_timings.items()), cpu_linear)
+        self.packed_linears = linear_kernels.pack_linears(model) if cpu_linear == "onednn" else 0
+        self.cpu_linear = "onednn" if self.packed_linears else "torch"
         if self.packed_linears:
             log.info("the engine owns the model: its linear layers now hold oneDNN prepacked weights")
         self.tokenizer = tokenizer
@@ -99,6 +116,14 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    @property
+    def info(self) -> dict[str, str]:
+        """How the model is served, for /metrics: device, dtype and the linear kernel."""
+        param = next(self.model.parameters(), None)
+        dtype = str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
+        kernel = self.cpu_linear if self.device.type == "cpu" else "n/a"
+        return {"device": self.device.type, "dtype": dtype, "cpu_linear": kernel}
 
     @property
     def eos(self) -> set[int]:
