@@ -66,14 +66,18 @@ class Ours(Peer):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "service"), env.get("PYTHONPATH")) if p)
         return env
 
+    prefix_cache_tokens: int | None = None  # None: the server's default (--prefix-cache-tokens 4096)
+
     def command(self, model_dir, port, max_clients, new_tokens):
+        cache = [] if self.prefix_cache_tokens is None else ["--prefix-cache-tokens", str(self.prefix_cache_tokens)]
         self.notes = [f"chatstream serve --max-concurrent {max_clients} --max-queue {4 * max_clients} "
-                      f"--max-new-tokens {new_tokens} --temperature 0 --device cpu --dtype {self.dtype}, "
-                      "driven through /v1/chat/completions stream=true with stream_options.include_usage"]
+                      f"--max-new-tokens {new_tokens} --temperature 0 --device cpu --dtype {self.dtype} "
+                      f"{' '.join(cache)}, driven through /v1/chat/completions stream=true with "
+                      "stream_options.include_usage"]
         return [str(ROOT / ".venv" / "bin" / "chatstream"), "serve", "--model", model_dir,
                 "--host", "127.0.0.1", "--port", str(port), "--max-concurrent", str(max_clients),
                 "--max-queue", str(4 * max_clients), "--max-new-tokens", str(new_tokens),
-                "--temperature", "0", "--device", "cpu", "--dtype", self.dtype]
+                "--temperature", "0", "--device", "cpu", "--dtype", self.dtype, *cache]
 
 
 class OursTorchLinear(Ours):

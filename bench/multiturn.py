@@ -134,6 +134,32 @@ def workload_stats(run, deltas: dict) -> dict:
     }
 
 
+class CacheSampler:
+    """Polls ours' /metrics while the conversations run: the peak KV the prefix cache holds."""
+
+    NAMES = ("chatstream_prefix_cache_tokens", "chatstream_prefix_cache_bytes")
+
+    def __init__(self, base: str, every_s: float = 0.25):
+        import threading
+        self.base, self.every_s, self.peak = base, every_s, dict.fromkeys(self.NAMES, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            m = read_metrics(self.base) or {}
+            for n in self.NAMES:
+                self.peak[n] = max(self.peak[n], m.get(n, 0.0))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def count_tokens(tokenizer, records) -> None:
     todo = [r for r in records if r.text and r.tokens is None]
     if todo:
@@ -162,8 +188,9 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
         sampler = RSSSampler(server.proc.pid).start()
         sampler.mark("run")
         busy0, srv0 = machine_busy_seconds(), cpu_seconds(server.proc.pid)
-        run = asyncio.run(run_workload(api, server.base, model, users, turns, args.new_tokens,
-                                       think_s=args.think, log=log))
+        with CacheSampler(server.base) as cache:
+            run = asyncio.run(run_workload(api, server.base, model, users, turns, args.new_tokens,
+                                           think_s=args.think, log=log))
         busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
         sampler.stop()
         after = read_metrics(server.base)
@@ -174,6 +201,12 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
                  metrics_exposed=before is not None,
                  server_cpu_cores=round(srv / wall, 2), client_cpu_cores=round(run.cpu_s / wall, 2),
                  other_cpu_cores=round(max(0.0, busy - srv - run.cpu_s) / wall, 2))
+        if key == "ours":
+            s["prefix_cache_peak_tokens"] = cache.peak["chatstream_prefix_cache_tokens"]
+            s["prefix_cache_peak_bytes"] = cache.peak["chatstream_prefix_cache_bytes"]
+            s["prefix_cache_budget_tokens"] = args.prefix_cache_tokens
+            log(f"     prefix cache peak: {s['prefix_cache_peak_tokens']:.0f} of {args.prefix_cache_tokens} tokens, "
+                f"{s['prefix_cache_peak_bytes'] / 2**20:.1f} MiB")
         out.update(s)
         p = s["per_turn"]
         log(f"     {s['tok_s']:.1f} tok/s over {s['wall_s']:.1f}s, TTFT p50 turn 1 {_ms(p[0]['ttft_p50_ms'])} -> "
@@ -224,6 +257,10 @@ def goals(results: dict) -> list[dict]:
             x = ratio(last, first)
             add(f"{shape} {o}: TTFT p50 at the last turn <= 1.2x turn 1's", None if x is None else x <= 1.2,
                 "n/a" if x is None else f"{last:,.0f} vs {first:,.0f} ms = {x:.2f}x")
+            if r.get("prefix_cache_peak_tokens") is not None:
+                peak, budget = r["prefix_cache_peak_tokens"], r["prefix_cache_budget_tokens"]
+                add(f"{shape} {o}: cached KV inside its budget", peak <= budget,
+                    f"peak {peak:.0f} of {budget} tokens ({r['prefix_cache_peak_bytes'] / 2**20:.1f} MiB)")
             mine = r["per_turn"][-1]["ttft_p99_ms"]
             theirs = v["per_turn"][-1]["ttft_p99_ms"] if v else None
             add(f"{shape} {o}: TTFT p99 at the last turn below vLLM's",
@@ -299,6 +336,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="8x8,16x6", help="comma-separated USERSxTURNS")
     ap.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma-separated, from {DEFAULT_TARGETS}")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                    help="ours' KV budget (--prefix-cache-tokens of chatstream serve; 4096 is its default)")
     ap.add_argument("--think", type=float, default=0.0, help="seconds a user waits between its turns")
     ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 users x 3 turns, no waiting for quiet")
@@ -319,6 +358,7 @@ def main() -> None:
         if t not in TARGETS:
             sys.exit(f"unknown target {t!r}; choose from {DEFAULT_TARGETS}")
 
+    PEERS["ours"].prefix_cache_tokens = args.prefix_cache_tokens
     ensure_peers(sorted({TARGETS[t][0] for t in targets}))
     model_path = model_dir(args.model)
     log(f"==> model {model_path}")
