@@ -72,6 +72,12 @@ def get_list(kind: str, namespace: str, selector: str = "") -> list[dict]:
     return json.loads(kubectl(*args).stdout)["items"]
 
 
+def model_pods(name: str, namespace: str) -> list[dict]:
+    """The resource's model pods: its router's pods share the instance label, not the name label."""
+    from chatstream_operator import resources
+    return get_list("pods", namespace, resources.selector(name))
+
+
 def apply(manifest: dict | str, namespace: str) -> subprocess.CompletedProcess:
     text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
     return kubectl("apply", "-n", namespace, "-f", "-", input=text)

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 from node_helpers import (
-    NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, QUESTION, RELEASE_NS, SERVICE_IMAGE, apply, condition, example,
-    get, get_list, kubectl, pod_ready, record, service_url, wait_for,
+    NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, QUESTION, RELEASE_NS, SERVICE_IMAGE, apply, condition, example, get,
+    get_list, kubectl, model_pods, pod_ready, record, service_url, wait_for,
 )
 
 pytestmark = pytest.mark.node
@@ -61,7 +61,7 @@ def test_operator_runs_in_the_cluster_as_a_pod(operator_pod):
 
 def test_pods_run_on_the_node_and_are_ready_by_their_probes(chat):
     ns, _ = chat
-    pods = get_list("pods", ns, f"app.kubernetes.io/instance={NAME}")
+    pods = model_pods(NAME, ns)
     assert len(pods) == 2
     for pod in pods:
         assert pod["spec"]["nodeName"] == NODE_NAME

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 from node_helpers import (
-    apply, condition, example, get, get_list, kubectl, record, service_url, wait_for,
+    apply, condition, example, get, kubectl, model_pods, record, service_url, wait_for,
 )
 from streams import Load, stream_once
 
@@ -30,7 +30,7 @@ def ready(name: str, ns: str, generation: int | None = None) -> bool:
 
 
 def pods(name: str, ns: str) -> list[dict]:
-    return get_list("pods", ns, f"app.kubernetes.io/instance={name}")
+    return model_pods(name, ns)
 
 
 def serving(name: str, ns: str, replicas: int) -> None:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from node_helpers import (
-    apply, condition, example, get, get_list, kubectl, pod_ready, record, redis, service_url, wait_for,
+    apply, condition, example, get, kubectl, model_pods, pod_ready, record, redis, service_url, wait_for,
 )
 
 pytestmark = pytest.mark.node
@@ -109,7 +109,7 @@ def routed(operator_pod, redis_image, module_namespace):
 
 
 def pod_ips(ns: str) -> list[str]:
-    return [p["status"]["podIP"] for p in get_list("pods", ns, f"app.kubernetes.io/instance={NAME}") if pod_ready(p)]
+    return [p["status"]["podIP"] for p in model_pods(NAME, ns) if pod_ready(p)]
 
 
 def test_routing_keeps_each_conversation_on_one_pod_and_its_cache(routed):
@@ -161,7 +161,7 @@ def test_a_conversation_whose_pod_goes_away_moves_and_keeps_its_history(routed):
         before = {ip: pod_metrics(ip)["chatstream_prompt_tokens_total"] for ip in pod_ips(ns)}
         say("Name a tree.")
         [holder] = [ip for ip in before if pod_metrics(ip)["chatstream_prompt_tokens_total"] > before[ip]]
-        name = next(p["metadata"]["name"] for p in get_list("pods", ns, f"app.kubernetes.io/instance={NAME}")
+        name = next(p["metadata"]["name"] for p in model_pods(NAME, ns)
                     if p["status"].get("podIP") == holder)
         kubectl("delete", "pod", "-n", ns, name, "--wait=false")
         t0 = time.monotonic()

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from node_helpers import (
-    apply, condition, example, get, get_list, kubectl, pod_ready, redis, service_url, wait_for,
+    apply, condition, example, get, get_list, kubectl, model_pods, pod_ready, redis, service_url, wait_for,
 )
 
 pytestmark = pytest.mark.node
@@ -37,7 +37,7 @@ def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redi
              timeout=600, interval=1)
     svc = get("service", name, ns)
     assert svc["spec"]["sessionAffinity"] == "None"  # any pod may answer any turn
-    ips = [p["status"]["podIP"] for p in get_list("pods", ns, f"app.kubernetes.io/instance={name}")]
+    ips = [p["status"]["podIP"] for p in model_pods(name, ns)]
     assert len(ips) == 2
     url = service_url(name, ns)
     wait_for("the Service answering", lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=60)
@@ -87,7 +87,7 @@ def test_with_the_memory_store_a_conversation_is_lost_with_its_pod(operator_pod,
              timeout=600, interval=1)
     assert get("service", name, ns)["spec"]["sessionAffinity"] == "ClientIP"
     pods = {p["status"]["podIP"]: p["metadata"]["name"]
-            for p in get_list("pods", ns, f"app.kubernetes.io/instance={name}")}
+            for p in model_pods(name, ns)}
     assert len(pods) == 2
     url = service_url(name, ns)
     wait_for("the Service answering", lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, timeout=60)
@@ -115,7 +115,7 @@ def test_with_the_memory_store_a_conversation_is_lost_with_its_pod(operator_pod,
         cookie = {"chatstream_session": client.cookies["chatstream_session"]}
     # Whichever pod answered (the other one, or the replacement if it was
     # already Ready) is the one that knows the session now.
-    live = [p["status"]["podIP"] for p in get_list("pods", ns, f"app.kubernetes.io/instance={name}")
+    live = [p["status"]["podIP"] for p in model_pods(name, ns)
             if pod_ready(p) and p["status"]["podIP"] != holder]
     prompts = [httpx.get(f"http://{ip}:8000/get_prompt", cookies=cookie, timeout=10).json()["prompt"] for ip in live]
     [held] = [p for p in prompts if p]

@@ -13,7 +13,8 @@ import httpx
 import pytest
 import yaml
 from node_helpers import (
-    ON_REAL_NODE, QUESTION, ROOT, apply, condition, example, get, get_list, pod_ready, record, run, wait_for,
+    ON_REAL_NODE, QUESTION, ROOT, apply, condition, example, get, get_list, model_pods, pod_ready, record, run,
+    wait_for,
 )
 
 pytestmark = pytest.mark.node
@@ -94,7 +95,7 @@ def test_chat_spans_from_every_replica_reach_the_in_cluster_trace_backend(operat
     wait_for(f"{NAME} Ready", lambda: condition(get("csd", NAME, ns), "Ready").get("status") == "True",
              timeout=600, interval=1)
     pods = {p["status"]["podIP"]: p["metadata"]["name"]
-            for p in get_list("pods", ns, f"app.kubernetes.io/instance={NAME}") if pod_ready(p)}
+            for p in model_pods(NAME, ns) if pod_ready(p)}
     assert len(pods) == 2, pods
 
     # Each pod directly (so that both replicas are certain to serve), plus
