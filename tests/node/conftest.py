@@ -54,7 +54,22 @@ def _cluster_is_up() -> bool:
 
 
 @pytest.fixture(scope="session")
-def node():
+def image_build():
+    """scripts/build-images.sh (incremental), started before the cluster so
+    that on a fresh machine the image build (downloads, unpacking, layer
+    commits) runs beside the Go build of the binaries (niced) instead of after
+    it; node_images waits for it. Its output goes to .cluster/build-images.log."""
+    CLUSTER_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = CLUSTER_DIR / "build-images.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["bash", str(ROOT / "scripts/build-images.sh")], stdout=log, stderr=subprocess.STDOUT)
+    yield proc, log_path, time.monotonic()
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def node(image_build):
     """The cluster with its real node Ready: reused when already up (make
     cluster); otherwise started here and stopped after the session
     (CHATSTREAM_KEEP_CLUSTER=1 keeps it)."""
@@ -71,9 +86,13 @@ def node():
 
 
 @pytest.fixture(scope="session")
-def node_images(node):
+def node_images(node, image_build):
     """The images built from this tree, in the node's containerd."""
-    subprocess.run(["bash", str(ROOT / "scripts/build-images.sh")], check=True, timeout=3600)
+    proc, log_path, started = image_build
+    if proc.wait(timeout=3600) != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        pytest.fail(f"scripts/build-images.sh failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
+    record("image build (beside cluster-up), until both were done", time.monotonic() - started)
     t0 = time.monotonic()
     images = {"operator": OPERATOR_IMAGE, "service": SERVICE_IMAGE, "router": ROUTER_IMAGE}
     out = run(str(ROOT / "scripts/node-up.sh"), "import", *images.values(), timeout=1800)
