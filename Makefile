@@ -26,7 +26,7 @@ serve: model
 
 test: model
 	bash scripts/system-deps.sh
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra --durations=20
 
 test-fast: model
 	$(PY) -m pytest -ra -m "not cluster and not images and not browser and not node"

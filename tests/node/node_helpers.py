@@ -30,13 +30,20 @@ ON_REAL_NODE = {
     "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
 }
 
-TIMINGS: list[tuple[str, float]] = []
+TIMINGS: list[str] = []
 
 
-def record(what: str, seconds: float) -> None:
+def record(what: str, value: float, unit: str = "s") -> None:
     """A figure the session prints at its end (pytest -ra shows no stdout)."""
-    TIMINGS.append((what, seconds))
-    print(f"[timing] {what}: {seconds:.1f}s")
+    line = f"{what}: {value:.1f}{unit}"
+    TIMINGS.append(line)
+    print(f"[figure] {line}")
+
+
+def report(line: str) -> None:
+    """A line of measured figures the session prints at its end."""
+    TIMINGS.append(line)
+    print(f"[figure] {line}")
 
 
 def env() -> dict:

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 from node_helpers import (
-    apply, condition, example, get, kubectl, model_pods, record, service_url, wait_for,
+    apply, condition, example, get, kubectl, model_pods, record, report, service_url, wait_for,
 )
 from streams import Load, stream_once
 
@@ -64,8 +64,8 @@ def test_rollout_and_scale_down_under_load_cut_no_stream(operator_pod, namespace
         wait_for("more streams on the last pod", lambda: load.tally.completed >= 8, timeout=120)
     tally = load.tally
     print(f"rollout and scale-down under load: {tally} (after the rollout: {during_rollout})")
-    record(f"streams during rollout + scale: {tally.completed} completed, {len(tally.cut)} cut, "
-           f"{len(tally.failed)} failed; longest stream", tally.longest)
+    report(f"streams during rollout + scale: {tally.completed} completed, {len(tally.cut)} cut, "
+           f"{len(tally.failed)} failed; longest stream {tally.longest:.1f}s")
     assert not tally.cut, tally.cut[:5]
     assert not tally.failed, tally.failed[:5]
     assert tally.longest < GRACE + 60, f"a request waited {tally.longest:.0f}s, longer than the drain allows"

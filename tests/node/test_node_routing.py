@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from node_helpers import (
-    apply, condition, example, get, kubectl, model_pods, pod_ready, record, redis, service_url, wait_for,
+    apply, condition, example, get, kubectl, model_pods, pod_ready, record, redis, report, service_url, wait_for,
 )
 
 pytestmark = pytest.mark.node
@@ -118,12 +118,11 @@ def test_routing_keeps_each_conversation_on_one_pod_and_its_cache(routed):
     assert len(ips) == 2
     via_plain = workload(plain, ips)
     via_router = workload(router, ips)
-    print(show("plain Service", via_plain))
-    print(show("router       ", via_router))
-    print(f"router / plain: tok/s {via_router['tok_s'] / via_plain['tok_s']:.2f}x, "
-          f"TTFT p50 at the last turn {via_router['ttft'][TURNS - 1] / via_plain['ttft'][TURNS - 1]:.2f}x, "
-          f"cache hit {via_router['hit']:.0%} vs {via_plain['hit']:.0%}")
-    record("multi-turn through the router: tok/s", via_router["tok_s"])
+    report(show("multi-turn, plain Service", via_plain))
+    report(show("multi-turn, router       ", via_router))
+    report(f"multi-turn, router / plain: tok/s {via_router['tok_s'] / via_plain['tok_s']:.2f}x, "
+           f"TTFT p50 at the last turn {via_router['ttft'][TURNS - 1] / via_plain['ttft'][TURNS - 1]:.2f}x, "
+           f"cache hit {via_router['hit']:.0%} vs {via_plain['hit']:.0%}")
     for conv in via_router["convs"]:
         assert len({t["served"] for t in conv}) == 1, f"a conversation moved: {conv}"
     spread = [sum(1 for c in via_router["convs"] if c[0]["served"] == s)
@@ -180,7 +179,7 @@ def test_a_conversation_whose_pod_goes_away_moves_and_keeps_its_history(routed):
 
     prompt = [turn(i, "chatstream_prompt_tokens_total") for i in (0, 1)]
     cached = [turn(i, "chatstream_prompt_tokens_cached_total") for i in (0, 1)]
-    print(f"failover: the first turn on the new pod took {failover:.2f}s with {cached[0]:.0f} of {prompt[0]:.0f} "
+    report(f"failover: the first turn on the new pod took {failover:.2f}s with {cached[0]:.0f} of {prompt[0]:.0f} "
           f"prompt tokens from cache (re-prefill), the next {next_turn:.2f}s with {cached[1]:.0f} of {prompt[1]:.0f}; "
           f"steady turns before {steady:.2f}s; {time.monotonic() - t0:.1f}s from the delete to the end")
     record("routed conversation: the turn after its pod went away", failover)
