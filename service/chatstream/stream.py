@@ -65,6 +65,7 @@ class ChatStream:
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len,
                              cpu_linear=cpu_linear, prefix_cache_tokens=prefix_cache_tokens)
+        self.engine.start()  # chooses and packs its linear kernels on its own thread, then serves
         # 503 with Retry-After by default (the original answered 200); 429 when asked for.
         self.client = EngineClient(self.engine, self.admission, 429 if too_many_request_as_http_error else 503,
                                    retry_after_seconds)
@@ -74,7 +75,6 @@ class ChatStream:
         self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name,
                                lambda: self.engine.prefix_cache_stats, self.engine.info)
         self._callbacks: set[asyncio.Task] = set()
-        self.engine.start()
 
     # -- original companions ------------------------------------------------------------
     async def start_queue_worker(self):

@@ -64,6 +64,8 @@ def test_float16_and_the_torch_choice_leave_the_model_alone():
     assert pack_linears(model) == 0
     model32, _ = fresh()
     engine = Engine(model32, tok, max_batch=2, cpu_linear="torch")
+    engine.start()
+    engine.stop()
     assert engine.packed_linears == 0 and isinstance(model32.lm_head, torch.nn.Linear)
     with pytest.raises(ValueError, match="cpu_linear"):
         Engine(model32, tok, cpu_linear="mkl")
@@ -106,6 +108,8 @@ def test_layers_with_bias_and_3d_inputs():
 def test_auto_serves_with_the_kernel_it_measured_faster():
     model, tok = fresh()
     engine = Engine(model, tok, max_batch=2, cpu_linear="auto")
+    assert engine.cpu_linear is None and isinstance(model.lm_head, torch.nn.Linear)  # chosen on its thread
+    engine.start()
     timings = engine.linear_timings
     assert set(timings) == set(MEASURED_ROWS)
     assert all(t["torch"] > 0 and t["onednn"] > 0 for t in timings.values())
@@ -116,7 +120,10 @@ def test_auto_serves_with_the_kernel_it_measured_faster():
     assert isinstance(model.lm_head, PackedLinear) == (engine.cpu_linear == "onednn")
     # A second engine over the same model keeps what the first chose, without measuring again.
     again = Engine(model, tok, max_batch=2, cpu_linear="auto")
+    again.start()
     assert again.cpu_linear == engine.cpu_linear and again.linear_timings is None
+    engine.stop()
+    again.stop()
 
 
 def test_the_choice_needs_a_clear_win_in_every_regime_together():
