@@ -184,8 +184,9 @@ class Engine:
         """Choose the CPU linear kernel (measured when ``auto``) and pack the weights, on this thread.
 
         On this thread because it is the one that runs the model: on the 2-core AMD EPYC here, a
-        model packed by one thread and run by another decoded at one row in 64-101 ms a step, packed
-        and run by the same thread in 42-43 ms (best of 60 steps, three runs each).
+        model packed by the main thread (``ChatStream(...)`` at import time, as the library is
+        used) and run by another decoded at one row in 64-101 ms a step, packed and run by the
+        same thread in 42-43 ms (best of 60 steps, three runs each).
         """
         model, choice = self.runner.model, self.cpu_linear_request
         if choice == "auto":
