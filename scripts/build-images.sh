@@ -92,15 +92,22 @@ host_trust() {
   return 0
 }
 
-build() {  # build IMAGE DOCKERFILE BASE
-  local image="$1" file="$2" base="$3" t0=$SECONDS
-  local mounts old
+build() {  # build IMAGE DOCKERFILE BASE [STAGE]
+  local image="$1" file="$2" base="$3" stage="${4:-}" t0=$SECONDS
+  local mounts old args
   mapfile -t mounts < <(host_trust)
+  args=(--network host --layers --build-arg "BASE_IMAGE=$base"
+        --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}" "${mounts[@]}" -f "$ROOT/$file")
   old="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
   say "building $image ($file on $base)"
-  podman build --network host --layers --build-arg "BASE_IMAGE=$base" \
-    --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}" "${mounts[@]}" \
-    -f "$ROOT/$file" -t "$image" "$ROOT"
+  podman build "${args[@]}" -t "$image" "$ROOT"
+  # The last build stage the image copies from gets a tag too (a second,
+  # fully cached pass): an untagged stage has no child image, so any prune
+  # would take it and its layers (torch's environment), and the next build
+  # would install everything again. Tagged, only stale layers are pruned.
+  if [ -n "$stage" ]; then
+    podman build "${args[@]}" -q --target "$stage" -t "$(stage_tag "$image" "$stage")" "$ROOT" >/dev/null
+  fi
   # Drop the image this one replaces (kept if a build cache still needs it).
   if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
     podman rmi "$old" >/dev/null 2>&1 || true
@@ -108,18 +115,24 @@ build() {  # build IMAGE DOCKERFILE BASE
   say "built $image in $((SECONDS - t0))s ($(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.1f GB", $1/1e9}'))"
 }
 
+stage_tag() {  # localhost/chatstream:0.1.0 app -> localhost/chatstream-stage-app:0.1.0
+  local image="$1" stage="$2"
+  echo "${image%:*}-stage-$stage:${image##*:}"
+}
+
 setup_podman
 lint
 base_image
-build "localhost/chatstream-operator:$TAG" operator/Dockerfile "$BASE_IMAGE"
-build "localhost/chatstream:$TAG" service/Dockerfile "$BASE_IMAGE"
+build "localhost/chatstream-operator:$TAG" operator/Dockerfile "$BASE_IMAGE" build
+build "localhost/chatstream:$TAG" service/Dockerfile "$BASE_IMAGE" app
 build "localhost/chatstream-router:$TAG" router/Containerfile "$BASE_IMAGE"
-[ "$GPU" = 1 ] && build "localhost/chatstream-gpu:$TAG" service/Dockerfile.gpu "$GPU_BASE_IMAGE"
+[ "$GPU" = 1 ] && build "localhost/chatstream-gpu:$TAG" service/Dockerfile.gpu "$GPU_BASE_IMAGE" app
 # Builds leave untagged layers behind (several GB each once torch is in
-# them). Some are the build cache of the images just built (the stages an
-# image copies from have no child), so prune only those a day old, and all of
-# them only when the disk runs short (the next build then redoes the last
-# stages and the node imports the image again).
+# them): those of earlier versions. The build cache of the images just built
+# is tagged (above), so a prune never takes it: prune those a day old, and all
+# of them when the disk runs short. (Before the stages were tagged, a short
+# disk made this prune take the cache too, and the next build, in the same
+# `make test`, installed torch again and ran out of disk.)
 prune() {
   local free_gb
   free_gb="$(df -BG --output=avail "$(podman info --format '{{.Store.GraphRoot}}')" | tail -1 | tr -dc 0-9)"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import secrets
+import subprocess
 import tempfile
 import time
 
 import httpx
 import pytest
-from image_helpers import free_port, have_podman, podman
+from image_helpers import ROOT, free_port, have_podman, podman
 
 from chatstream import envvars
 from chatstream_operator import resources
@@ -131,3 +132,23 @@ def test_model_threads_follow_the_container_cpu_limit(images, cpus):
     threads, schedulable = map(int, out.stdout.split())
     assert threads == (1 if cpus else schedulable)
     assert ("CPU quota 1" if cpus else "schedulable CPUs") in out.stderr
+
+
+def test_a_short_disk_prune_keeps_the_build_cache_of_the_images(images):
+    # In CI the disk ran short after the node's images were imported: build-images.sh pruned every
+    # untagged layer, the build stages' layers among them (torch's environment), and the next build in the
+    # same `make test` ran pip again and failed (podman exit 125). Forced here: a prune of everything
+    # untagged, then a build, in which every RUN step must be a cache hit, giving the same images.
+    ids = {image: podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip() for image in images.values()}
+    script = str(ROOT / "scripts/build-images.sh")
+    pruned = subprocess.run(["bash", script, "--no-lint"], env={**os.environ, "PRUNE_BELOW_GB": "1000000"},
+                            check=True, capture_output=True, text=True, timeout=1800)
+    assert "pruning every untagged layer" in pruned.stderr
+    build = subprocess.run(["bash", script, "--no-lint"], check=True, capture_output=True, text=True, timeout=1800)
+    lines = build.stdout.splitlines()
+    runs = [i for i, line in enumerate(lines) if ": RUN " in line]
+    assert len(runs) >= 4  # the operator's two, the service's three
+    rerun = [lines[i] for i in runs if i + 1 >= len(lines) or not lines[i + 1].startswith("--> Using cache")]
+    assert rerun == []
+    after = {image: podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip() for image in images.values()}
+    assert after == ids
