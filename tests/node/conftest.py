@@ -86,7 +86,22 @@ def node(image_build):
 
 
 @pytest.fixture(scope="session")
-def node_images(node, image_build):
+def trace_backend_build(node):
+    """scripts/trace-backend.sh build (Jaeger, a Go build of 4-5 min on a fresh
+    machine), started niced once the cluster is up, so that it runs beside the
+    image import, which waits on the disk, instead of after everything else;
+    the traces test waits for it. Output: .cluster/trace-backend.log."""
+    log_path = CLUSTER_DIR / "trace-backend.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["nice", "-n", "19", "bash", str(ROOT / "scripts/trace-backend.sh"), "build"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    yield proc, log_path, time.monotonic()
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def node_images(node, image_build, trace_backend_build):
     """The images built from this tree, in the node's containerd."""
     proc, log_path, started = image_build
     if proc.wait(timeout=3600) != 0:
