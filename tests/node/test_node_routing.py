@@ -7,6 +7,7 @@ turn after a conversation's pod goes away (Redis store: the history stays)."""
 
 from __future__ import annotations
 
+import collections
 import re
 import statistics
 import time
@@ -50,17 +51,19 @@ def conversation(base: str, user: int) -> list[dict]:
         messages.append({"role": "user", "content": OPENERS[user] if t == 0 else FOLLOW_UPS[(user + t) % 5]})
         body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0}
         t0 = time.monotonic()
-        first, text = None, []
+        first, text, arrivals = None, [], []
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as r:
             assert r.status_code == 200, r.read()
             served = r.headers.get("x-served-by")
             for line in r.iter_lines():
                 if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
+                    arrivals.append(time.monotonic())
                     if first is None:
-                        first = time.monotonic() - t0
+                        first = arrivals[0] - t0
                     text.append(httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"].get("content", ""))
         messages.append({"role": "assistant", "content": "".join(text)})
-        turns.append({"turn": t, "ttft": first, "seconds": time.monotonic() - t0, "served": served})
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        turns.append({"turn": t, "ttft": first, "seconds": time.monotonic() - t0, "served": served, "gaps": gaps})
     return turns
 
 
@@ -76,7 +79,10 @@ def workload(base: str, ips: list[str]) -> dict:
     cached = sum(d["chatstream_prompt_tokens_cached_total"] for d in delta.values())
     completion = sum(d["chatstream_completion_tokens_total"] for d in delta.values())
     ttft = {t: statistics.median(c[t]["ttft"] for c in convs) for t in range(TURNS)}
+    gaps = sorted(g for c in convs for turn in c for g in turn["gaps"])
     return {"convs": convs, "wall": wall, "tok_s": completion / wall, "hit": cached / prompt, "ttft": ttft,
+            "itl": (statistics.median(gaps), gaps[int(0.9 * (len(gaps) - 1))]),
+            "spread": sorted(collections.Counter(c[0]["served"] for c in convs if c[0]["served"]).values(), reverse=True),
             "per_pod_hit": {ip: d["chatstream_prompt_tokens_cached_total"] / max(1.0, d["chatstream_prompt_tokens_total"])
                             for ip, d in delta.items()}}
 
@@ -84,8 +90,9 @@ def workload(base: str, ips: list[str]) -> dict:
 def show(label: str, w: dict) -> str:
     per_turn = " ".join(f"{w['ttft'][t] * 1000:.0f}" for t in range(TURNS))
     pods = ", ".join(f"{h:.0%}" for h in w["per_pod_hit"].values())
-    return (f"{label}: {w['tok_s']:.1f} tok/s, cache hit {w['hit']:.0%} (per pod {pods}), "
-            f"TTFT p50 per turn (ms) {per_turn}")
+    return (f"{label}: {w['tok_s']:.1f} tok/s in {w['wall']:.0f}s, cache hit {w['hit']:.0%} (per pod {pods}), "
+            f"TTFT p50 per turn (ms) {per_turn}, inter-token p50/p90 {w['itl'][0] * 1000:.0f}/{w['itl'][1] * 1000:.0f} ms, "
+            f"first turns per pod {w['spread']}")
 
 
 @pytest.fixture(scope="module")
