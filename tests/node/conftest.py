@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 from node_helpers import (
-    BIN, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, REDIS_IMAGE, RELEASE, RELEASE_NS, ROOT, ROUTER_IMAGE, SERVICE_IMAGE,
+    BIN, Background, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, REDIS_IMAGE, RELEASE, RELEASE_NS, ROOT, ROUTER_IMAGE, SERVICE_IMAGE,
     TIMINGS, get, get_list, kubectl, pod_ready, record, run, wait_for,
 )
 
@@ -59,13 +59,9 @@ def image_build():
     that on a fresh machine the image build (downloads, unpacking, layer
     commits) runs beside the Go build of the binaries (niced) instead of after
     it; node_images waits for it. Its output goes to .cluster/build-images.log."""
-    CLUSTER_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = CLUSTER_DIR / "build-images.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["bash", str(ROOT / "scripts/build-images.sh")], stdout=log, stderr=subprocess.STDOUT)
-    yield proc, log_path, time.monotonic()
-    if proc.poll() is None:
-        proc.kill()
+    build = Background("build-images", "bash", str(ROOT / "scripts/build-images.sh"))
+    yield build
+    build.stop()
 
 
 @pytest.fixture(scope="session")
@@ -91,23 +87,15 @@ def trace_backend_build(node):
     machine), started niced once the cluster is up, so that it runs beside the
     image import, which waits on the disk, instead of after everything else;
     the traces test waits for it. Output: .cluster/trace-backend.log."""
-    log_path = CLUSTER_DIR / "trace-backend.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["nice", "-n", "19", "bash", str(ROOT / "scripts/trace-backend.sh"), "build"],
-                                stdout=log, stderr=subprocess.STDOUT)
-    yield proc, log_path, time.monotonic()
-    if proc.poll() is None:
-        proc.kill()
+    build = Background("trace-backend", "nice", "-n", "19", "bash", str(ROOT / "scripts/trace-backend.sh"), "build")
+    yield build
+    build.stop()
 
 
 @pytest.fixture(scope="session")
 def node_images(node, image_build, trace_backend_build):
     """The images built from this tree, in the node's containerd."""
-    proc, log_path, started = image_build
-    if proc.wait(timeout=3600) != 0:
-        tail = log_path.read_text(errors="replace")[-4000:]
-        pytest.fail(f"scripts/build-images.sh failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
-    record("image build (beside cluster-up), until both were done", time.monotonic() - started)
+    record("image build (beside cluster-up), until both were done", image_build.wait(timeout=3600))
     t0 = time.monotonic()
     images = {"operator": OPERATOR_IMAGE, "service": SERVICE_IMAGE, "router": ROUTER_IMAGE}
     out = run(str(ROOT / "scripts/node-up.sh"), "import", *images.values(), timeout=1800)

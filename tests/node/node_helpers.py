@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import time
 
+import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -44,6 +45,29 @@ def report(line: str) -> None:
     """A line of measured figures the session prints at its end."""
     TIMINGS.append(line)
     print(f"[figure] {line}")
+
+
+class Background:
+    """A script started now, beside the tests, its output in .cluster/NAME.log.
+    ``wait`` fails the test with the end of that log if the script failed."""
+
+    def __init__(self, name: str, *cmd: str):
+        CLUSTER_DIR.mkdir(parents=True, exist_ok=True)
+        self.cmd, self.log_path = cmd, CLUSTER_DIR / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT)
+        self.started = time.monotonic()
+
+    def wait(self, timeout: float) -> float:
+        """Seconds from the start until it was done."""
+        if self.proc.wait(timeout=timeout) != 0:
+            tail = self.log_path.read_text(errors="replace")[-4000:]
+            pytest.fail(f"{' '.join(self.cmd)} failed (exit {self.proc.returncode}); the end of {self.log_path}:\n{tail}")
+        return time.monotonic() - self.started
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
 
 
 def env() -> dict:
