@@ -31,6 +31,7 @@ import torch
 
 from . import cpu_linear as linear_kernels
 from .events import Failed, Finished
+from .fused_linear import fuse_projections
 from .output import OutputProcessor
 from .runner import ModelRunner
 from .sampling import SamplingParams
@@ -70,6 +71,7 @@ class Engine:
         self.cpu_linear: str | None = None
         self.linear_timings = None
         self.packed_linears = 0
+        self.fused_projections = 0
         self._ready = threading.Event()
         self._start_error: BaseException | None = None
         self.tokenizer = tokenizer
@@ -200,6 +202,9 @@ class Engine:
                          linear_kernels.speedup(self.linear_timings),
                          ", ".join(f"{n} rows {t['torch'] * 1e3:.1f} vs {t['onednn'] * 1e3:.1f} ms"
                                    for n, t in self.linear_timings.items()), choice)
+        if choice == "onednn" and linear_kernels.available(model) is None:
+            # q/k/v and gate/up as one product each: 5-7% off a decode step here (fused_linear.py).
+            self.fused_projections = fuse_projections(model)
         self.packed_linears = linear_kernels.pack_linears(model) if choice == "onednn" else 0
         self.cpu_linear = "onednn" if self.packed_linears else "torch"
         if self.packed_linears:

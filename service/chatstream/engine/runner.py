@@ -13,6 +13,7 @@ import inspect
 
 import torch
 
+from . import llama_forward
 from .kv_cache import SlotKVCache
 from .prefix_cache import Drop, Save
 from .sampling import sample
@@ -21,8 +22,11 @@ from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, max_batch: int):
+    def __init__(self, model, max_batch: int, native: bool = True):
         self.model = model
+        # Llama models run through llama_forward.py (same arithmetic, less Python); others through transformers.
+        self.native = native
+        self._native_for = self._native_forward = None
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache(max_batch)
         self.kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefix cache entries, per layer
@@ -68,6 +72,12 @@ class ModelRunner:
     # -- forward --------------------------------------------------------------------------
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = self.model
+        if self._native_for is not model:  # built per model: tests swap in another one
+            self._native_for = model
+            reason = llama_forward.unsupported(model) if self.native else "turned off"
+            self._native_forward = None if reason else llama_forward.LlamaForward(model)
+        if self._native_forward is not None:
+            return self._native_forward(input_ids, positions, mask, self.cache)
         if not self._bool_mask:
             mask = torch.zeros(mask.shape, dtype=model.dtype, device=self.device).masked_fill(
                 ~mask, torch.finfo(model.dtype).min)

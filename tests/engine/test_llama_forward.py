@@ -1,0 +1,91 @@
+"""The engine's own Llama forward pass gives transformers' logits, bit for bit, in prefill and decode."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from chatstream import load_model
+from chatstream.engine import Engine
+from chatstream.engine import llama_forward
+from chatstream.engine.cpu_linear import pack_linears
+from chatstream.engine.fused_linear import fuse_projections
+from chatstream.engine.runner import ModelRunner
+from chatstream.engine.scheduler import Chunk
+
+
+def seq(ids, row):
+    return types.SimpleNamespace(prompt_ids=ids, row=row, length=0, next_token=None)
+
+
+def run(runner, prompts, rows_decoding=6):
+    """Prefill ``prompts`` in two chunked passes (ragged, right-aligned), then decode; every pass's logits."""
+    seqs = [seq(ids, row) for row, ids in enumerate(prompts)]
+    out = []
+    with torch.inference_mode():
+        runner.reserve(max(len(p) for p in prompts) + rows_decoding + 1)
+        half = [len(p) // 2 for p in prompts]
+        out.append(runner.prefill([Chunk(s, 0, h) for s, h in zip(seqs, half)]))
+        out.append(runner.prefill([Chunk(s, h, len(s.prompt_ids) - h) for s, h in zip(seqs, half)]))
+        for s in seqs:
+            s.length = len(s.prompt_ids)
+        logits = out[-1]
+        for _ in range(rows_decoding):
+            for s, row in zip(seqs, logits):
+                s.next_token = int(row.argmax())
+            logits = runner.decode(seqs)
+            for s in seqs:
+                s.length += 1
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("prepared", ["as loaded", "fused and packed"])
+def test_the_same_logits_as_transformers(prepared):
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    assert llama_forward.unsupported(model) is None
+    if prepared != "as loaded":
+        fuse_projections(model)
+        if torch.backends.mkldnn.is_available():
+            pack_linears(model)
+    prompts = [tok(text)["input_ids"] for text in
+               ("The capital of France is", "Water boils at a temperature of one hundred", "Hi")]
+    native = run(ModelRunner(model, 4, native=True), prompts)
+    reference = run(ModelRunner(model, 4, native=False), prompts)
+    assert len(native) == len(reference) == 8
+    for got, want in zip(native, reference):
+        assert torch.equal(got, want)
+
+
+def test_other_models_run_through_transformers():
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    model.config._attn_implementation = "eager"
+    assert "eager" in llama_forward.unsupported(model)
+    runner = ModelRunner(model, 2)
+    run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
+    assert runner._native_forward is None
+    assert "Linear" in llama_forward.unsupported(torch.nn.Linear(2, 2))
+
+
+def test_a_swapped_model_is_the_one_that_runs(model_and_tokenizer):
+    # The failure tests swap in a model that raises; the native forward must not keep running the old one.
+    model, tok = model_and_tokenizer
+    engine = Engine(model, tok, max_batch=2)
+
+    class Broken(torch.nn.Module):
+        config = model.config
+
+        def forward(self, **kwargs):
+            raise RuntimeError("broken on purpose")
+
+        def parameters(self, recurse=True):
+            return model.parameters()
+
+    runner = engine.runner
+    run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
+    assert runner._native_forward is not None
+    runner.model = Broken()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
