@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from chatstream import load_model
-from chatstream.engine import Engine
 from chatstream.engine import llama_forward
 from chatstream.engine.cpu_linear import pack_linears
 from chatstream.engine.fused_linear import fuse_projections
@@ -72,7 +71,6 @@ def test_other_models_run_through_transformers():
 def test_a_swapped_model_is_the_one_that_runs(model_and_tokenizer):
     # The failure tests swap in a model that raises; the native forward must not keep running the old one.
     model, tok = model_and_tokenizer
-    engine = Engine(model, tok, max_batch=2)
 
     class Broken(torch.nn.Module):
         config = model.config
@@ -83,7 +81,7 @@ def test_a_swapped_model_is_the_one_that_runs(model_and_tokenizer):
         def parameters(self, recurse=True):
             return model.parameters()
 
-    runner = engine.runner
+    runner = ModelRunner(model, 2)
     run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
     assert runner._native_forward is not None
     runner.model = Broken()

@@ -38,15 +38,13 @@ class FusedLinear(torch.nn.Module):
     def __init__(self, linears: list[torch.nn.Linear]):
         super().__init__()
         weights = [m.weight.detach() for m in linears]
-        bias = None
-        if linears[0].bias is not None:
-            bias = torch.nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
-        self.linear = torch.nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=bias is not None,
-                                      device=weights[0].device, dtype=weights[0].dtype)
-        with torch.no_grad():
-            self.linear.weight = torch.nn.Parameter(torch.cat(weights), requires_grad=False)
-            if bias is not None:
-                self.linear.bias = bias
+        has_bias = linears[0].bias is not None
+        # Built on the meta device: its own weight would be allocated and initialised only to be replaced.
+        self.linear = torch.nn.Linear(weights[0].shape[1], sum(w.shape[0] for w in weights), bias=has_bias,
+                                      device="meta")
+        self.linear.weight = torch.nn.Parameter(torch.cat(weights), requires_grad=False)
+        if has_bias:
+            self.linear.bias = torch.nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
         edges = [0]
         for w in weights:
             edges.append(edges[-1] + w.shape[0])

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+# transformers' own helpers (plain functions), so that the arithmetic is theirs by construction.
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.models.llama.modeling_llama import rotate_half
 
 
 def unsupported(model) -> str | None:
@@ -41,18 +44,6 @@ def unsupported(model) -> str | None:
                 "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP"):
             return f"layer {type(layer).__name__} is not transformers' Llama layer"
     return None
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    batch, heads, length, dim = x.shape
-    return x[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
 
 
 class LlamaForward:
@@ -83,15 +74,15 @@ class LlamaForward:
         q = attn.q_proj(x).view(shape).transpose(1, 2)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+        q = (q * cos) + (rotate_half(q) * sin)
+        k = (k * cos) + (rotate_half(k) * sin)
         k, v = cache.update(k, v, index)
         if length == 1 and self.groups > 1:
             # One query per row: its heads attend to their key/value head as one block of queries.
             out = F.scaled_dot_product_attention(q.reshape(batch, -1, self.groups, self.head_dim), k, v,
                                                  attn_mask=mask, scale=self.scaling)
         else:
-            out = F.scaled_dot_product_attention(q, _repeat_kv(k, self.groups), _repeat_kv(v, self.groups),
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, self.groups), repeat_kv(v, self.groups),
                                                  attn_mask=mask, scale=self.scaling)
         out = out.reshape(batch, -1, length, self.head_dim).transpose(1, 2).contiguous()
         return attn.o_proj(out.reshape(batch, length, -1).contiguous())
