@@ -50,7 +50,7 @@ def test_the_same_logits_as_transformers(prepared):
         if torch.backends.mkldnn.is_available():
             pack_linears(model)
     prompts = [tok(text)["input_ids"] for text in
-               ("The capital of France is", "Water boils at a temperature of one hundred", "Hi")]
+               ("The capital of France is", "Water boils at a temperature of one hundred", "Hi there")]
     native = run(ModelRunner(model, 4, native=True), prompts)
     reference = run(ModelRunner(model, 4, native=False), prompts)
     assert len(native) == len(reference) == 8
@@ -87,3 +87,41 @@ def test_a_swapped_model_is_the_one_that_runs(model_and_tokenizer):
     runner.model = Broken()
     with pytest.raises(RuntimeError, match="on purpose"):
         run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the served CPU kernel is oneDNN's")
+def test_a_step_of_chunks_and_decoding_rows_is_each_part_in_a_pass_of_its_own():
+    # The engine runs a step's prompt chunks and decoding rows as one pass (one read of the weights);
+    # each part must get exactly the logits, and leave exactly the cache, of a pass of its own.
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    fuse_projections(model)
+    pack_linears(model)
+    texts = ("The capital of France is", "Water boils at a temperature of one hundred",
+             "Name three colors of the rainbow, please", "Hi there")
+    ids = [tok(t)["input_ids"] for t in texts]
+    results = []
+    for mixed in (True, False):
+        runner = ModelRunner(model, 4)
+        seqs = [seq(p, row) for row, p in enumerate(ids)]
+        decoding, prefilling = seqs[:2], seqs[2:]
+        out = []
+        with torch.inference_mode():
+            runner.reserve(64)
+            for s, row_logits in zip(decoding, runner.prefill([Chunk(s, 0, len(s.prompt_ids)) for s in decoding])):
+                s.length, s.next_token = len(s.prompt_ids), int(row_logits.argmax())
+            chunks = [Chunk(s, 0, len(s.prompt_ids) - 1) for s in prefilling]  # ragged, then the last token
+            for chunks in (chunks, [Chunk(s, len(s.prompt_ids) - 1, 1) for s in prefilling]):
+                if mixed:
+                    prefill_logits, decode_logits = runner.step(chunks, decoding)
+                else:
+                    decode_logits, prefill_logits = runner.decode(decoding), runner.prefill(chunks)
+                out += [prefill_logits, decode_logits]
+                for s, row_logits in zip(decoding, decode_logits):
+                    s.length, s.next_token = s.length + 1, int(row_logits.argmax())
+            for s, row_logits in zip(prefilling, prefill_logits):
+                s.length, s.next_token = len(s.prompt_ids), int(row_logits.argmax())
+            out.append(runner.decode(seqs))  # reads what both kinds of pass wrote to the cache
+        results.append(out)
+    assert len(results[0]) == 5
+    for got, want in zip(*results):
+        assert torch.equal(got, want)

@@ -43,18 +43,20 @@ def step(sched, runner, finished):
     for s in sched.admit():
         runner.load(s)
     chunks = sched.prefill_chunks()
+    batch = sched.decode_batch()
     if chunks:
         runner.prefill(chunks)
-        for i in sched.prefilled(chunks):
-            s = chunks[i].seq
-            runner.apply(sched.promote(s))
-            accept(sched, runner, s, finished)
-    batch = sched.decode_batch()
     if batch:
         runner.decode(batch)
+    done = sched.prefilled(chunks) if chunks else []
+    if batch:
         sched.decoded(batch)
-        for s in batch:
-            accept(sched, runner, s, finished)
+    for i in done:
+        s = chunks[i].seq
+        runner.apply(sched.promote(s))
+        accept(sched, runner, s, finished)
+    for s in batch:
+        accept(sched, runner, s, finished)
     runner.check(sched)
     assert sched.prefixes.held_tokens <= sched.prefixes.budget_tokens
     assert set(runner.kept) == set(sched.prefixes.entries)

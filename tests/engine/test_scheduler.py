@@ -70,21 +70,23 @@ def token_for(s: Sequence) -> int:
 
 
 def step(sched: Scheduler, runner: FakeRunner, finished: list[Sequence]) -> None:
-    """What Engine._step does, with the fake forward pass."""
+    """What Engine._step does, with the fake forward pass: prompt chunks and decoding rows in one pass."""
     sched.admit()
     chunks = sched.prefill_chunks()
+    batch = sched.decode_batch()
     if chunks:
         runner.prefill(chunks)
-        for i in sched.prefilled(chunks):
-            s = chunks[i].seq
-            runner.apply(sched.promote(s))
-            accept(sched, runner, s, finished)
-    batch = sched.decode_batch()
     if batch:
         runner.decode(batch)
+    done = sched.prefilled(chunks) if chunks else []
+    if batch:
         sched.decoded(batch)
-        for s in batch:
-            accept(sched, runner, s, finished)
+    for i in done:
+        s = chunks[i].seq
+        runner.apply(sched.promote(s))
+        accept(sched, runner, s, finished)
+    for s in batch:
+        accept(sched, runner, s, finished)
     runner.check(sched)
 
 
@@ -137,8 +139,10 @@ def test_a_long_prompt_is_chunked_and_then_decodes_each_step():
     for _ in range(3):
         step(sched, runner, finished)
     assert [p[0][1:] for p in runner.prefill_passes] == [(0, 512), (512, 512), (1024, 176)]
-    # The pass that completes the prompt samples the first token; the decode pass of that step the second.
-    assert long.state == "decode" and len(long.generated) == 2
+    # The pass that completes the prompt samples the first token; each step after it decodes one more.
+    assert long.state == "decode" and len(long.generated) == 1
+    step(sched, runner, finished)
+    assert len(long.generated) == 2 and not finished
     step(sched, runner, finished)
     assert finished == [long] and sched.active == 0 and not sched.has_work()
 

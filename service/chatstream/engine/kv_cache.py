@@ -16,7 +16,19 @@ transformers passes through unchanged).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+
+@dataclass
+class Plan:
+    """What one forward pass (or one part of a mixed pass) writes: rows ``rows[0]..rows[1]`` and the
+    first ``view_len`` positions of each row that its queries see."""
+    rows: tuple[int, int]
+    view_len: int
+    decode_positions: torch.Tensor | None = None  # one position per row: a decode pass
+    prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # (batch index, row, start, count)
 
 
 class SlotKVCache:
@@ -31,48 +43,48 @@ class SlotKVCache:
         self.capacity = initial_capacity
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        # What the next forward pass does; set by ``plan_decode``/``plan_prefill``.
-        self._rows = (0, 0)
-        self._view_len = 0
-        self._decode_pos: torch.Tensor | None = None
-        self._prefill: list[tuple[int, int, int, int]] = []  # (batch index, row, start, count)
+        self._plan: Plan | None = None  # what ``update`` does when the model calls it without a plan
 
     # -- planning a forward pass -------------------------------------------------
-    def plan_decode(self, n: int, positions: torch.Tensor, view_len: int) -> None:
+    def plan_decode(self, n: int, positions: torch.Tensor, view_len: int) -> Plan:
         """Rows ``[0, n)`` each write one token at ``positions[i]``."""
-        self._rows = (0, n)
-        self._decode_pos = positions
-        self._prefill = []
-        self._view_len = view_len
         self.ensure_capacity(view_len)
+        self._plan = Plan((0, n), view_len, decode_positions=positions)
+        return self._plan
 
-    def plan_prefill(self, first_row: int, chunks: list[tuple[int, int]], view_len: int) -> None:
+    def plan_prefill(self, first_row: int, chunks: list[tuple[int, int]], view_len: int) -> Plan:
         """Rows ``first_row + i`` write ``count`` tokens from ``start`` (one chunk each)."""
-        self._rows = (first_row, first_row + len(chunks))
-        self._decode_pos = None
-        self._prefill = [(i, first_row + i, start, count) for i, (start, count) in enumerate(chunks)]
-        self._view_len = view_len
         self.ensure_capacity(view_len)
+        self._plan = Plan((first_row, first_row + len(chunks)), view_len,
+                          prefill=[(i, first_row + i, start, count) for i, (start, count) in enumerate(chunks)])
+        return self._plan
 
     # -- the model's side ----------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args,
+               plan: Plan | None = None, **kwargs):
+        """Write a pass's keys and values (``[rows, kv_heads, width, head_dim]``; a prefill's chunks
+        right-aligned in ``width``) and return the views its queries attend to.
+
+        transformers calls this with the plan of the last ``plan_*`` call; the engine's own forward
+        pass hands each part of a mixed pass its own ``plan``."""
+        plan = plan or self._plan
         if layer_idx >= len(self.keys):
             self._allocate(layer_idx, key_states)
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        r0, r1 = self._rows
-        if self._decode_pos is not None:
+        r0, r1 = plan.rows
+        if plan.decode_positions is not None:
             rows = torch.arange(r0, r1, device=kb.device)
-            kb[rows, :, self._decode_pos] = key_states[:, :, 0]
-            vb[rows, :, self._decode_pos] = value_states[:, :, 0]
+            kb[rows, :, plan.decode_positions] = key_states[:, :, 0]
+            vb[rows, :, plan.decode_positions] = value_states[:, :, 0]
         else:
             width = key_states.shape[2]
-            for i, row, start, count in self._prefill:
+            for i, row, start, count in plan.prefill:
                 kb[row, :, start:start + count] = key_states[i, :, width - count:]
                 vb[row, :, start:start + count] = value_states[i, :, width - count:]
-        return kb[r0:r1, :, : self._view_len], vb[r0:r1, :, : self._view_len]
+        return kb[r0:r1, :, : plan.view_len], vb[r0:r1, :, : plan.view_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._view_len
+        return self._plan.view_len if self._plan else 0
 
     # -- housekeeping --------------------------------------------------------------
     def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:

@@ -20,11 +20,15 @@ attention and the plain SiLU MLP; anything else runs through transformers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 # transformers' own helpers (plain functions), so that the arithmetic is theirs by construction.
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.llama.modeling_llama import rotate_half
+
+from .kv_cache import Plan
 
 
 def unsupported(model) -> str | None:
@@ -46,8 +50,30 @@ def unsupported(model) -> str | None:
     return None
 
 
+@dataclass
+class Pass:
+    """One forward pass over a flat run of tokens: one per decoding row first, then prompt chunks.
+
+    Every layer but attention works on each token alone, so decoding rows and prompt chunks share
+    one pass and the weights are read once a step. Attention runs per part: the decoding rows
+    against their own cache rows (``decode_plan``), the chunks in the ``[n, width]`` layout of a
+    prefill pass (right-aligned; padding queries attend to column 0 only, so their softmax is
+    defined, write no keys, and their outputs are never read), so each query sees what it would
+    see in a pass of its own, and a pass of one part alone is transformers' pass token for token.
+    """
+    ids: torch.Tensor | None = None        # [T]
+    positions: torch.Tensor | None = None  # [T]
+    last: torch.Tensor | None = None       # indexes of the tokens whose logits are returned
+    decode: int = 0                        # the first ``decode`` tokens are the decoding rows'
+    decode_mask: torch.Tensor | None = None    # [decode, 1, 1, view]
+    decode_plan: Plan | None = None
+    chunks: tuple[int, int] = (0, 0)      # (n, width): the last n * width tokens, one chunk per row
+    prefill_mask: torch.Tensor | None = None   # [n, 1, width, view]
+    prefill_plan: Plan | None = None
+
+
 class LlamaForward:
-    """``forward(input_ids, positions, mask, cache)``: the logits of each row's last position ([n, vocab])."""
+    """``forward(pass_, cache)``: the logits of the pass's ``last`` tokens ([len(last), vocab])."""
 
     def __init__(self, model):
         self.model = model
@@ -56,33 +82,39 @@ class LlamaForward:
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, p: Pass, cache) -> torch.Tensor:
         inner = self.model.model  # read at each call: the engine packs and fuses the modules after building this
-        hidden = inner.embed_tokens(input_ids)
-        cos, sin = inner.rotary_emb(hidden, position_ids=positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        hidden = inner.embed_tokens(p.ids[None])
+        cos, sin = inner.rotary_emb(hidden, position_ids=p.positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, head_dim], against [T, heads, head_dim]
         for index, layer in enumerate(inner.layers):
             hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
-                                              cos, sin, mask, cache)
+                                              cos, sin, p, cache)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        hidden = inner.norm(hidden)
-        return self.model.lm_head(hidden[:, -1:, :])[:, -1, :]
+        return self.model.lm_head(inner.norm(hidden[:, p.last]))[0]
 
-    def _attention(self, index, attn, x, cos, sin, mask, cache) -> torch.Tensor:
-        batch, length, _ = x.shape
-        shape = (batch, length, -1, self.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
+    def _attention(self, index, attn, x, cos, sin, p: Pass, cache) -> torch.Tensor:
+        tokens = x.shape[1]
+        q = attn.q_proj(x).view(tokens, -1, self.head_dim)
+        k = attn.k_proj(x).view(tokens, -1, self.head_dim)
+        v = attn.v_proj(x).view(tokens, -1, self.head_dim)
         q = (q * cos) + (rotate_half(q) * sin)
         k = (k * cos) + (rotate_half(k) * sin)
-        k, v = cache.update(k, v, index)
-        if length == 1 and self.groups > 1:
+        parts = []
+        d = p.decode
+        if d:
+            keys, values = cache.update(k[:d, :, None], v[:d, :, None], index, plan=p.decode_plan)
             # One query per row: its heads attend to their key/value head as one block of queries.
-            out = F.scaled_dot_product_attention(q.reshape(batch, -1, self.groups, self.head_dim), k, v,
-                                                 attn_mask=mask, scale=self.scaling)
-        else:
-            out = F.scaled_dot_product_attention(q, repeat_kv(k, self.groups), repeat_kv(v, self.groups),
-                                                 attn_mask=mask, scale=self.scaling)
-        out = out.reshape(batch, -1, length, self.head_dim).transpose(1, 2).contiguous()
-        return attn.o_proj(out.reshape(batch, length, -1).contiguous())
+            out = F.scaled_dot_product_attention(q[:d].reshape(d, -1, self.groups, self.head_dim), keys, values,
+                                                 attn_mask=p.decode_mask, scale=self.scaling)
+            parts.append(out.reshape(d, -1))
+        n, width = p.chunks
+        if n:
+            # [n, heads, width, head_dim], as transformers lays out a batch
+            qp, kp, vp = (t[d:].view(n, width, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            keys, values = cache.update(kp, vp, index, plan=p.prefill_plan)
+            out = F.scaled_dot_product_attention(qp, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
+                                                 attn_mask=p.prefill_mask, scale=self.scaling)
+            parts.append(out.transpose(1, 2).reshape(n * width, -1))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return attn.o_proj(out[None])

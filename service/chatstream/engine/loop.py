@@ -259,37 +259,32 @@ class Engine:
             except Exception as exc:
                 self._fail(seq, exc, "admitting a sequence failed")
 
+        # Prompt chunks and decoding rows share one pass (runner.step): the weights are read once a step.
         chunks = self.scheduler.prefill_chunks()
-        if chunks:
-            try:
-                logits = self.runner.prefill(chunks)
-            except Exception as exc:
-                for chunk in chunks:
-                    self._fail(chunk.seq, exc, "a prefill pass failed")
-            else:
-                done = self.scheduler.prefilled(chunks)
-                if done:
-                    seqs = [chunks[i].seq for i in done]
-                    picks = self.runner.sample(logits[done], seqs)
-                    for seq, pick in zip(seqs, picks):
-                        if isinstance(pick, Exception):
-                            self._fail(seq, pick, "sampling failed")
-                            continue
-                        self._apply(self.scheduler.promote(seq))
-                        self._take(seq, pick)
-
         batch = self.scheduler.decode_batch()
+        if not chunks and not batch:
+            return
+        try:
+            prefill_logits, decode_logits = self.runner.step(chunks, batch)
+        except Exception as exc:
+            for seq in [c.seq for c in chunks] + batch:
+                self._fail(seq, exc, "a forward pass failed")
+            return
+        # Every row's new columns are in the cache before any row moves.
+        done = self.scheduler.prefilled(chunks) if chunks else []
         if batch:
-            try:
-                logits = self.runner.decode(batch)
-            except Exception as exc:
-                for seq in batch:
-                    self._fail(seq, exc, "a decode pass failed")
-                return
-            picks = self.runner.sample(logits, batch)
-            self.scheduler.decoded(batch)  # every row's new column is in the cache before any row moves
-            for seq, pick in zip(batch, picks):
-                self._take(seq, pick)
+            self.scheduler.decoded(batch)
+        firsts = [chunks[i].seq for i in done]
+        first_picks = self.runner.sample(prefill_logits[done], firsts) if firsts else []
+        picks = self.runner.sample(decode_logits, batch) if batch else []
+        for seq, pick in zip(firsts, first_picks):
+            if isinstance(pick, Exception):
+                self._fail(seq, pick, "sampling failed")
+                continue
+            self._apply(self.scheduler.promote(seq))
+            self._take(seq, pick)
+        for seq, pick in zip(batch, picks):
+            self._take(seq, pick)
 
     def _prepare(self, seq: Sequence) -> None:
         """Per-sequence state on admission; raising here fails this sequence only."""

@@ -70,14 +70,63 @@ class ModelRunner:
         self.cache.shrink()
 
     # -- forward --------------------------------------------------------------------------
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def step(self, chunks: list[Chunk], batch: list[Sequence]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One step: prefill ``chunks`` (rows after the decoding ones) and advance rows ``[0, len(batch))``
+        by their ``next_token``. The logits of each chunk's last token and of each decoding row
+        (``[n, vocab]`` each; None for an empty part).
+
+        The engine's own Llama pass runs both parts as one pass over their tokens, so a step reads the
+        weights once, as vLLM's does; through transformers they are two passes.
+        """
+        native = self._native()
+        if native is None:
+            return (self._hf_prefill(chunks) if chunks else None, self._hf_decode(batch) if batch else None)
+        logits = native(self._pass(chunks, batch), self.cache)
+        d = len(batch)
+        return (logits[d:] if chunks else None, logits[:d] if batch else None)
+
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """A step of prompt chunks alone; the logits of each chunk's last token ([n, vocab])."""
+        return self.step(chunks, [])[0]
+
+    def decode(self, batch: list[Sequence]) -> torch.Tensor:
+        """A step of decoding rows ``[0, n)`` alone; their next-token logits ([n, vocab])."""
+        return self.step([], batch)[1]
+
+    def _native(self) -> llama_forward.LlamaForward | None:
         model = self.model
         if self._native_for is not model:  # built per model: tests swap in another one
             self._native_for = model
             reason = llama_forward.unsupported(model) if self.native else "turned off"
             self._native_forward = None if reason else llama_forward.LlamaForward(model)
-        if self._native_forward is not None:
-            return self._native_forward(input_ids, positions, mask, self.cache)
+        return self._native_forward
+
+    def _pass(self, chunks: list[Chunk], batch: list[Sequence]) -> llama_forward.Pass:
+        ids, positions, last = [], [], list(range(len(batch)))
+        p = llama_forward.Pass(decode=len(batch))
+        if batch:
+            lengths = torch.tensor([s.length for s in batch])
+            view_len = int(lengths.max()) + 1
+            ids.append(torch.tensor([s.next_token for s in batch], dtype=torch.long))
+            positions.append(lengths)
+            p.decode_mask = (torch.arange(view_len)[None, :] <= lengths[:, None])[:, None, None].to(self.device)
+            p.decode_plan = self.cache.plan_decode(len(batch), lengths.to(self.device), view_len)
+        if chunks:
+            chunk_ids, chunk_pos, mask, view_len = _prefill_layout(chunks)
+            n, width = chunk_ids.shape
+            ids.append(chunk_ids.view(-1))
+            positions.append(chunk_pos.view(-1))
+            last.extend(len(batch) + (i + 1) * width - 1 for i in range(n))  # right-aligned: the row's end
+            p.chunks = (n, width)
+            p.prefill_mask = mask.to(self.device)
+            p.prefill_plan = self.cache.plan_prefill(chunks[0].seq.row, [(c.start, c.count) for c in chunks],
+                                                     view_len)
+        p.ids, p.positions = torch.cat(ids).to(self.device), torch.cat(positions).to(self.device)
+        p.last = torch.tensor(last, device=self.device)
+        return p
+
+    def _hf(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        model = self.model
         if not self._bool_mask:
             mask = torch.zeros(mask.shape, dtype=model.dtype, device=self.device).masked_fill(
                 ~mask, torch.finfo(model.dtype).min)
@@ -85,40 +134,18 @@ class ModelRunner:
                     logits_to_keep=1, **{self._cache_kwarg: self.cache})
         return out.logits[:, -1, :]
 
-    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
-        """One pass over prompt chunks on contiguous rows; the logits of each chunk's last token ([n, vocab]).
+    def _hf_prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        ids, pos, mask, view_len = _prefill_layout(chunks)
+        self.cache.plan_prefill(chunks[0].seq.row, [(c.start, c.count) for c in chunks], view_len)
+        return self._hf(ids.to(self.device), pos.to(self.device), mask.to(self.device))
 
-        Chunks are right-aligned in a ``[n, width]`` batch; padding queries attend to column 0 only, so
-        their softmax is defined, and their keys are never written to the cache.
-        """
-        n = len(chunks)
-        width = max(c.count for c in chunks)
-        view_len = max(c.start + c.count for c in chunks)
-        ids = torch.zeros((n, width), dtype=torch.long)
-        pos = torch.zeros((n, width), dtype=torch.long)
-        absolute = torch.full((n, width), -1, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            ids[i, width - c.count:] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.count])
-            span = torch.arange(c.start, c.start + c.count)
-            pos[i, width - c.count:] = span
-            pos[i, : width - c.count] = c.start
-            absolute[i, width - c.count:] = span
-        cols = torch.arange(view_len)
-        mask = cols[None, None, :] <= absolute[:, :, None]
-        mask[:, :, 0] |= absolute < 0
-        first_row = chunks[0].seq.row
-        self.cache.plan_prefill(first_row, [(c.start, c.count) for c in chunks], view_len)
-        return self._forward(ids.to(self.device), pos.to(self.device), mask[:, None].to(self.device))
-
-    def decode(self, batch: list[Sequence]) -> torch.Tensor:
-        """One pass advancing rows ``[0, n)`` by their ``next_token``; the next-token logits ([n, vocab])."""
+    def _hf_decode(self, batch: list[Sequence]) -> torch.Tensor:
         lengths = torch.tensor([s.length for s in batch])
         view_len = int(lengths.max()) + 1
         ids = torch.tensor([[s.next_token] for s in batch])
         mask = torch.arange(view_len)[None, :] <= lengths[:, None]
         self.cache.plan_decode(len(batch), lengths.to(self.device), view_len)
-        return self._forward(ids.to(self.device), lengths[:, None].to(self.device),
-                             mask[:, None, None].to(self.device))
+        return self._hf(ids.to(self.device), lengths[:, None].to(self.device), mask[:, None, None].to(self.device))
 
     # -- sampling -------------------------------------------------------------------------
     def new_generator(self, seed: int | None) -> torch.Generator:
@@ -141,3 +168,25 @@ class ModelRunner:
         if seq.params.repetition_penalty == 1.0:
             return None
         return torch.tensor(seq.prompt_ids + seq.generated, device=self.device).unique()
+
+
+def _prefill_layout(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Token ids, positions and the attention mask of a prefill pass, and how many positions it sees.
+
+    Chunks are right-aligned in an ``[n, width]`` batch; a padding slot holds token 0 at its chunk's
+    first position, attends to column 0 only (so its softmax is defined), and its key is never written.
+    """
+    n, width = len(chunks), max(c.count for c in chunks)
+    view_len = max(c.start + c.count for c in chunks)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    absolute = torch.full((n, width), -1, dtype=torch.long)
+    for i, c in enumerate(chunks):
+        ids[i, width - c.count:] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.count], dtype=torch.long)
+        span = torch.arange(c.start, c.start + c.count)
+        pos[i, width - c.count:] = span
+        pos[i, : width - c.count] = c.start
+        absolute[i, width - c.count:] = span
+    mask = torch.arange(view_len)[None, None, :] <= absolute[:, :, None]
+    mask[:, :, 0] |= absolute < 0
+    return ids, pos, mask[:, None], view_len
