@@ -28,6 +28,7 @@ class Plan:
     rows: tuple[int, int]
     view_len: int
     decode_positions: torch.Tensor | None = None  # one position per row: a decode pass
+    decode_rows: torch.Tensor | None = None       # the rows' indexes, made once a pass
     prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # (batch index, row, start, count)
 
 
@@ -49,7 +50,8 @@ class SlotKVCache:
     def plan_decode(self, n: int, positions: torch.Tensor, view_len: int) -> Plan:
         """Rows ``[0, n)`` each write one token at ``positions[i]``."""
         self.ensure_capacity(view_len)
-        self._plan = Plan((0, n), view_len, decode_positions=positions)
+        self._plan = Plan((0, n), view_len, decode_positions=positions,
+                          decode_rows=torch.arange(n, device=positions.device))
         return self._plan
 
     def plan_prefill(self, first_row: int, chunks: list[tuple[int, int]], view_len: int) -> Plan:
@@ -73,9 +75,8 @@ class SlotKVCache:
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
         r0, r1 = plan.rows
         if plan.decode_positions is not None:
-            rows = torch.arange(r0, r1, device=kb.device)
-            kb[rows, :, plan.decode_positions] = key_states[:, :, 0]
-            vb[rows, :, plan.decode_positions] = value_states[:, :, 0]
+            kb[plan.decode_rows, :, plan.decode_positions] = key_states[:, :, 0]
+            vb[plan.decode_rows, :, plan.decode_positions] = value_states[:, :, 0]
         else:
             width = key_states.shape[2]
             for i, row, start, count in plan.prefill:
