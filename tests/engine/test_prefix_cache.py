@@ -16,7 +16,8 @@ from chatstream.engine.prefix_cache import Drop, PrefixIndex, Save
 from chatstream.engine.scheduler import Scheduler
 
 from .test_engine import Collector
-from .test_scheduler import FakeRunner, token_for
+from .test_scheduler import FakeRunner
+from .test_scheduler import step as scheduler_step
 
 
 class KeepingRunner(FakeRunner):
@@ -40,36 +41,11 @@ class KeepingRunner(FakeRunner):
 
 
 def step(sched, runner, finished):
-    for s in sched.admit():
-        runner.load(s)
-    chunks = sched.prefill_chunks()
-    batch = sched.decode_batch()
-    if chunks:
-        runner.prefill(chunks)
-    if batch:
-        runner.decode(batch)
-    done = sched.prefilled(chunks) if chunks else []
-    if batch:
-        sched.decoded(batch)
-    for i in done:
-        s = chunks[i].seq
-        runner.apply(sched.promote(s))
-        accept(sched, runner, s, finished)
-    for s in batch:
-        accept(sched, runner, s, finished)
-    runner.check(sched)
+    scheduler_step(sched, runner, finished, keep=True, on_admit=runner.load)
     assert sched.prefixes.held_tokens <= sched.prefixes.budget_tokens
     assert set(runner.kept) == set(sched.prefixes.entries)
     for key, tokens in sched.prefixes.entries.items():
         assert runner.kept[key] == tokens
-
-
-def accept(sched, runner, s, finished):
-    s.generated.append(token_for(s))
-    s.next_token = s.generated[-1]
-    if len(s.generated) >= s.params.max_new_tokens:
-        runner.apply(sched.remove(s, keep=True))
-        finished.append(s)
 
 
 def make(tokens, max_new):

@@ -69,9 +69,13 @@ def token_for(s: Sequence) -> int:
     return 10_000 + 100 * s.prompt_ids[0] + len(s.generated)
 
 
-def step(sched: Scheduler, runner: FakeRunner, finished: list[Sequence]) -> None:
-    """What Engine._step does, with the fake forward pass: prompt chunks and decoding rows in one pass."""
-    sched.admit()
+def step(sched: Scheduler, runner: FakeRunner, finished: list[Sequence], keep: bool = False,
+         on_admit=lambda s: None) -> None:
+    """What Engine._step does, with the fake forward pass: prompt chunks and decoding rows in one pass.
+    ``keep``: finished sequences keep their rows' positions (the prefix cache); ``on_admit(seq)`` runs for
+    each admitted sequence before the pass (the engine loads its kept prefix there)."""
+    for s in sched.admit():
+        on_admit(s)
     chunks = sched.prefill_chunks()
     batch = sched.decode_batch()
     if chunks:
@@ -84,17 +88,17 @@ def step(sched: Scheduler, runner: FakeRunner, finished: list[Sequence]) -> None
     for i in done:
         s = chunks[i].seq
         runner.apply(sched.promote(s))
-        accept(sched, runner, s, finished)
+        accept(sched, runner, s, finished, keep)
     for s in batch:
-        accept(sched, runner, s, finished)
+        accept(sched, runner, s, finished, keep)
     runner.check(sched)
 
 
-def accept(sched, runner, s, finished):
+def accept(sched, runner, s, finished, keep=False):
     s.generated.append(token_for(s))
     s.next_token = s.generated[-1]
     if len(s.generated) >= s.params.max_new_tokens:
-        runner.apply(sched.remove(s))
+        runner.apply(sched.remove(s, keep=keep))
         finished.append(s)
 
 
