@@ -271,9 +271,8 @@ class Engine:
                 self._fail(seq, exc, "a forward pass failed")
             return
         # Every row's new columns are in the cache before any row moves.
-        done = self.scheduler.prefilled(chunks) if chunks else []
-        if batch:
-            self.scheduler.decoded(batch)
+        done = self.scheduler.prefilled(chunks)
+        self.scheduler.decoded(batch)
         firsts = [chunks[i].seq for i in done]
         first_picks = self.runner.sample(prefill_logits[done], firsts) if firsts else []
         picks = self.runner.sample(decode_logits, batch) if batch else []

@@ -105,25 +105,51 @@ class ModelRunner:
         ids, positions, last = [], [], list(range(len(batch)))
         p = llama_forward.Pass(decode=len(batch))
         if batch:
-            lengths = torch.tensor([s.length for s in batch])
-            view_len = int(lengths.max()) + 1
-            ids.append(torch.tensor([s.next_token for s in batch], dtype=torch.long))
-            positions.append(lengths)
-            p.decode_mask = (torch.arange(view_len)[None, :] <= lengths[:, None])[:, None, None].to(self.device)
-            p.decode_plan = self.cache.plan_decode(len(batch), lengths.to(self.device), view_len)
+            decode_ids, lengths, p.decode_mask, p.decode_plan = self._decode_inputs(batch)
+            ids.append(decode_ids.view(-1))
+            positions.append(lengths.view(-1))
         if chunks:
-            chunk_ids, chunk_pos, mask, view_len = _prefill_layout(chunks)
+            chunk_ids, chunk_pos, p.prefill_mask, p.prefill_plan = self._prefill_inputs(chunks)
             n, width = chunk_ids.shape
             ids.append(chunk_ids.view(-1))
             positions.append(chunk_pos.view(-1))
             last.extend(len(batch) + (i + 1) * width - 1 for i in range(n))  # right-aligned: the row's end
             p.chunks = (n, width)
-            p.prefill_mask = mask.to(self.device)
-            p.prefill_plan = self.cache.plan_prefill(chunks[0].seq.row, [(c.start, c.count) for c in chunks],
-                                                     view_len)
-        p.ids, p.positions = torch.cat(ids).to(self.device), torch.cat(positions).to(self.device)
+        p.ids, p.positions = torch.cat(ids), torch.cat(positions)
         p.last = torch.tensor(last, device=self.device)
         return p
+
+    def _decode_inputs(self, batch: list[Sequence]):
+        """Token ids and positions (``[n, 1]``), the attention mask and the cache plan of a decode pass."""
+        lengths = torch.tensor([s.length for s in batch])
+        view_len = int(lengths.max()) + 1
+        ids = torch.tensor([[s.next_token] for s in batch], dtype=torch.long)
+        mask = torch.arange(view_len)[None, :] <= lengths[:, None]
+        lengths = lengths.to(self.device)
+        plan = self.cache.plan_decode(len(batch), lengths, view_len)
+        return ids.to(self.device), lengths[:, None], mask[:, None, None].to(self.device), plan
+
+    def _prefill_inputs(self, chunks: list[Chunk]):
+        """Token ids and positions (``[n, width]``), the attention mask and the cache plan of a prefill pass.
+
+        Chunks are right-aligned in an ``[n, width]`` batch; a padding slot holds token 0 at its chunk's
+        first position, attends to column 0 only (so its softmax is defined), and its key is never written.
+        """
+        n, width = len(chunks), max(c.count for c in chunks)
+        view_len = max(c.start + c.count for c in chunks)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        absolute = torch.full((n, width), -1, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            ids[i, width - c.count:] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.count], dtype=torch.long)
+            span = torch.arange(c.start, c.start + c.count)
+            pos[i, width - c.count:] = span
+            pos[i, : width - c.count] = c.start
+            absolute[i, width - c.count:] = span
+        mask = torch.arange(view_len)[None, None, :] <= absolute[:, :, None]
+        mask[:, :, 0] |= absolute < 0
+        plan = self.cache.plan_prefill(chunks[0].seq.row, [(c.start, c.count) for c in chunks], view_len)
+        return ids.to(self.device), pos.to(self.device), mask[:, None].to(self.device), plan
 
     def _hf(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = self.model
@@ -135,17 +161,10 @@ class ModelRunner:
         return out.logits[:, -1, :]
 
     def _hf_prefill(self, chunks: list[Chunk]) -> torch.Tensor:
-        ids, pos, mask, view_len = _prefill_layout(chunks)
-        self.cache.plan_prefill(chunks[0].seq.row, [(c.start, c.count) for c in chunks], view_len)
-        return self._hf(ids.to(self.device), pos.to(self.device), mask.to(self.device))
+        return self._hf(*self._prefill_inputs(chunks)[:3])
 
     def _hf_decode(self, batch: list[Sequence]) -> torch.Tensor:
-        lengths = torch.tensor([s.length for s in batch])
-        view_len = int(lengths.max()) + 1
-        ids = torch.tensor([[s.next_token] for s in batch])
-        mask = torch.arange(view_len)[None, :] <= lengths[:, None]
-        self.cache.plan_decode(len(batch), lengths.to(self.device), view_len)
-        return self._hf(ids.to(self.device), lengths[:, None].to(self.device), mask[:, None, None].to(self.device))
+        return self._hf(*self._decode_inputs(batch)[:3])
 
     # -- sampling -------------------------------------------------------------------------
     def new_generator(self, seed: int | None) -> torch.Generator:
@@ -169,24 +188,3 @@ class ModelRunner:
             return None
         return torch.tensor(seq.prompt_ids + seq.generated, device=self.device).unique()
 
-
-def _prefill_layout(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Token ids, positions and the attention mask of a prefill pass, and how many positions it sees.
-
-    Chunks are right-aligned in an ``[n, width]`` batch; a padding slot holds token 0 at its chunk's
-    first position, attends to column 0 only (so its softmax is defined), and its key is never written.
-    """
-    n, width = len(chunks), max(c.count for c in chunks)
-    view_len = max(c.start + c.count for c in chunks)
-    ids = torch.zeros((n, width), dtype=torch.long)
-    pos = torch.zeros((n, width), dtype=torch.long)
-    absolute = torch.full((n, width), -1, dtype=torch.long)
-    for i, c in enumerate(chunks):
-        ids[i, width - c.count:] = torch.tensor(c.seq.prompt_ids[c.start:c.start + c.count], dtype=torch.long)
-        span = torch.arange(c.start, c.start + c.count)
-        pos[i, width - c.count:] = span
-        pos[i, : width - c.count] = c.start
-        absolute[i, width - c.count:] = span
-    mask = torch.arange(view_len)[None, None, :] <= absolute[:, :, None]
-    mask[:, :, 0] |= absolute < 0
-    return ids, pos, mask[:, None], view_len
