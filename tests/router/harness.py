@@ -146,6 +146,16 @@ class Router:
                 up.add(fields[1])
         return up
 
+    def most_in_flight(self) -> dict[str, int]:
+        """Server name -> the most requests it served at once (haproxy's
+        smax) since the last `clear counters`."""
+        out = {}
+        for line in self.admin("show stat").splitlines():
+            fields = line.split(",")
+            if len(fields) > 5 and fields[0] == "pods" and fields[1] not in ("FRONTEND", "BACKEND"):
+                out[fields[1]] = int(fields[5] or 0)
+        return out
+
     def addresses(self) -> dict[str, str]:
         """Server (slot) name -> the address it has now ("0.0.0.0" when empty)."""
         out = {}

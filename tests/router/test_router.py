@@ -101,11 +101,18 @@ def spread(counts: collections.Counter, pods) -> float:
 
 def test_new_sessions_spread_evenly(proxy, pods):
     """30 new /chat_stream sessions, six clients at a time, and 30 new /v1
-    conversations one after the other (all with the same system prompt): no
-    pod takes more than 125% of the mean. The shared system prompt must not
-    pin them to one pod. (leastconn balances requests in flight, so under
-    concurrency the counts follow the pods' speed; one at a time, every pod
-    is equally idle and round robin decides.)"""
+    conversations one after the other (all with the same system prompt): the
+    shared system prompt must not pin them to one pod.
+
+    Under concurrency leastconn balances the requests in flight, not the
+    counts: the three pods share two cores, so one may run faster for a
+    while and rightly take more sessions (14/8/8 was seen). What a user
+    notices is a pod with a queue while another idles, so that is what is
+    asserted: with 6 clients over 3 pods, no pod ever held more than 3 at
+    once (2 each, plus one while the proxy still counts a stream that just
+    ended), read from haproxy's own per-server maximum, and every pod took
+    sessions. One at a time, every pod is equally idle and round robin
+    decides, so there the counts must be even."""
     def chat(i):
         return chat_turns(proxy.url, [f"Say the number {i}."])[0]
 
@@ -113,12 +120,16 @@ def test_new_sessions_spread_evenly(proxy, pods):
         return v1_turns(proxy.url, [{"role": "system", "content": "You are a helpful assistant."},
                                     {"role": "user", "content": f"Count to {i} {uuid.uuid4().hex[:6]}."}], [])[0]
 
+    proxy.admin("clear counters")
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         chats = collections.Counter(pool.map(chat, range(30)))
+    most_at_once = proxy.most_in_flight()
     v1s = collections.Counter(map(v1, range(30)))
-    print(f"\n/chat_stream sessions per pod {dict(chats)}, max/mean {spread(chats, pods):.2f}; "
+    print(f"\n/chat_stream sessions per pod {dict(chats)}, most in flight at once {most_at_once}; "
           f"/v1 conversations per pod {dict(v1s)}, max/mean {spread(v1s, pods):.2f}")
-    assert spread(chats, pods) <= 1.25, chats
+    assert set(most_at_once) == {p.name for p in pods}, most_at_once
+    assert max(most_at_once.values()) <= 3, most_at_once
+    assert all(chats[p.name] >= 3 for p in pods), chats
     assert spread(v1s, pods) <= 1.25, v1s
 
 
