@@ -95,7 +95,7 @@ def trace_backend_build(node):
 @pytest.fixture(scope="session")
 def node_images(node, image_build, trace_backend_build):
     """The images built from this tree, in the node's containerd."""
-    record("image build (beside cluster-up), until both were done", image_build.wait(timeout=3600))
+    record("image build (beside cluster-up)", image_build.wait(timeout=3600))
     t0 = time.monotonic()
     images = {"operator": OPERATOR_IMAGE, "service": SERVICE_IMAGE, "router": ROUTER_IMAGE}
     out = run(str(ROOT / "scripts/node-up.sh"), "import", *images.values(), timeout=1800)
