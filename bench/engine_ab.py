@@ -19,17 +19,13 @@ import threading
 import time
 
 
-def main() -> None:
-    tree, clients, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    sys.path.insert(0, os.path.join(tree, "service"))
-    import chatstream
-    from chatstream import load_model
-    from chatstream.engine import Engine, Failed, Finished, SamplingParams
+def closed_loop(engine, clients: int, seconds: float, warmup: float = 8.0) -> tuple[float, float]:
+    """Output tokens/s and engine steps/s of ``clients`` closed-loop submitters over ``seconds`` after
+    ``warmup``. Each sends a random prompt of 40-120 token ids (seeded per submitter), 64 new tokens,
+    greedy, and the next as soon as one ends; only requests that finished count. They stop before it
+    returns, so one engine can be measured at several levels."""
+    from chatstream.engine import Failed, Finished, SamplingParams
 
-    assert chatstream.__file__.startswith(os.path.abspath(tree)), chatstream.__file__
-    model, tok = load_model("builtin:smollm2-135m-instruct")
-    engine = Engine(model, tok, max_batch=32, max_context=2048, cpu_linear="onednn")
-    engine.start()
     lock, tokens, stop = threading.Lock(), [0], threading.Event()
 
     def client(i: int) -> None:
@@ -43,18 +39,36 @@ def main() -> None:
             with lock:
                 tokens[0] += len(seq.generated)
 
-    for i in range(clients):
-        threading.Thread(target=client, args=(i,), daemon=True).start()
-    time.sleep(8)
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(warmup)
     with lock:
         tokens0, steps0, t0 = tokens[0], engine.steps, time.monotonic()
     time.sleep(seconds)
     with lock:
         tokens1, steps1, elapsed = tokens[0], engine.steps, time.monotonic() - t0
-    print(f"{os.path.basename(os.path.abspath(tree))}: {clients} clients, {(tokens1 - tokens0) / elapsed:.1f} tok/s, "
-          f"{(steps1 - steps0) / elapsed:.1f} steps/s", flush=True)
     stop.set()
-    os._exit(0)  # the engine's thread and the clients are daemons; nothing to tidy
+    for t in threads:
+        t.join()
+    return (tokens1 - tokens0) / elapsed, (steps1 - steps0) / elapsed
+
+
+def main() -> None:
+    tree, clients, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    sys.path.insert(0, os.path.join(tree, "service"))
+    import chatstream
+    from chatstream import load_model
+    from chatstream.engine import Engine
+
+    assert chatstream.__file__.startswith(os.path.abspath(tree)), chatstream.__file__
+    model, tok = load_model("builtin:smollm2-135m-instruct")
+    engine = Engine(model, tok, max_batch=32, max_context=2048, cpu_linear="onednn")
+    engine.start()
+    tok_s, steps_s = closed_loop(engine, clients, seconds)
+    print(f"{os.path.basename(os.path.abspath(tree))}: {clients} clients, {tok_s:.1f} tok/s, "
+          f"{steps_s:.1f} steps/s", flush=True)
+    os._exit(0)  # the engine's thread is a daemon; nothing to tidy
 
 
 if __name__ == "__main__":

@@ -29,31 +29,19 @@ from __future__ import annotations
 
 import ast
 import os
-import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
+from dtype_quality import alone, chat_ids, cpu_description, generate
+from engine_ab import closed_loop
 
 LAYERS = 30
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # fused q/k/v, o, fused gate/up, down
 LM_HEAD = (49152, 576)
 MACS_PER_ROW = LAYERS * sum(o * i for o, i in SHAPES) + LM_HEAD[0] * LM_HEAD[1]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model} ({', '.join(wanted)})"
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -158,52 +146,21 @@ def _engine(dtype: str):
     return engine, tok
 
 
-def _generate(engine, prompts: list[list[int]], new_tokens: int = 48) -> list[tuple[int, ...]]:
-    from chatstream.engine import Failed, Finished, SamplingParams
-    done = [threading.Event() for _ in prompts]
-    seqs = [engine.submit(p, SamplingParams(max_new_tokens=new_tokens, temperature=0),
-                          lambda e, d=d: isinstance(e, (Finished, Failed)) and d.set()) for p, d in zip(prompts, done)]
-    for d in done:
-        d.wait()
-    return [tuple(s.generated) for s in seqs]
-
-
 def engine_probe(dtype: str) -> None:
     """One process per dtype (the patch is process-wide): steps/s under load, then the answer check."""
     global CHECK_ROWS
-    import random
     engine, tok = _engine(dtype)
-    rates = []
-    for clients in (1, 8, 16):
-        stop = threading.Event()
-
-        def client(i: int) -> None:
-            rng = random.Random(i)
-            while not stop.is_set():
-                _generate(engine, [[rng.randrange(1000, 40000) for _ in range(rng.randrange(40, 120))]], 64)
-
-        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-        for t in threads:
-            t.start()
-        time.sleep(5)
-        steps, t0 = engine.steps, time.monotonic()
-        time.sleep(15)
-        rates.append((engine.steps - steps) / (time.monotonic() - t0))
-        stop.set()
-        for t in threads:
-            t.join()
+    rates = [closed_loop(engine, clients, 15, warmup=5)[1] for clients in (1, 8, 16)]
     CHECK_ROWS = dtype == "bfloat16"
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-               for q in QUESTIONS]
-    prompts = [p if isinstance(p, list) else list(p["input_ids"]) for p in prompts]
-    alone = [_generate(engine, [p])[0] for p in prompts]
-    together = _generate(engine, prompts)
-    same = sum(a == b for a, b in zip(alone, together))
+    prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    answers = alone(engine, prompts, 48)
+    together = generate(engine, prompts, 48)
+    same = sum(a == b for a, b in zip(answers, together))
     print(f"{dtype}: steps/s at 1/8/16 clients {' / '.join(f'{r:.1f}' for r in rates)}; "
           f"answers the same alone and in a batch of 8: {same} of {len(prompts)}"
           + (f"; linear calls of several rows: {BF16Linear.calls}, with a row differing from it alone: "
              f"{BF16Linear.differing}" if CHECK_ROWS else ""), flush=True)
-    print("ANSWERS", repr(alone), flush=True)
+    print("ANSWERS", repr(answers), flush=True)
     os._exit(0)
 
 
@@ -231,7 +188,9 @@ def main() -> None:
     torch.set_num_threads(2)
     if len(sys.argv) > 2 and sys.argv[1] == "--engine-child":
         return engine_probe(sys.argv[2])
-    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}\n")
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}), {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}\n")
     with torch.inference_mode():
         pass_times()
         row_invariance()

@@ -137,24 +137,19 @@ class Router:
                 chunks.append(chunk)
         return b"".join(chunks).decode()
 
+    def server_stats(self) -> list[list[str]]:
+        """The `show stat` CSV row of each server of the pods backend
+        (field 5: smax, 17: status)."""
+        rows = [line.split(",") for line in self.admin("show stat").splitlines()]
+        return [f for f in rows if len(f) > 17 and f[0] == "pods" and f[1] not in ("FRONTEND", "BACKEND")]
+
     def servers_up(self) -> set[str]:
-        up = set()
-        for line in self.admin("show stat").splitlines():
-            fields = line.split(",")
-            if len(fields) > 17 and fields[0] == "pods" and fields[1] not in ("FRONTEND", "BACKEND") \
-                    and fields[17].startswith("UP"):
-                up.add(fields[1])
-        return up
+        return {f[1] for f in self.server_stats() if f[17].startswith("UP")}
 
     def most_in_flight(self) -> dict[str, int]:
         """Server name -> the most requests it served at once (haproxy's
         smax) since the last `clear counters`."""
-        out = {}
-        for line in self.admin("show stat").splitlines():
-            fields = line.split(",")
-            if len(fields) > 5 and fields[0] == "pods" and fields[1] not in ("FRONTEND", "BACKEND"):
-                out[fields[1]] = int(fields[5] or 0)
-        return out
+        return {f[1]: int(f[5] or 0) for f in self.server_stats()}
 
     def addresses(self) -> dict[str, str]:
         """Server (slot) name -> the address it has now ("0.0.0.0" when empty)."""
