@@ -37,6 +37,7 @@ PRESTOP_SLEEP_SECONDS = 5
 STARTUP_BUDGET_SECONDS = 900
 STARTUP_PERIOD_SECONDS = 5
 UID = 10001
+CONTAINER = "chatstream"  # the model container's name
 
 DEFAULT_RESOURCES = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
 
@@ -152,6 +153,10 @@ def _env(body: dict) -> list[dict]:
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": envvars.OTEL_RESOURCE_ATTRIBUTES,
          "value": f"k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE),k8s.deployment.name={meta['name']}"},
+        # The model's threads follow what the pod was given (chatstream/threads.py): its CPU
+        # request, in millicores, from the downward API (a limit the server reads from its cgroup).
+        {"name": envvars.CPU_REQUEST, "valueFrom": {"resourceFieldRef": {
+            "containerName": CONTAINER, "resource": "requests.cpu", "divisor": "1m"}}},
         # Hub downloads need a writable home; the root filesystem is read-only.
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
     ]
@@ -206,7 +211,7 @@ def _probe(path: str, period: int, failures: int) -> dict:
 def _container(body: dict, images: Images) -> dict:
     spec = body["spec"]
     container = {
-        "name": "chatstream",
+        "name": CONTAINER,
         "image": spec.get("image") or (images.gpu if wants_gpu(spec) else images.cpu),
         "command": ["chatstream", "serve"],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],

@@ -13,7 +13,8 @@ PORT = "CHATSTREAM_PORT"
 DEVICE = "CHATSTREAM_DEVICE"                    # auto | cpu | cuda
 DTYPE = "CHATSTREAM_DTYPE"                      # auto | float32 | bfloat16 | float16
 CPU_LINEAR = "CHATSTREAM_CPU_LINEAR"            # onednn (prepacked weights) | torch
-THREADS = "CHATSTREAM_THREADS"                  # model threads; 0 = schedulable CPUs capped by the CPU quota
+THREADS = "CHATSTREAM_THREADS"                  # model threads; 0 = from the CPU limit, else the request (threads.py)
+CPU_REQUEST = "CHATSTREAM_CPU_REQUEST"          # the pod's CPU request in millicores (the operator: downward API)
 MAX_CONCURRENT = "CHATSTREAM_MAX_CONCURRENT"    # num_of_concurrent_executions
 MAX_QUEUE = "CHATSTREAM_MAX_QUEUE"              # max_queue_size
 MAX_NEW_TOKENS = "CHATSTREAM_MAX_NEW_TOKENS"

@@ -32,6 +32,7 @@ from .render import encode_text
 from .request_body import read_json
 from .settings import library_default as _default
 from .telemetry import Telemetry
+from . import threads
 
 
 class ChatStream:
@@ -73,7 +74,7 @@ class ChatStream:
         self.telemetry = telemetry or Telemetry()
         self.telemetry.model_name = self.model_name
         self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name,
-                               lambda: self.engine.prefix_cache_stats, self.engine.info)
+                               lambda: self.engine.prefix_cache_stats, {**self.engine.info, **threads.info()})
         self._callbacks: set[asyncio.Task] = set()
 
     # -- original companions ------------------------------------------------------------

@@ -1,11 +1,21 @@
 """How many CPU threads the model runs on.
 
 Why: torch sizes its thread pool by the CPUs the process may be scheduled on.
-In a container that is every core of the node, not the pod's CPU limit, which
-the kernel enforces as a CFS quota instead. A pod limited to 2 CPUs on a
-64-core node would run 64 threads inside a 2-CPU quota, be throttled for most
-of each period, and stall every stream. So, unless told otherwise, the server
-uses no more threads than its cgroup quota allows (rounded down, at least one).
+In a container that is every core of the node, whatever the pod was given. A
+pod with a CPU limit gets a CFS quota; a pod with only a request gets a share
+of the node (its cgroup's CPU weight), and shares the cores with every other
+pod. OpenMP's parallel regions wait for their slowest thread, so a model that
+runs more threads than it has CPUs stalls whenever one of them is preempted:
+measured on a 2-core node, two pods with two threads each served 0.11x of one
+bare process (docs/operator.md). So, unless told otherwise, the server runs
+as many threads as the pod was given:
+
+- its CPU limit (the quota, read from the cgroup), rounded down, when it has one;
+- else its CPU request (``CHATSTREAM_CPU_REQUEST``, millicores, which the
+  operator fills from the downward API), rounded to the nearest whole CPU;
+- else the schedulable CPUs (a bare process, or a container started by hand);
+
+never more than the schedulable CPUs and never fewer than one.
 """
 
 from __future__ import annotations
@@ -13,7 +23,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+from . import envvars
 
 log = logging.getLogger("chatstream")
 
@@ -35,21 +48,52 @@ def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
         return None
 
 
-def choose_threads(requested: int, schedulable: int, limit: float | None) -> int:
-    """``requested`` when set (> 0); otherwise the schedulable CPUs, capped by the quota."""
+def cpu_request(environ=os.environ) -> float | None:
+    """The pod's CPU request in CPUs, from the millicores the downward API puts in the environment."""
+    try:
+        millis = int(environ.get(envvars.CPU_REQUEST, ""))
+    except ValueError:
+        return None
+    return millis / 1000 if millis > 0 else None
+
+
+@dataclass(frozen=True)
+class Choice:
+    threads: int
+    reason: str     # what the count came from, for the log and chatstream_engine_info
+
+
+def choose_threads(requested: int, schedulable: int, limit: float | None, request: float | None = None) -> Choice:
+    """``requested`` when set (> 0); otherwise the CPU limit, else the CPU request, else the schedulable CPUs."""
     if requested > 0:
-        return requested
-    if limit is None:
-        return schedulable
-    return max(1, min(schedulable, math.floor(limit)))
+        return Choice(requested, "set")
+    if limit is not None:
+        return Choice(max(1, min(schedulable, math.floor(limit))), "limit")
+    if request is not None:
+        return Choice(max(1, min(schedulable, math.floor(request + 0.5))), "request")
+    return Choice(schedulable, "schedulable")
 
 
-def configure(requested: int = 0) -> int:
-    """Set torch's intra-op threads for this process and return how many."""
+_chosen: Choice | None = None
+
+
+def info() -> dict[str, str]:
+    """The model's threads and what they came from, for ``chatstream_engine_info``."""
     import torch
-    limit = cgroup_cpu_limit()
-    threads = choose_threads(requested, len(os.sched_getaffinity(0)), limit)
-    torch.set_num_threads(threads)
-    log.info("model threads: %d (%s)", threads, "set" if requested > 0 else
-             f"CPU quota {limit:g}" if limit is not None else "schedulable CPUs")
-    return threads
+    return {"threads": str(torch.get_num_threads()), "threads_from": _chosen.reason if _chosen else "torch"}
+
+
+def configure(requested: int = 0) -> Choice:
+    """Set torch's intra-op threads for this process and say why."""
+    global _chosen
+    import torch
+    limit, request = cgroup_cpu_limit(), cpu_request()
+    schedulable = len(os.sched_getaffinity(0))
+    choice = choose_threads(requested, schedulable, limit, request)
+    torch.set_num_threads(choice.threads)
+    _chosen = choice
+    given = {"set": f"set by {envvars.THREADS}", "limit": f"CPU limit {limit:g}",
+             "request": f"CPU request {request:g}", "schedulable": "no CPU limit or request"}[choice.reason]
+    log.info("model threads: %d (%s; %d schedulable CPUs; OMP_WAIT_POLICY=%s)", choice.threads, given,
+             schedulable, os.environ.get("OMP_WAIT_POLICY", "unset"))
+    return choice

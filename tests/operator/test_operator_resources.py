@@ -45,6 +45,14 @@ def test_defaults_give_a_runnable_cpu_deployment():
     assert names.index("POD_NAME") < names.index(envvars.OTEL_RESOURCE_ATTRIBUTES)  # $(VAR) needs it defined first
 
 
+def test_the_model_threads_learn_the_pods_cpu_request_from_the_downward_api():
+    # Without it a pod sizes its threads to the node's cores (threads.py): two pods on a 2-core node
+    # ran 4 spinning threads and served 0.11x of one bare process.
+    c = container(resources.deployment(make_resource()))
+    [ref] = [x["valueFrom"]["resourceFieldRef"] for x in c["env"] if x["name"] == envvars.CPU_REQUEST]
+    assert ref == {"containerName": c["name"], "resource": "requests.cpu", "divisor": "1m"}
+
+
 def test_children_are_owned_by_the_resource_and_selected_by_its_labels():
     body = make_resource()
     for child in (resources.deployment(body), resources.service(body), resources.session_secret(body, "s")):

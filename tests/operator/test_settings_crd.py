@@ -39,7 +39,7 @@ ENUMS = [("model", "dtype"), ("model", "device"), ("sessions", "store")]
 # What the pod would read from Secrets (valueFrom) in a cluster.
 # What the kubelet fills in from Secrets and from the downward API.
 FROM_SECRETS = {"CHATSTREAM_REDIS_URL": "redis://redis:6379/0", "CHATSTREAM_SESSION_SECRET": "s3cret",
-                "POD_NAME": "chat-5d8f-abcde", "POD_NAMESPACE": "team-a"}
+                "POD_NAME": "chat-5d8f-abcde", "POD_NAMESPACE": "team-a", "CHATSTREAM_CPU_REQUEST": "250"}
 
 
 MAPPED = [row for row in TABLE if row.crd]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatstream.threads import cgroup_cpu_limit, choose_threads
+from chatstream.threads import Choice, cgroup_cpu_limit, choose_threads, cpu_request
 
 
 def write(path, text):
@@ -32,9 +32,31 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
 
 
 def test_choose_threads():
-    assert choose_threads(0, 64, 2.0) == 2          # a 2-CPU pod on a 64-core node
-    assert choose_threads(0, 64, 1.5) == 1          # never more threads than the quota can run
-    assert choose_threads(0, 64, 0.5) == 1
-    assert choose_threads(0, 4, 16.0) == 4          # nor more than the schedulable CPUs
-    assert choose_threads(0, 8, None) == 8
-    assert choose_threads(3, 64, 1.0) == 3          # an explicit setting wins
+    def threads(*args):
+        return choose_threads(*args).threads
+    assert threads(0, 64, 2.0) == 2          # a 2-CPU pod on a 64-core node
+    assert threads(0, 64, 1.5) == 1          # never more threads than the quota can run
+    assert threads(0, 64, 0.5) == 1
+    assert threads(0, 4, 16.0) == 4          # nor more than the schedulable CPUs
+    assert threads(0, 8, None) == 8          # a bare process: every schedulable CPU
+    assert threads(3, 64, 1.0) == 3          # an explicit setting wins
+
+
+@pytest.mark.parametrize("request_cpus, expected", [(0.1, 1), (0.9, 1), (1.4, 1), (1.5, 2), (1.8, 2), (8.0, 8),
+                                                    (100.0, 64)])
+def test_a_pod_without_a_limit_runs_the_threads_of_its_request(request_cpus, expected):
+    # Two pods requesting 0.9 CPU each on a 2-core node ran 2 threads each (the node's cores) and served
+    # 0.11x of one bare process; the request is what each was given.
+    choice = choose_threads(0, 64, None, request_cpus)
+    assert (choice.threads, choice.reason) == (expected, "request")
+
+
+def test_a_limit_wins_over_the_request():
+    assert choose_threads(0, 64, 2.0, 8.0) == Choice(2, "limit")
+    assert choose_threads(4, 64, 2.0, 8.0) == Choice(4, "set")
+
+
+@pytest.mark.parametrize("raw, expected", [("900", 0.9), ("2000", 2.0), ("0", None), ("", None), ("x", None)])
+def test_the_request_comes_in_millicores(raw, expected):
+    assert cpu_request({"CHATSTREAM_CPU_REQUEST": raw}) == expected
+    assert cpu_request({}) is None
