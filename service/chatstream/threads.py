@@ -92,8 +92,9 @@ def configure(requested: int = 0) -> Choice:
     choice = choose_threads(requested, schedulable, limit, request)
     torch.set_num_threads(choice.threads)
     _chosen = choice
-    given = {"set": f"set by {envvars.THREADS}", "limit": f"CPU limit {limit:g}",
-             "request": f"CPU request {request:g}", "schedulable": "no CPU limit or request"}[choice.reason]
+    given = {"set": lambda: f"set by {envvars.THREADS}", "limit": lambda: f"CPU limit {limit:g}",
+             "request": lambda: f"CPU request {request:g}",
+             "schedulable": lambda: "no CPU limit or request"}[choice.reason]()
     log.info("model threads: %d (%s; %d schedulable CPUs; OMP_WAIT_POLICY=%s)", choice.threads, given,
              schedulable, os.environ.get("OMP_WAIT_POLICY", "unset"))
     return choice

@@ -60,3 +60,26 @@ def test_a_limit_wins_over_the_request():
 def test_the_request_comes_in_millicores(raw, expected):
     assert cpu_request({"CHATSTREAM_CPU_REQUEST": raw}) == expected
     assert cpu_request({}) is None
+
+
+@pytest.mark.parametrize("environ, reason", [({}, "no CPU limit or request"),
+                                             ({"CHATSTREAM_CPU_REQUEST": "900"}, "CPU request 0.9")])
+def test_configure_sets_torchs_threads_and_logs_why(monkeypatch, caplog, environ, reason):
+    import logging
+
+    import torch
+
+    from chatstream import threads
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)  # whatever cgroup this test runs in
+    monkeypatch.delenv("CHATSTREAM_CPU_REQUEST", raising=False)
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level(logging.INFO, logger="chatstream"):
+            choice = threads.configure()
+        assert torch.get_num_threads() == choice.threads
+        assert reason in caplog.text
+        assert threads.info()["threads"] == str(choice.threads)
+    finally:
+        torch.set_num_threads(before)
