@@ -192,12 +192,12 @@ def undeploy() -> None:
 
 
 def pod_threads(base: str) -> str:
-    """What chatstream_engine_info says of the model's threads."""
+    """What chatstream_engine_info says of the model's threads and its linear kernel."""
     with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
         text = r.read().decode()
     line = next((l for l in text.splitlines() if l.startswith("chatstream_engine_info{")), "{}")
     labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
-    return f"{labels.get('threads', '?')} ({labels.get('threads_from', '?')})"
+    return f"{labels.get('threads', '?')} ({labels.get('threads_from', '?')}, {labels.get('cpu_linear', '?')})"
 
 
 async def warm(base: str, rounds: int) -> None:
