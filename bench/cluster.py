@@ -200,13 +200,13 @@ def pod_threads(base: str) -> str:
     return f"{labels.get('threads', '?')} ({labels.get('threads_from', '?')}, {labels.get('cpu_linear', '?')})"
 
 
-async def warm(base: str, rounds: int) -> None:
+async def warm(base: str | list[str], rounds: int) -> None:
     """One short conversation per pod (the router spreads new ones by load), nothing kept."""
     await run_workload("v1", base, MODEL, rounds, 1, 8, log=lambda *_: None)
 
 
-def measure(base: str, servers: list[str], args) -> dict:
-    """The workload through ``base``; the cache counters summed over ``servers`` (each one's base URL)."""
+def measure(base: str | list[str], servers: list[str], args) -> dict:
+    """The workload through ``base`` (or spread over several); the cache counters summed over ``servers``."""
     asyncio.run(warm(base, max(2, len(servers) * 2)))
     before = {s: read_metrics(s) or {} for s in servers}
     run = asyncio.run(run_workload("v1", base, MODEL, args.users, args.turns, args.new_tokens, log=log))
@@ -223,14 +223,31 @@ def measure(base: str, servers: list[str], args) -> dict:
             "hit_rate": hit[0] / hit[1] if hit[1] else None}
 
 
-def bare(args, model_path: str) -> dict:
-    peer = Ours()
-    server = Server(peer, model_path, 4, 256, log=log)
-    server.start()  # the example's limits: 4 streams, a queue of 16 (4 x 4), 2048 tokens of context
+class Threads(Ours):
+    """Ours with the pods' thread count and environment (--split)."""
+
+    def __init__(self, threads: int, env: list[dict]):
+        super().__init__()
+        self.threads, self.extra = threads, {e["name"]: e["value"] for e in env}
+
+    def env(self) -> dict:
+        return {**super().env(), **self.extra, "CHATSTREAM_THREADS": str(self.threads)}
+
+
+def bare(args, model_path: str, processes: int = 1, threads: int = 0, env: list[dict] = ()) -> dict:
+    """One bare process with every core; or ``processes`` of them with ``threads`` each, the users
+    spread over them as the router spreads them over pods: the pods' shape without Kubernetes."""
+    servers = [Server(Threads(threads, env) if threads else Ours(), model_path, 4, 256, log=log)
+               for _ in range(processes)]
     try:
-        return measure(server.base, [server.base], args) | {"threads": pod_threads(server.base)}
+        for server in servers:  # the example's limits: 4 streams, a queue of 16 (4 x 4), 2048 tokens of context
+            server.start()
+        bases = [s.base for s in servers]
+        return measure(bases if processes > 1 else bases[0], bases, args) | {
+            "threads": ", ".join(pod_threads(b) for b in bases)}
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 def best(runs: list[dict]) -> dict:
@@ -262,6 +279,8 @@ def render(report: dict) -> str:
     for n, setup in report["pods"].items():
         lines.append(row(f"{n} replica{'s' if int(n) > 1 else ''} via the router", f"{setup['cpu_m']}m",
                          ", ".join(setup["threads"]), best(setup["runs"])))
+        if "split" in setup:
+            lines.append(row(f"{n} bare processes, users spread", "-", setup["split"]["threads"], setup["split"]))
     rounds = [f"{n} replicas " + " / ".join(f"{r['tok_s']:.1f}" for r in s["runs"]) for n, s in report["pods"].items()]
     rounds.append("bare " + " / ".join(f"{r['tok_s']:.1f}" for r in report["bare"]))
     lines += ["", "Every round's tok/s: " + "; ".join(rounds) + "."]
@@ -277,6 +296,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="workload runs per setup (the median is reported)")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the model pods (spec.env)")
     ap.add_argument("--no-bare", action="store_true", help="only the pods")
+    ap.add_argument("--split", action="store_true",
+                    help="after each replica count, as many bare processes with the pods' threads and env")
     ap.add_argument("--keep", action="store_true", help="leave the last resource running")
     ap.add_argument("--tag", default="", help="suffix of the results files")
     args = ap.parse_args()
@@ -300,6 +321,12 @@ def main() -> None:
             setup["runs"].append(measure(base, pods, args))
             log(f"   round {i + 1}: {setup['runs'][-1]['tok_s']:.1f} tok/s, threads {setup['threads']}")
         report["pods"][str(n)] = setup
+        if args.split and n > 1:
+            undeploy()
+            threads = int(setup["threads"][0].split()[0])
+            log(f"== {n} bare processes of {threads} thread(s), the users spread over them")
+            setup["split"] = bare(args, model_path, n, threads, env)
+            log(f"   {setup['split']['tok_s']:.1f} tok/s")
         if not (args.keep and n == int(args.replicas.split(",")[-1])):
             undeploy()
     if not args.no_bare:

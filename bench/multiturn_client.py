@@ -191,12 +191,13 @@ class WorkloadRun:
     cpu_s: float
 
 
-async def run_workload(api: str, base: str, model: str, users: int, turns: int, max_tokens: int, *,
+async def run_workload(api: str, base: str | list[str], model: str, users: int, turns: int, max_tokens: int, *,
                        think_s: float = 0.0, log=print) -> WorkloadRun:
+    """``base``: one server, or a list of servers that user u talks to the (u mod n)th of."""
     records: list[Turn] = []
 
     async def user(u: int):
-        conv = Conversation(api, base, model, u, max_tokens)
+        conv = Conversation(api, base if isinstance(base, str) else base[u % len(base)], model, u, max_tokens)
         try:
             for t in range(turns):
                 rec = await conv.turn(t)

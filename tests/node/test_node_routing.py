@@ -8,15 +8,21 @@ turn after a conversation's pod goes away (Redis store: the history stays)."""
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import re
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from node_helpers import (
-    apply, condition, example, get, kubectl, model_pods, pod_ready, record, redis, report, service_url, wait_for,
+    CLUSTER_DIR, ROOT, apply, condition, example, get, kubectl, model_pods, pod_ready, record, redis, report, service_url,
+    wait_for,
 )
 
 pytestmark = pytest.mark.node
@@ -35,7 +41,11 @@ FOLLOW_UPS = ["Can you give me a concrete example?", "What are the pros and cons
 
 
 def pod_metrics(ip: str) -> dict[str, float]:
-    text = httpx.get(f"http://{ip}:8000/metrics", timeout=10).text
+    return server_metrics(f"http://{ip}:8000")
+
+
+def server_metrics(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
     out = {}
     for name in ("chatstream_prompt_tokens_total", "chatstream_prompt_tokens_cached_total",
                  "chatstream_completion_tokens_total"):
@@ -68,12 +78,15 @@ def conversation(base: str, user: int) -> list[dict]:
 
 
 def workload(base: str, ips: list[str]) -> dict:
-    before = {ip: pod_metrics(ip) for ip in ips}
+    """The conversations through ``base``; the servers' counters read from ``ips`` (pod IPs or base URLs)."""
+    def read(ip):
+        return server_metrics(ip) if ip.startswith("http") else pod_metrics(ip)
+    before = {ip: read(ip) for ip in ips}
     t0 = time.monotonic()
     with ThreadPoolExecutor(USERS) as pool:
         convs = list(pool.map(lambda u: conversation(base, u), range(USERS)))
     wall = time.monotonic() - t0
-    after = {ip: pod_metrics(ip) for ip in ips}
+    after = {ip: read(ip) for ip in ips}
     delta = {ip: {k: after[ip][k] - before[ip][k] for k in after[ip]} for ip in ips}
     prompt = sum(d["chatstream_prompt_tokens_total"] for d in delta.values())
     cached = sum(d["chatstream_prompt_tokens_cached_total"] for d in delta.values())
@@ -115,6 +128,31 @@ def routed(operator_pod, redis_image, module_namespace):
     return ns, router, plain
 
 
+@contextlib.contextmanager
+def bare_process():
+    """One `chatstream serve` on the host with the pods' settings and every core: what this
+    machine serves without Kubernetes, measured in the same run as the pods."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "service"), "CHATSTREAM_PORT": str(port),
+           "CHATSTREAM_MAX_CONCURRENT": "4", "CHATSTREAM_MAX_QUEUE": "16", "CHATSTREAM_MAX_NEW_TOKENS": "64",
+           "CHATSTREAM_CONTEXT_LENGTH": "2048", "CHATSTREAM_DTYPE": "float32", "CHATSTREAM_DEVICE": "cpu",
+           "CHATSTREAM_SESSION_SECRET": "bare"}
+    env.pop("CHATSTREAM_CPU_REQUEST", None)
+    base = f"http://127.0.0.1:{port}"
+    with open(CLUSTER_DIR / "bare-process.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "chatstream", "serve"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for("the bare process ready", lambda: proc.poll() is None and
+                 httpx.get(f"{base}/readyz", timeout=2).status_code == 200, timeout=180)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 def pod_ips(ns: str) -> list[str]:
     return [p["status"]["podIP"] for p in model_pods(NAME, ns) if pod_ready(p)]
 
@@ -125,8 +163,15 @@ def test_routing_keeps_each_conversation_on_one_pod_and_its_cache(routed):
     assert len(ips) == 2
     via_plain = workload(plain, ips)
     via_router = workload(router, ips)
+    with bare_process() as bare:
+        workload(bare, [bare])  # warm-up, as the pods were warmed by the plain Service's run
+        via_bare = workload(bare, [bare])
     report(show("multi-turn, plain Service", via_plain))
     report(show("multi-turn, router       ", via_router))
+    report(show("multi-turn, bare process ", via_bare))
+    against_bare = via_router["tok_s"] / via_bare["tok_s"]
+    report(f"multi-turn, router (2 pods of 100m CPU) / one bare process: tok/s {against_bare:.2f}x, "
+           f"inter-token p50 {via_router['itl'][0] / via_bare['itl'][0]:.2f}x")
     report(f"multi-turn, router / plain: tok/s {via_router['tok_s'] / via_plain['tok_s']:.2f}x, "
            f"TTFT p50 at the last turn {via_router['ttft'][TURNS - 1] / via_plain['ttft'][TURNS - 1]:.2f}x, "
            f"cache hit {via_router['hit']:.0%} vs {via_plain['hit']:.0%}")
@@ -137,6 +182,8 @@ def test_routing_keeps_each_conversation_on_one_pod_and_its_cache(routed):
     assert len(spread) == 2, f"every conversation on one pod: {spread}"
     # What affinity buys: turn 2 onwards find their history in the pod's cache.
     assert via_router["hit"] > via_plain["hit"], (via_router["hit"], via_plain["hit"])
+    # Only a collapse fails (pods sized to the node's cores once served 0.11x); bench/cluster.py measures the rest.
+    assert against_bare >= 0.4, f"the pods serve {against_bare:.2f}x of one bare process on the same machine"
 
 
 def holders(ns: str, cookie: dict) -> list[str]:
