@@ -200,16 +200,23 @@ def pod_threads(base: str) -> str:
     return f"{labels.get('threads', '?')} ({labels.get('threads_from', '?')}, {labels.get('cpu_linear', '?')})"
 
 
-async def warm(base: str | list[str], rounds: int) -> None:
-    """One short conversation per pod (the router spreads new ones by load), nothing kept."""
-    await run_workload("v1", base, MODEL, rounds, 1, 8, log=lambda *_: None)
+# Users of the warm-up: conversations (openers) no round holds, so that no round finds its first turn cached.
+WARM_USERS = 12
 
 
-def measure(base: str | list[str], servers: list[str], args) -> dict:
-    """The workload through ``base`` (or spread over several); the cache counters summed over ``servers``."""
-    asyncio.run(warm(base, max(2, len(servers) * 2)))
+async def warm(base: str | list[str], users: int) -> None:
+    """One short turn per pod (the router spreads new conversations by load), nothing kept."""
+    await run_workload("v1", base, MODEL, users, 1, 8, first_user=WARM_USERS, log=lambda *_: None)
+
+
+def measure(base: str | list[str], servers: list[str], args, round_: int) -> dict:
+    """Round ``round_`` of the workload through ``base`` (or spread over several), each round its own users
+    (a round that repeated the last one's conversations would find them cached); the cache counters summed
+    over ``servers``."""
+    asyncio.run(warm(base, max(2, len(servers))))
     before = {s: read_metrics(s) or {} for s in servers}
-    run = asyncio.run(run_workload("v1", base, MODEL, args.users, args.turns, args.new_tokens, log=log))
+    run = asyncio.run(run_workload("v1", base, MODEL, args.users, args.turns, args.new_tokens,
+                                   first_user=round_ * args.users, log=log))
     after = {s: read_metrics(s) or {} for s in servers}
     ok = [r for r in run.records if r.ok]
     tokens = sum(r.tokens or 0 for r in ok)
@@ -243,8 +250,9 @@ def bare(args, model_path: str, processes: int = 1, threads: int = 0, env: list[
         for server in servers:  # the example's limits: 4 streams, a queue of 16 (4 x 4), 2048 tokens of context
             server.start()
         bases = [s.base for s in servers]
-        return measure(bases if processes > 1 else bases[0], bases, args) | {
-            "threads": ", ".join(pod_threads(b) for b in bases)}
+        runs = [measure(bases if processes > 1 else bases[0], bases, args, i) for i in range(args.rounds)]
+        return best(runs) | {"threads": ", ".join(pod_threads(b) for b in bases),
+                             "rounds": [r["tok_s"] for r in runs]}
     finally:
         for server in servers:
             server.stop()
@@ -282,7 +290,7 @@ def render(report: dict) -> str:
         if "split" in setup:
             lines.append(row(f"{n} bare processes, users spread", "-", setup["split"]["threads"], setup["split"]))
     rounds = [f"{n} replicas " + " / ".join(f"{r['tok_s']:.1f}" for r in s["runs"]) for n, s in report["pods"].items()]
-    rounds.append("bare " + " / ".join(f"{r['tok_s']:.1f}" for r in report["bare"]))
+    rounds.append("bare " + " / ".join(f"{t:.1f}" for r in report["bare"] for t in r["rounds"]))
     lines += ["", "Every round's tok/s: " + "; ".join(rounds) + "."]
     return "\n".join(lines) + "\n"
 
@@ -301,6 +309,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="leave the last resource running")
     ap.add_argument("--tag", default="", help="suffix of the results files")
     args = ap.parse_args()
+    if args.users * args.rounds > WARM_USERS:
+        ap.error(f"--users x --rounds is at most {WARM_USERS} (the conversations of every round differ)")
     env = [{"name": k, "value": v} for k, v in (e.split("=", 1) for e in args.env)]
     model_path = model_dir(None)
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "args": vars(args), "pods": {}, "bare": [],
@@ -318,7 +328,7 @@ def main() -> None:
         pods = [f"http://{ip}:8000" for ip in ips]
         setup = {"cpu_m": cpu_m, "threads": [pod_threads(p) for p in pods], "runs": []}
         for i in range(args.rounds):
-            setup["runs"].append(measure(base, pods, args))
+            setup["runs"].append(measure(base, pods, args, i))
             log(f"   round {i + 1}: {setup['runs'][-1]['tok_s']:.1f} tok/s, threads {setup['threads']}")
         report["pods"][str(n)] = setup
         if args.split and n > 1:

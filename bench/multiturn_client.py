@@ -192,8 +192,9 @@ class WorkloadRun:
 
 
 async def run_workload(api: str, base: str | list[str], model: str, users: int, turns: int, max_tokens: int, *,
-                       think_s: float = 0.0, log=print) -> WorkloadRun:
-    """``base``: one server, or a list of servers that user u talks to the (u mod n)th of."""
+                       think_s: float = 0.0, first_user: int = 0, log=print) -> WorkloadRun:
+    """``base``: one server, or a list of servers that user u talks to the (u mod n)th of. The users are
+    ``first_user``... (each user's questions are its own: another range holds other conversations)."""
     records: list[Turn] = []
 
     async def user(u: int):
@@ -211,6 +212,6 @@ async def run_workload(api: str, base: str | list[str], model: str, users: int, 
 
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    await asyncio.gather(*(user(u) for u in range(users)))
+    await asyncio.gather(*(user(u) for u in range(first_user, first_user + users)))
     return WorkloadRun(users=users, turns=turns, t0=t0, end=time.perf_counter(), records=records,
                        cpu_s=time.process_time() - cpu0)

@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from .engine.loader import ModelLoadError
     if args.command == "prepare-model":
-        from .engine.loader import parse_source, prepare_builtin
+        from .engine.loader import ModelLoadError, parse_source, prepare_builtin
         try:
             source = parse_source(args.model)
             if source.kind != "builtin":
@@ -59,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         from .server.runner import report_fatal
         report_fatal(str(exc))
         return 2
-    from .engine.loader import parse_source
+    from .threads import set_wait_policy
+    set_wait_policy(settings.threads)  # before torch loads OpenMP, which reads it once: threads.py says why
+    from .engine.loader import ModelLoadError, parse_source
     try:
         parse_source(settings.model, settings.revision)
     except ModelLoadError as exc:

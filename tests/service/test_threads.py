@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatstream.threads import Choice, cgroup_cpu_limit, choose_threads, cpu_request
+from chatstream.threads import Choice, cgroup_cpu_limit, choose_threads, cpu_request, passive_wait, set_wait_policy
 
 
 def write(path, text):
@@ -83,3 +83,50 @@ def test_configure_sets_torchs_threads_and_logs_why(monkeypatch, caplog, environ
         assert threads.info()["threads"] == str(choice.threads)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads, request_cpus, passive", [
+    (2, 0.92, True),     # 2 pods x 2 threads on 2 cores: 8 tok/s spinning, 45 sleeping
+    (2, 1.5, True),      # a request rounded up
+    (2, 1.85, False),    # the 2-core node's one pod: 81 tok/s spinning, 70 sleeping
+    (1, 0.46, True),     # one thread: no OpenMP worker waits either way
+    (8, 8.0, False),
+    (16, None, False),   # a bare process
+])
+def test_threads_beyond_the_request_sleep_instead_of_spinning(threads, request_cpus, passive):
+    assert passive_wait(threads, request_cpus) is passive
+
+
+def test_the_wait_policy_is_set_before_torch_only_when_unset(monkeypatch):
+    from chatstream import threads
+    monkeypatch.setattr(threads, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setenv("CHATSTREAM_CPU_REQUEST", "920")
+    environ = {}
+    assert set_wait_policy(2, environ) == "PASSIVE" and environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+    environ = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert set_wait_policy(2, environ) is None and environ == {"OMP_WAIT_POLICY": "ACTIVE"}
+    monkeypatch.setenv("CHATSTREAM_CPU_REQUEST", "2000")
+    environ = {}
+    assert set_wait_policy(2, environ) is None and environ == {}
+
+
+def test_the_server_decides_the_wait_policy_before_torch_is_imported():
+    # libgomp reads OMP_WAIT_POLICY once, when torch loads it: set any later, it changes nothing.
+    import os
+    import subprocess
+    import sys
+    probe = """
+import importlib.abc, os, sys
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            print("at torch import:", os.environ.get("OMP_WAIT_POLICY"), flush=True)
+            os._exit(0)
+sys.meta_path.insert(0, Watch())
+from chatstream import cli
+cli.main(["serve"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(CHATSTREAM_CPU_REQUEST="920", CHATSTREAM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert "at torch import: PASSIVE" in out.stdout, out.stdout + out.stderr
