@@ -174,7 +174,7 @@ class ModelRunner:
     def _hf(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = self.model
         if not self._bool_mask:
-            mask = {kind: self._additive(m) for kind, m in mask.items()} if isinstance(mask, dict) else self._additive(mask)
+            mask = {k: self._additive(m) for k, m in mask.items()} if isinstance(mask, dict) else self._additive(mask)
         out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
                     logits_to_keep=1, **{self._cache_kwarg: self.cache})
         return out.logits[:, -1, :]
