@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -102,3 +104,53 @@ def test_shares_admission_with_chat_stream(server):
     finally:
         cs.admission.processing = 0
         cs.admission._queue.clear()
+
+
+def test_a_model_by_its_id(server):
+    model = server.client.models.retrieve("smollm2-135m-instruct")
+    assert (model.id, model.object, model.owned_by) == ("smollm2-135m-instruct", "model", "chatstream")
+    with pytest.raises(openai.NotFoundError, match="does not exist") as err:
+        server.client.models.retrieve("gpt-9")
+    assert (err.value.body["param"], err.value.body["code"]) == ("model", "model_not_found")
+
+
+def test_a_hub_id_with_its_slash(server, monkeypatch):
+    # Served names from hf:ORG/NAME have a slash; the openai client sends it as %2F, curl as a plain slash.
+    monkeypatch.setattr(server.chat_stream, "model_name", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert server.client.models.retrieve("HuggingFaceTB/SmolLM2-135M-Instruct").id == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    r = httpx.get(server.url + "/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct", timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert httpx.get(server.url + "/v1/models/HuggingFaceTB", timeout=30).status_code == 404
+
+
+@pytest.mark.parametrize("no_tools", [{"tools": []}, {"tool_choice": "none"}, {"tools": [], "tool_choice": "none"},
+                                      {"functions": [], "function_call": "none"}])
+def test_what_clients_with_no_tools_bound_send(server, no_tools):
+    sent = []
+    http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.content)]})
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, http_client=http)
+    question = {"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 12,
+                "messages": [{"role": "user", "content": QUESTION}]}
+    plain = client.chat.completions.create(**question).choices[0].message.content
+    answer = client.chat.completions.create(**question, **no_tools)
+    assert answer.choices[0].message.content == plain and "Paris" in plain
+    assert answer.choices[0].message.tool_calls is None
+    stream = client.chat.completions.create(**question, **no_tools, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == plain
+    for field, value in no_tools.items():  # the client sent them as written (an empty list is not dropped)
+        assert f'"{field}":{json.dumps(value)}'.replace(" ", "") in sent[-1].decode().replace(" ", "")
+
+
+@pytest.mark.parametrize("field, tools", [
+    ("tools", {"tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}),
+    ("tools", {"tools": [{"type": "function", "function": {"name": "weather"}}], "tool_choice": "none"}),
+    ("tool_choice", {"tools": [], "tool_choice": "auto"}),
+    ("tool_choice", {"tool_choice": "required"}),
+    ("tool_choice", {"tool_choice": {"type": "function", "function": {"name": "weather"}}}),
+])
+def test_tools_to_call_are_refused_with_the_field_named(server, field, tools):
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client.chat.completions.create(model="smollm2-135m-instruct", **tools,
+                                              messages=[{"role": "user", "content": QUESTION}])
+    assert (err.value.body["param"], err.value.body["code"]) == (field, "unsupported_parameter")

@@ -14,6 +14,7 @@ import inspect
 import torch
 
 from . import llama_forward
+from .architectures import FULL, attention_windows
 from .kv_cache import SlotKVCache
 from .prefix_cache import Drop, Save
 from .sampling import sample
@@ -24,6 +25,9 @@ from .sequence import Sequence
 class ModelRunner:
     def __init__(self, model, max_batch: int, native: bool = True):
         self.model = model
+        # What each layer type attends to (a window, or every earlier position); ModelLoadError for a model
+        # the engine does not serve (architectures.py).
+        self.windows = attention_windows(model)
         # Llama models run through llama_forward.py (same arithmetic, less Python); others through transformers.
         self.native = native
         self._native_for = self._native_forward = None
@@ -98,6 +102,8 @@ class ModelRunner:
         if self._native_for is not model:  # built per model: tests swap in another one
             self._native_for = model
             reason = llama_forward.unsupported(model) if self.native else "turned off"
+            if self.windows != {FULL: None}:
+                reason = reason or "the model has a sliding window"
             self._native_forward = None if reason else llama_forward.LlamaForward(model)
         return self._native_forward
 
@@ -124,10 +130,10 @@ class ModelRunner:
         lengths = torch.tensor([s.length for s in batch])
         view_len = int(lengths.max()) + 1
         ids = torch.tensor([[s.next_token] for s in batch], dtype=torch.long)
-        mask = torch.arange(view_len)[None, :] <= lengths[:, None]
+        mask = self._masks(lengths[:, None], view_len)
         lengths = lengths.to(self.device)
         plan = self.cache.plan_decode(len(batch), lengths, view_len)
-        return ids.to(self.device), lengths[:, None], mask[:, None, None].to(self.device), plan
+        return ids.to(self.device), lengths[:, None], mask, plan
 
     def _prefill_inputs(self, chunks: list[Chunk]):
         """Token ids and positions (``[n, width]``), the attention mask and the cache plan of a prefill pass.
@@ -146,19 +152,36 @@ class ModelRunner:
             pos[i, width - c.count:] = span
             pos[i, : width - c.count] = c.start
             absolute[i, width - c.count:] = span
-        mask = torch.arange(view_len)[None, None, :] <= absolute[:, :, None]
-        mask[:, :, 0] |= absolute < 0
+        mask = self._masks(absolute, view_len)
         plan = self.cache.plan_prefill(chunks[0].seq.row, [(c.start, c.count) for c in chunks], view_len)
-        return ids.to(self.device), pos.to(self.device), mask[:, None].to(self.device), plan
+        return ids.to(self.device), pos.to(self.device), mask, plan
+
+    def _masks(self, queries: torch.Tensor, view_len: int):
+        """The boolean masks (``[n, 1, q, view_len]``) of queries at absolute positions ``queries`` (``[n, q]``;
+        -1 for padding): a query at ``p`` sees the keys at ``p - window < k <= p`` (every ``k <= p`` without a
+        window), a padding query key 0 only. One mask when every layer sees the same, else one per layer type."""
+        keys = torch.arange(view_len)[None, None, :]
+        queries = queries[:, :, None]
+        masks = {}
+        for kind, window in self.windows.items():
+            mask = keys <= queries
+            if window is not None:
+                mask &= keys > queries - window
+            mask[:, :, 0] |= queries[:, :, 0] < 0
+            masks[kind] = mask[:, None].to(self.device)
+        return next(iter(masks.values())) if len(masks) == 1 else masks
 
     def _hf(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         model = self.model
         if not self._bool_mask:
-            mask = torch.zeros(mask.shape, dtype=model.dtype, device=self.device).masked_fill(
-                ~mask, torch.finfo(model.dtype).min)
+            mask = {k: self._additive(m) for k, m in mask.items()} if isinstance(mask, dict) else self._additive(mask)
         out = model(input_ids=input_ids, position_ids=positions, attention_mask=mask, use_cache=True,
                     logits_to_keep=1, **{self._cache_kwarg: self.cache})
         return out.logits[:, -1, :]
+
+    def _additive(self, mask: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     def _hf_prefill(self, chunks: list[Chunk]) -> torch.Tensor:
         return self._hf(*self._prefill_inputs(chunks)[:3])

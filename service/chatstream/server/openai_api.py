@@ -23,8 +23,12 @@ from ..lifecycle import StreamResponse
 from ..render import ControlTextError, encode_chat
 from ..request_body import read_json
 
-UNSUPPORTED = {  # field -> the value meaning "not used"; anything else is refused
-    "tools": None, "tool_choice": None, "functions": None, "function_call": None, "logprobs": (None, False),
+# field -> the values meaning "not used"; anything else is refused. As vLLM without a tool parser: no tools, an
+# empty list of them (some clients send one with no tools bound), and tool_choice "none" are served; a tool to
+# call is refused, since the model's answer would never call it.
+UNSUPPORTED = {
+    "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+    "logprobs": (None, False),
     "top_logprobs": None, "logit_bias": (None, {}), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "audio": None, "modalities": (None, ["text"]), "prediction": None,
 }
@@ -152,22 +156,35 @@ def usage(stream: Stream) -> dict:
             "prompt_tokens_details": {"cached_tokens": t.cached_prompt_tokens}}
 
 
+def model_card(cs) -> dict:
+    return {"id": cs.model_name, "object": "model", "created": 0, "owned_by": "chatstream"}
+
+
+def unknown_model(name: str, served: str) -> ChatStreamError:
+    return ChatStreamError(404, f"the model {name!r} does not exist; this server serves {served!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+
 def build_router(get_chat_stream) -> APIRouter:
     router = APIRouter()
 
     @router.get("/v1/models")
     async def models():
+        return {"object": "list", "data": [model_card(get_chat_stream())]}
+
+    @router.get("/v1/models/{model_id:path}")  # a hub id has a slash (the openai client sends it as %2F)
+    async def model(model_id: str):
         cs = get_chat_stream()
-        return {"object": "list", "data": [{"id": cs.model_name, "object": "model", "created": 0,
-                                            "owned_by": "chatstream"}]}
+        if model_id != cs.model_name:
+            raise unknown_model(model_id, cs.model_name)
+        return model_card(cs)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         cs = get_chat_stream()
         body = parse_request(await read_json(request))
         if body.model not in (None, "", cs.model_name):
-            raise ChatStreamError(404, f"the model {body.model!r} does not exist; this server serves "
-                                       f"{cs.model_name!r}", "invalid_request_error", "model", "model_not_found")
+            raise unknown_model(body.model, cs.model_name)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
