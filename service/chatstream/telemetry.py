@@ -95,6 +95,9 @@ def sanitized_headers() -> list[str]:
     instrumentor replaces the variable, so both go in."""
     configured = os.environ.get("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS", "")
     return [h.strip() for h in configured.split(",") if h.strip()] + list(SECRET_HEADERS)
+
+
+class TraceStore(SpanProcessor):
     """The last ``keep`` traces, as plain dicts, for the /traces page."""
 
     def __init__(self, keep: int = 200):
