@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from chatstream import envvars
-from chatstream.auth import ApiKeys, ApiKeysError
+from chatstream.auth import ApiKeyMiddleware, ApiKeys, ApiKeysError
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
 
@@ -194,8 +194,14 @@ def test_a_keys_file_that_cannot_be_used_stops_the_server(tmp_path, monkeypatch)
     assert "holds no key" in (tmp_path / "termination-log").read_text()
 
 
-def test_the_library_app_is_not_touched(model_and_tokenizer, live_server):
+def test_the_library_app_asks_for_keys_only_when_it_opts_in(model_and_tokenizer, live_server, tmp_path):
     """ChatStream inside an application's own FastAPI app: no key asked unless the app adds the middleware."""
     app, _, _ = make_app(*model_and_tokenizer, max_new_tokens=4)
     srv = live_server(app)
     assert httpx.post(srv.url + "/chat_stream", json={"user_input": "Hi"}, timeout=60).status_code == 200
+    (tmp_path / "keys").write_text(KEY + "\n")
+    guarded, _, _ = make_app(*model_and_tokenizer, max_new_tokens=4)
+    guarded.add_middleware(ApiKeyMiddleware, keys=ApiKeys(str(tmp_path / "keys")))
+    srv = live_server(guarded)
+    assert_refused(httpx.post(srv.url + "/chat_stream", json={"user_input": "Hi"}, timeout=60), missing=True)
+    assert call(srv, "POST", "/chat_stream", KEY).status_code == 200
