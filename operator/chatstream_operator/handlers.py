@@ -55,6 +55,19 @@ def _session_secrets(resource: dict) -> None:
         kube.create(manifest)
 
 
+def auth_problem(resource: dict, secret_value=None) -> str | None:
+    """Why the pods cannot mount spec.auth.apiKeysSecretRef, or None. A pod
+    whose Secret volume is missing waits in ContainerCreating, with nothing
+    in its status the operator could report: so the Secret itself is looked
+    at (and looked at again every RETRY_SECONDS until it exists)."""
+    ref = resources.api_keys_ref(resource["spec"])
+    ns = resource["metadata"]["namespace"]
+    if ref is None or (secret_value or kube.secret_value)(ns, ref["name"], ref["key"]) is not None:
+        return None
+    return (f"spec.auth.apiKeysSecretRef: Secret {ns}/{ref['name']} does not exist or has no key "
+            f"{ref['key']!r}; the pods wait for it")
+
+
 def _namespace_going(err: ApiException) -> bool:
     """Creating in a namespace being deleted is refused (403), and in one just
     gone too (404 on the namespace itself): the resource goes with it."""
@@ -85,6 +98,8 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
             return None
         error, retry = f"the API refused a child: {err.status} {err.reason}: {err.body}", RETRY_SECONDS
         log.warning(error, extra=_ref(namespace, name))
+    if error is None and (error := auth_problem(resource)):
+        retry = RETRY_SECONDS
     pods = kube.list_pods(namespace, resources.selector(name))
     new = status.compute(resource, deployment, pods, error, _now(), router_deployment)
     if status.changed(resource, new):

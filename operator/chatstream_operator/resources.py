@@ -28,6 +28,10 @@ SESSION_SECRET_KEY = "secret"
 MANAGED_BY = {"app.kubernetes.io/managed-by": MANAGER}
 
 CACHE_DIR = "/var/cache/chatstream"
+# spec.auth.apiKeysSecretRef is mounted here (a volume, not an env var: the
+# kubelet updates a mounted Secret in place, and the server reads it again).
+API_KEYS_DIR = "/etc/chatstream/api-keys"
+API_KEYS_FILE = f"{API_KEYS_DIR}/keys"
 # Where the service images keep models converted at build time (see
 # service/Dockerfile); an init container seeds the pod's cache from there.
 BAKED_MODELS_DIR = "/opt/chatstream/models"
@@ -164,6 +168,8 @@ def _env(body: dict) -> list[dict]:
         env.append({"name": envvars.PREFIX_CACHE_TOKENS, "value": str(gen["prefixCacheTokens"])})
     if "revision" in model:
         env.append({"name": envvars.REVISION, "value": model["revision"]})
+    if api_keys_ref(spec):
+        env.append({"name": envvars.API_KEYS_FILE, "value": API_KEYS_FILE})
     if sessions["store"] == "redis":
         ref = sessions["redisURLSecretRef"]
         env.append(
@@ -181,6 +187,18 @@ def _env(body: dict) -> list[dict]:
         env.append({"name": envvars.OTEL_TRACES_SAMPLER_ARG, "value": str(tracing["samplingRatio"])})
     overrides = {e["name"]: e for e in spec.get("env") or []}
     return [overrides.pop(e["name"], e) for e in env] + list(overrides.values())
+
+
+def api_keys_ref(spec: dict) -> dict | None:
+    """spec.auth.apiKeysSecretRef with its key defaulted, or None when no keys are asked for."""
+    ref = (spec.get("auth") or {}).get("apiKeysSecretRef")
+    return {"name": ref["name"], "key": ref.get("key", "keys")} if ref else None
+
+
+def _api_keys_volume(ref: dict) -> dict:
+    # Only the named key, as the file the server reads; readable by the pod's group (fsGroup) only.
+    return {"name": "api-keys", "secret": {"secretName": ref["name"], "items": [{"key": ref["key"], "path": "keys"}],
+                                           "defaultMode": 0o440}}
 
 
 def _resources(spec: dict) -> dict:
@@ -240,6 +258,8 @@ def _container(body: dict, images: Images) -> dict:
             {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
+    if api_keys_ref(spec):
+        container["volumeMounts"].append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     if "imagePullPolicy" in spec:
         container["imagePullPolicy"] = spec["imagePullPolicy"]
     return container
@@ -292,6 +312,8 @@ def deployment(body: dict, images: Images = Images()) -> dict:
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         ],
     }
+    if api_keys_ref(spec):
+        pod_spec["volumes"].append(_api_keys_volume(api_keys_ref(spec)))
     if spec["model"]["source"].startswith("builtin:"):
         pod_spec["initContainers"] = [_seed_cache(container)]
     if spec.get("nodeSelector"):

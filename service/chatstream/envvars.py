@@ -31,6 +31,7 @@ SHUTDOWN_GRACE_SECONDS = "CHATSTREAM_SHUTDOWN_GRACE_SECONDS"
 TRACES_KEEP = "CHATSTREAM_TRACES_KEEP"          # traces kept in memory for /traces
 TRACE_CONTENT = "CHATSTREAM_TRACE_CONTENT"      # "true" records message content on spans
 TRACES_API = "CHATSTREAM_TRACES_API"            # on | off: the /traces page and /api/traces
+API_KEYS_FILE = "CHATSTREAM_API_KEYS_FILE"      # one API key per line; when set, requests need a Bearer key
 TERMINATION_LOG = "CHATSTREAM_TERMINATION_LOG"  # where a fatal start-up error is written (/dev/termination-log)
 
 # Standard OpenTelemetry SDK variables the operator sets from spec.tracing.

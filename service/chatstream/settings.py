@@ -104,6 +104,10 @@ TABLE: tuple[Setting, ...] = (
       crd="shutdownGraceSeconds"),
     S("traces_api", str, "on", envvars.TRACES_API,
       "serve recent traces at /traces and /api/traces (off hides them)", choices=("on", "off")),
+    S("api_keys_file", str, None, envvars.API_KEYS_FILE,
+      "file of API keys, one per line (a mounted Secret): when set, every endpoint except the probes, /metrics "
+      "and the pages needs Authorization: Bearer <key>; a changed file takes effect without a restart",
+      crd="auth.apiKeysSecretRef"),
 )
 del S
 

@@ -85,6 +85,18 @@ def _without_query(span, scope) -> None:
         span.set_attribute("url.query", "")
 
 
+# Headers that carry credentials: redacted on spans even when someone switches header capture on
+# (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST=".*").
+SECRET_HEADERS = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
+
+
+def sanitized_headers() -> list[str]:
+    """The SDK's own sanitize list (its variable) plus the credential headers: passing a list to the
+    instrumentor replaces the variable, so both go in."""
+    configured = os.environ.get("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS", "")
+    return [h.strip() for h in configured.split(",") if h.strip()] + list(SECRET_HEADERS)
+
+
 class TraceStore(SpanProcessor):
     """The last ``keep`` traces, as plain dicts, for the /traces page."""
 
@@ -166,7 +178,8 @@ class Telemetry:
             return
         FastAPIInstrumentor.instrument_app(app, tracer_provider=self.provider, exclude_spans=["send", "receive"],
                                            excluded_urls="healthz,readyz,metrics,api/traces",
-                                           server_request_hook=_without_query)
+                                           server_request_hook=_without_query,
+                                           http_capture_headers_sanitize_fields=sanitized_headers())
         app.state.chatstream_instrumented = True
 
     def shutdown(self) -> None:

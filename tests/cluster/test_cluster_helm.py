@@ -75,3 +75,34 @@ def test_example_resource_is_created_after_install(release, namespace):
         assert example["metadata"]["annotations"]["helm.sh/hook"] == "post-install"
     finally:
         helm("uninstall", "second", "-n", namespace, "--wait")
+
+
+def test_network_policy_lets_only_routers_and_named_namespaces_reach_model_pods(cluster):
+    from chatstream_operator import resources, router
+
+    def policies(*values: str) -> list[dict]:
+        args = [a for v in values for a in ("--set", v)]
+        out = helm("template", RELEASE, CHART, "-n", RELEASE_NS, *args).stdout
+        return [d for d in yaml.safe_load_all(out) if d and d["kind"] == "NetworkPolicy"]
+
+    assert policies() == [], "off unless asked for"
+    [alone] = policies("networkPolicy.enabled=true")
+    assert alone["metadata"]["namespace"] == RELEASE_NS
+    assert alone["spec"]["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "chatstream"}}
+    assert [p["podSelector"]["matchLabels"] for p in alone["spec"]["ingress"][0]["from"]] == \
+        [{"app.kubernetes.io/name": "chatstream-router"}]
+    watched = policies("networkPolicy.enabled=true", "watchNamespaces={team-a,team-b}",
+                       "networkPolicy.allowedNamespaces={monitoring,gateway}")
+    assert sorted(p["metadata"]["namespace"] for p in watched) == ["team-a", "team-b"]
+    rule = watched[0]["spec"]["ingress"][0]
+    assert rule["ports"] == [{"port": resources.PORT, "protocol": "TCP"}]
+    assert rule["from"][1] == {"namespaceSelector": {"matchExpressions": [
+        {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["monitoring", "gateway"]}]}}
+    # The selectors against the operator's own labels: model pods in, routers out.
+    selector = watched[0]["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= resources.labels("chat").items()
+    assert not selector.items() <= router.router_labels("chat").items()
+    listed = policies("networkPolicy.enabled=true", "watchNamespaces={team-a}", "networkPolicy.namespaces={team-c}")
+    assert [p["metadata"]["namespace"] for p in listed] == ["team-c"]
+    proc = helm("template", RELEASE, CHART, "--set", "networkPolicy.allowedNamespaces={Bad_NS}", check=False)
+    assert proc.returncode != 0 and "allowedNamespaces" in proc.stderr

@@ -235,6 +235,32 @@ def test_pods_that_cannot_be_created_show_as_degraded(operator, namespace):
     kubectl("wait", "--for=condition=Degraded", "csd/starved", "-n", namespace, "--timeout=5s")
 
 
+def test_api_keys_secret_is_mounted_and_a_missing_one_is_reported(operator, namespace):
+    """spec.auth.apiKeysSecretRef: the Secret is mounted as a file the server reads (a volume, so a
+    rotated key reaches running pods); while it does not exist, status says so instead of pods waiting
+    in ContainerCreating without a word."""
+    apply({"apiVersion": "chatstream.io/v1alpha1", "kind": "ChatStreamDeployment", "metadata": {"name": "keyed"},
+           "spec": {"model": {"source": "builtin:smollm2-135m-instruct"},
+                    "auth": {"apiKeysSecretRef": {"name": "keyed-api-keys"}}}}, namespace)
+
+    def degraded(status: str):
+        def check():
+            csd = get("csd", "keyed", namespace)
+            cond = next((c for c in csd.get("status", {}).get("conditions", []) if c["type"] == "Degraded"), {})
+            return cond.get("status") == status and cond
+        return check
+    cond = wait_for("Degraded naming the missing Secret", degraded("True"), timeout=60)
+    assert f"Secret {namespace}/keyed-api-keys" in cond["message"] and "'keys'" in cond["message"]
+    pod = get("deployment", "keyed", namespace)["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+    assert volume["secret"]["secretName"] == "keyed-api-keys"
+    assert env_of(get("deployment", "keyed", namespace))["CHATSTREAM_API_KEYS_FILE"] == "/etc/chatstream/api-keys/keys"
+    kubectl("create", "secret", "generic", "keyed-api-keys", "-n", namespace, "--from-literal=keys=k-1")
+    took = time.monotonic()
+    wait_for("Degraded to clear once the Secret exists", degraded("False"), timeout=60)
+    print(f"\nDegraded cleared {time.monotonic() - took:.1f}s after the Secret was created")
+
+
 def _recreated(kind: str, name: str, ns: str, old_uid: str):
     obj = get(kind, name, ns)
     return obj if obj and obj["metadata"]["uid"] != old_uid else None

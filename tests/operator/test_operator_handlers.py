@@ -29,3 +29,14 @@ def test_other_refusals_are_reported_and_retried():
     quota = api_error(403, "Forbidden", {"kind": "Status", "message": "exceeded quota: services=0"})
     missing = api_error(404, "Not Found", {"kind": "Status", "details": {"name": "x", "kind": "deployments"}})
     assert not handlers._namespace_going(quota) and not handlers._namespace_going(missing)
+
+
+def test_a_missing_api_keys_secret_is_reported():
+    body = {"metadata": {"namespace": "team-a", "name": "chat"},
+            "spec": {"auth": {"apiKeysSecretRef": {"name": "chat-keys"}}}}
+    assert handlers.auth_problem(body, lambda ns, name, key: "k1\n") is None
+    asked = []
+    problem = handlers.auth_problem(body, lambda *args: asked.append(args))
+    assert asked == [("team-a", "chat-keys", "keys")]
+    assert "Secret team-a/chat-keys" in problem and "'keys'" in problem
+    assert handlers.auth_problem({"metadata": body["metadata"], "spec": {}}, lambda *a: None) is None

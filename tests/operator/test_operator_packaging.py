@@ -65,3 +65,16 @@ def test_values_schema_is_valid_json_and_covers_every_value():
     schema = json.loads((CHART / "values.schema.json").read_text())
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) == set(schema["properties"])
+
+
+def test_network_policy_selects_the_operators_pod_labels_and_port():
+    """The chart's NetworkPolicy names pods by the labels the operator gives them: if either side changed
+    alone, the policy would select no model pod (nothing protected) or no router (every stream refused).
+    tests/cluster/test_cluster_helm.py renders it with helm."""
+    from chatstream_operator import router
+    policy = (CHART / "templates/networkpolicy.yaml").read_text()
+    model = resources.labels("x")["app.kubernetes.io/name"]
+    routers = router.router_labels("x")["app.kubernetes.io/name"]
+    assert re.search(rf"podSelector:\s+matchLabels:\s+app\.kubernetes\.io/name: {model}\n", policy)
+    assert re.search(rf"- podSelector:\s+matchLabels:\s+app\.kubernetes\.io/name: {routers}\n", policy)
+    assert re.search(rf"- port: {resources.PORT}\n", policy)

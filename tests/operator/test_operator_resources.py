@@ -159,6 +159,33 @@ def test_redis_sessions_read_the_url_from_the_secret_and_drop_client_pinning():
     assert resources.service(make_resource())["spec"]["sessionAffinity"] == "ClientIP"
 
 
+def test_api_keys_come_from_the_secret_mounted_as_a_file():
+    """A volume, not a variable: the kubelet updates a mounted Secret in place, so a rotated key reaches
+    the server (which reads the file again) without a restart."""
+    plain = resources.deployment(make_resource())
+    assert envvars.API_KEYS_FILE not in env(plain)
+    assert "api-keys" not in str(plain["spec"]["template"]["spec"]["volumes"])
+    body = make_resource({"model": {"source": "builtin:smollm2-135m-instruct"},
+                          "auth": {"apiKeysSecretRef": {"name": "chat-keys"}}})
+    dep = resources.deployment(body)
+    pod = dep["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "api-keys"]
+    assert volume["secret"]["secretName"] == "chat-keys"
+    [item] = volume["secret"]["items"]
+    assert item["key"] == "keys"  # the CRD's default key
+    [mount] = [m for m in container(dep)["volumeMounts"] if m["name"] == "api-keys"]
+    assert mount["readOnly"] is True and "subPath" not in mount, "a subPath mount is never updated by the kubelet"
+    assert env(dep)[envvars.API_KEYS_FILE] == f"{mount['mountPath']}/{item['path']}"
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == resources.UID
+    assert not any(k in str(container(dep)["env"]) for k in ("chat-keys",)), "keys never travel as variables"
+    other = make_resource({"model": {"source": "builtin:smollm2-135m-instruct"},
+                           "auth": {"apiKeysSecretRef": {"name": "chat-keys", "key": "team-a"}}})
+    assert "'key': 'team-a'" in str(resources.deployment(other)["spec"]["template"]["spec"]["volumes"])
+    # Naming another Secret rolls the pods (through a rollout that cuts no stream); a key changed inside the
+    # same Secret does not need to.
+    assert resources.spec_hash(body["spec"]) != resources.spec_hash(make_resource()["spec"])
+
+
 def test_all_pods_share_one_session_secret():
     body = make_resource()
     e = env(resources.deployment(body))

@@ -49,12 +49,13 @@ def wait_until(check, timeout: float, what: str) -> None:
 class Pod:
     """One `chatstream serve` process, as a pod runs it (env settings)."""
 
-    def __init__(self, name: str, host: str, port: int, redis_url: str, log_dir: Path):
+    def __init__(self, name: str, host: str, port: int, redis_url: str, log_dir: Path, env: dict | None = None):
         # Each pod has its own loopback address and all share one port, as
         # pod IPs behind a headless Service do (the DNS test needs that).
         self.name, self.host, self.port = name, host, port
         self.url = f"http://{host}:{port}"
         self.redis_url, self.log = redis_url, log_dir / f"{name}.log"
+        self.env = env or {}  # more settings (CHATSTREAM_*), over the ones below
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -63,7 +64,7 @@ class Pod:
                "CHATSTREAM_MAX_NEW_TOKENS": str(MAX_NEW_TOKENS), "CHATSTREAM_MAX_CONCURRENT": "4",
                "CHATSTREAM_THREADS": "1", "CHATSTREAM_SESSION_STORE": "redis",
                "CHATSTREAM_REDIS_URL": self.redis_url, "CHATSTREAM_SESSION_SECRET": "router-test-secret",
-               "CHATSTREAM_SHUTDOWN_GRACE_SECONDS": "0", "CHATSTREAM_TEMPERATURE": "0"}
+               "CHATSTREAM_SHUTDOWN_GRACE_SECONDS": "0", "CHATSTREAM_TEMPERATURE": "0", **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "chatstream", "serve"], env=env,
                                          stdout=log, stderr=subprocess.STDOUT)

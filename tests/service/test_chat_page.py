@@ -97,3 +97,74 @@ def test_chat_page_shows_errors(page):
     page.keyboard.press("Enter")
     page.wait_for_selector(".msg.error")
     assert "503" in page.locator(".msg.error").inner_text()
+
+
+@pytest.fixture
+def keyed_browser(model_and_tokenizer, live_server, tmp_path):
+    """A server that needs an API key, and a browser to open it with."""
+    from playwright.sync_api import sync_playwright
+    from chatstream.settings import Settings
+    if CHROMIUM is None:
+        pytest.fail("Debian chromium is not installed (scripts/system-deps.sh installs it)")
+    (tmp_path / "keys").write_text(API_KEY + "\n")
+    _, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=24)
+    srv = live_server(create_app(Settings(api_keys_file=str(tmp_path / "keys")), chat_stream=chat_stream))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        browser.url = srv.url
+        yield browser
+        browser.close()
+
+
+API_KEY = "cs-page-4b9d2e71"
+
+
+def open_with_answers(browser, replies: list[str]):
+    """A fresh tab (its own sessionStorage) whose key prompts are answered with ``replies`` in turn."""
+    page = browser.new_context().new_page()
+    page.prompts = []
+
+    def answer(dialog):
+        page.prompts.append(dialog.message)
+        dialog.accept(replies[len(page.prompts) - 1])
+
+    page.on("dialog", answer)
+    page.goto(browser.url + "/")
+    return page
+
+
+def send(page, text: str) -> None:
+    page.fill("#input", text)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#send:not([disabled])")
+
+
+def test_chat_page_asks_for_the_key_once_and_keeps_it_for_the_session(keyed_browser):
+    page = open_with_answers(keyed_browser, [API_KEY])
+    send(page, "What is the capital of France?")
+    page.wait_for_function("document.querySelector('.assistant').textContent.includes('Paris')", timeout=60_000)
+    assert len(page.prompts) == 1 and "API key" in page.prompts[0]
+    assert page.evaluate("sessionStorage.getItem('chatstream-api-key')") == API_KEY
+    send(page, "And of Italy?")
+    assert answers(page).count() == 2 and answers(page).nth(1).inner_text()
+    with page.expect_response("**/clear_context") as cleared:
+        page.click("#clear")
+    assert cleared.value.status == 200
+    page.goto(keyed_browser.url + "/traces")  # same tab, same session: the traces page uses the key too
+    page.wait_for_selector("#streams tr")
+    assert len(page.prompts) == 1, "asked once for the whole session"
+    assert not page.locator(".msg.error").count()
+
+
+def test_chat_page_with_a_wrong_key_shows_401_and_asks_again(keyed_browser):
+    page = open_with_answers(keyed_browser, ["not-the-key", API_KEY])
+    send(page, "What is the capital of France?")
+    error = page.locator(".msg.error")
+    assert "401" in error.inner_text() and "not valid" in error.inner_text()
+    assert API_KEY not in page.content()
+    send(page, "What is the capital of France?")
+    page.wait_for_function("[...document.querySelectorAll('.assistant')].pop().textContent.includes('Paris')",
+                           timeout=60_000)
+    assert len(page.prompts) == 2

@@ -1,5 +1,9 @@
 """The ChatStream server: the library's endpoints, the OpenAI API, probes, metrics and the chat page.
 
+With API keys configured (auth.py), every request but the probes, /metrics and
+the pages needs ``Authorization: Bearer <key>``; the check runs before the
+session middleware, so a refused request never touches the session store.
+
 The model loads on a background thread after the server starts, so that the
 liveness probe answers during a long load; ``/readyz`` turns true once it is
 loaded and false again while draining.
@@ -60,8 +64,11 @@ def session_store(settings: Settings):
 
 
 def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
-    """An app serving ``chat_stream``, or one that loads the model named in ``settings``."""
+    """An app serving ``chat_stream``, or one that loads the model named in ``settings``.
+    Raises ``auth.ApiKeysError`` when ``settings.api_keys_file`` cannot be used."""
     settings = settings or Settings()
+    from ..auth import ApiKeyMiddleware, ApiKeys
+    keys = ApiKeys(settings.api_keys_file) if settings.api_keys_file else None
     state = ServerState()
     from ..telemetry import Telemetry
     telemetry = chat_stream.telemetry if chat_stream is not None else Telemetry()
@@ -98,6 +105,8 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
     app.state.server = state
     from ..sessions import SessionMiddleware
     app.add_middleware(SessionMiddleware, secret_key=settings.session_secret, store=session_store(settings))
+    if keys is not None:  # added last, so it runs first
+        app.add_middleware(ApiKeyMiddleware, keys=keys)
 
     errors.install(app)
 
@@ -132,5 +141,9 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
     @app.get("/")
     async def index():
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/auth.js")
+    async def auth_script():  # the pages' key prompt (static/auth.js)
+        return FileResponse(STATIC / "auth.js", media_type="text/javascript")
 
     return app

@@ -75,7 +75,12 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings) -> int:
     from ..threads import configure
     configure(settings.threads)  # before any thread runs torch: threads.py says why
-    app = create_app(settings)
+    from ..auth import ApiKeysError
+    try:
+        app = create_app(settings)
+    except ApiKeysError as exc:
+        report_fatal(f"invalid settings: {exc}")
+        return 2
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=5, access_log=False)
     DrainingServer(config, app.state.server, settings.shutdown_grace_seconds).run()
