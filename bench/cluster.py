@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_servers import Ours, Server  # noqa: E402
 from multiturn import read_metrics  # noqa: E402
 from multiturn_client import run_workload  # noqa: E402
-from run import RESULTS, log, machine, model_dir  # noqa: E402
+from run import RESULTS, log, machine, model_dir, wait_for_quiet  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("CHATSTREAM_K8S_CACHE", Path.home() / ".cache/chatstream-k8s")) / "bin"
@@ -318,6 +318,10 @@ def main() -> None:
                                        text=True).stdout.strip()}
     cluster_up()
     undeploy()
+    # An image import leaves GBs of dirty pages: the first bare run measured 60-65 tok/s where the one
+    # after the pods measured 76-82. Flushed, and the load average let settle.
+    os.sync()
+    report["quiet"] = wait_for_quiet(1.0, 300)
     if not args.no_bare:
         log("== bare process (before the pods)")
         report["bare"].append(bare(args, model_path))
