@@ -144,9 +144,15 @@ def bare_process():
     with open(CLUSTER_DIR / "bare-process.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "chatstream", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
+    def ready():
+        assert proc.poll() is None, (CLUSTER_DIR / "bare-process.log").read_text()[-2000:]
+        try:
+            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        wait_for("the bare process ready", lambda: proc.poll() is None and
-                 httpx.get(f"{base}/readyz", timeout=2).status_code == 200, timeout=180)
+        wait_for("the bare process ready", ready, timeout=180)
         yield base
     finally:
         proc.terminate()
