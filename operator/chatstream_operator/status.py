@@ -50,7 +50,9 @@ def _container_failure(cs: dict) -> tuple[str, str] | None:
         reason = terminated.get("reason") or "Error"
     elif waiting.get("reason") in FAILING_WAITING_REASONS:
         exit_ = failed_before
-        reason = waiting["reason"]
+        # Between restarts the kubelet says CrashLoopBackOff; the last exit says why (OOMKilled).
+        reason = failed_before.get("reason") if failed_before.get("reason") not in (None, "Error", "Completed") \
+            else waiting["reason"]
     elif failed_before and not cs.get("ready"):
         # Restarted after a failure and not ready yet: between two crashes.
         exit_ = failed_before
@@ -59,6 +61,8 @@ def _container_failure(cs: dict) -> tuple[str, str] | None:
         return None
     message = (exit_.get("message") or "").strip() or (waiting.get("message") or "").strip()
     details = [f"container {cs.get('name')}: {reason}"]
+    if waiting.get("reason") and waiting["reason"] != reason:
+        details.append(waiting["reason"])
     if exit_:
         details.append(f"exit code {exit_.get('exitCode')}")
     if cs.get("restartCount"):

@@ -50,6 +50,9 @@ log = logging.getLogger("chatstream.sessions")
 
 COOKIE_NAME = "chatstream_session"
 END_HOLD_SECONDS = 0.5  # how long a streamed response's end may wait for the app to finish its session
+# How long the end of a stream waits for an unreachable store to take its turn (Redis restarting): the
+# client has the whole answer but not yet the end, so a turn it saw end is a turn that was stored.
+SAVE_RETRY_SECONDS = 60.0
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -331,11 +334,22 @@ class SessionManager:
                 await self._middleware._store_call(self.store.save(live.session_id, live.data, payload))
                 live.payload = payload
 
-    async def _persist_quietly(self) -> None:
-        try:
-            await self.persist()
-        except Exception as exc:  # noqa: BLE001 - the response is gone; say so in the log
-            self._middleware._log_unsaved(exc)
+    async def _persist_quietly(self, retry_seconds: float = 0.0) -> None:
+        """Persist; while the store fails, try again for ``retry_seconds``; then log what was not saved."""
+        deadline, pause = time.monotonic() + retry_seconds, 0.25
+        while True:
+            try:
+                await self.persist()
+                return
+            except SessionStoreError as exc:
+                if time.monotonic() + pause > deadline:
+                    self._middleware._log_unsaved(exc)
+                    return
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
+            except Exception as exc:  # noqa: BLE001 - the response is gone; say so in the log
+                self._middleware._log_unsaved(exc)
+                return
 
     def _persist_later(self) -> None:
         def start():
@@ -489,7 +503,7 @@ class SessionMiddleware:
             nonlocal held_end
             message, held_end = held_end, None
             if message is not None:
-                await manager._persist_quietly()
+                await manager._persist_quietly(SAVE_RETRY_SECONDS)
                 await send(message)
 
         def flush_end_soon():
@@ -555,7 +569,7 @@ class SessionMiddleware:
                 if held_start is not None:  # a start with no body: finish it as the server would
                     await send_with_session({"type": "http.response.body", "body": b"", "more_body": False})
                 if not refused:
-                    await manager._persist_quietly()
+                    await manager._persist_quietly(SAVE_RETRY_SECONDS if streamed else 0.0)
                 if end_task is not None:
                     await end_task
                 if held_end is not None:

@@ -464,8 +464,9 @@ class Slowloris:
         """Connections the server has not closed (closing shows as readable, with b"" or an error)."""
         open_ = 0
         for s in self.socks:
-            readable, _, _ = select.select([s], [], [], 0)
-            if not readable:
+            poll = select.poll()  # not select(): these descriptors are past its 1024
+            poll.register(s, select.POLLIN)
+            if not poll.poll(0):
                 open_ += 1
                 continue
             try:

@@ -112,6 +112,16 @@ def test_crash_loop_reports_the_loaders_message():
     assert by_type(st)["Ready"] == ("False", "ReplicasNotReady")
 
 
+def test_a_container_killed_by_its_memory_limit_says_so_between_restarts():
+    # On the real node the status said CrashLoopBackOff, exit code 137, between restarts: the reason
+    # (OOMKilled) was in lastState only.
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    looping = pod("chat-x", ready=False, restarts=2, state={"waiting": {"reason": "CrashLoopBackOff"}}, last=oom)
+    degraded = cond(compute(observed(replicas=1, ready=0, available=0), [looping]), "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "OOMKilled")
+    assert "exit code 137" in degraded["message"] and "CrashLoopBackOff" in degraded["message"]
+
+
 def test_first_exit_already_counts_before_the_back_off():
     st = compute(observed(replicas=1, ready=0, available=0), [pod(ready=False, state=CRASHED)])
     assert by_type(st)["Degraded"] == ("True", "Error") and LOADER in cond(st, "Degraded")["message"]

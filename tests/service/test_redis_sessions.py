@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -24,7 +25,13 @@ REDIS = shutil.which("redis-server")
 
 
 @pytest.fixture
-def redis_url(tmp_path):
+def redis_url(redis_server):
+    return redis_server[0]
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """(its URL, its process)."""
     if REDIS is None:
         pytest.fail("redis-server is not installed (scripts/system-deps.sh installs it)")
     with socket.socket() as s:
@@ -40,7 +47,8 @@ def redis_url(tmp_path):
         except OSError:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
+    yield f"redis://127.0.0.1:{port}/0", proc
+    proc.send_signal(signal.SIGCONT)
     proc.terminate()
     proc.wait(10)
 
@@ -264,3 +272,32 @@ def test_a_redis_that_accepts_and_never_answers(live_server):
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     assert len(arrivals) == 40 and max(gaps) < 0.3, f"the other stream stalled: {max(gaps):.2f} s"
     assert httpx.get(srv.url + "/note").json() == {"note": None}, "requests without a session never wait"
+
+
+def test_a_turn_that_ends_while_redis_is_stopped_is_kept(model_and_tokenizer, live_server, redis_server):
+    # On the real node, Redis stopped for 20 s: a stream that ended meanwhile reached its client whole,
+    # and its turn was gone from the history. The end of the stream now waits for the store.
+    url, proc = redis_server
+    srv = live_server(replica(*model_and_tokenizer, url, max_new_tokens=40, timeout=0.5, connect_timeout=0.5))
+    client = httpx.Client(base_url=srv.url, timeout=120)
+    assert client.post("/chat_stream", json={"user_input": "My name is Carol."}).status_code == 200
+    seen: dict[str, float] = {}
+    first = threading.Event()
+
+    def stream():
+        with client.stream("POST", "/chat_stream", json={"user_input": "Count from 1 to 100."}) as response:
+            for _ in response.iter_bytes():
+                first.set()
+        seen["end"] = time.monotonic()
+
+    streaming = threading.Thread(target=stream)
+    streaming.start()
+    assert first.wait(60)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(5)  # 40 tokens take 1-2 s here: the stream ends while Redis is stopped
+    resumed = time.monotonic()
+    proc.send_signal(signal.SIGCONT)
+    streaming.join(90)
+    assert seen["end"] >= resumed, "the stream ended before its turn was stored"
+    prompt = client.get("/get_prompt").json()["prompt"]
+    assert "My name is Carol." in prompt and "Count from 1 to 100." in prompt, prompt
