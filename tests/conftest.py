@@ -45,6 +45,13 @@ class LiveServer:
         self.thread.join(10)
 
 
+@pytest.fixture(scope="session")
+def live_server_class():
+    """LiveServer itself, for fixtures wider than a test (``from conftest import`` picks whichever
+    conftest.py was imported last)."""
+    return LiveServer
+
+
 @pytest.fixture
 def live_server():
     servers = []
