@@ -118,7 +118,9 @@ class RedisStore:
         return None if raw is None else self.loads(raw)
 
     async def reserve(self, session_id: str, data: dict) -> None:
-        """Nothing to claim: Redis's own memory limit bounds it (docs/sessions.md)."""
+        """Nothing to claim (Redis's own memory limit bounds it, docs/sessions.md), but ask whether Redis
+        answers: a new conversation that could not be stored is refused before its stream, not held after it."""
+        await self.client.ping()
 
     async def save(self, session_id: str, data: dict, payload: str) -> None:
         await self.client.set(self.prefix + session_id, payload, ex=self.ttl)

@@ -291,7 +291,16 @@ def test_redis_stopped_for_20_seconds(faulty):
     for n in names:
         # Never a lost turn, never a refused one recorded, each turn once and in order: the history is exactly
         # what the client saw answered.
-        assert histories[n] == acknowledged[n], (n, histories[n], acknowledged[n])
+        assert histories[n] == acknowledged[n], (n, histories[n], acknowledged[n], unsaved_lines(ns))
+
+
+def unsaved_lines(ns: str) -> list[str]:
+    """What the model pods logged about sessions they could not save (why a turn was lost)."""
+    lines = []
+    for pod in model_pods(NAME, ns):
+        logs = kubectl("logs", "-n", ns, pod["metadata"]["name"], "--tail=400", check=False).stdout
+        lines += [f"{pod['metadata']['name']}: {line}" for line in logs.splitlines() if "not saved" in line]
+    return lines[-10:]
 
 
 # -- 3. the operator deleted during a rollout and during a scale ---------------------------------------------

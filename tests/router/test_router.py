@@ -232,6 +232,66 @@ def test_conversation_moves_when_its_pod_dies_and_keeps_its_history(proxy, pods)
         assert r.headers[SERVED_BY] == second
 
 
+def test_a_draining_pods_refusal_is_answered_by_another_pod(proxy, pods):
+    # On the real node, during a rollout, 12 of 116 turns got the draining pod's 503 ("the server is shutting
+    # down") in the seconds before the health checks saw it leave. A pod now keeps answering what the router
+    # sends until the checks have seen it (runner.ADMIT_AFTER_SIGTERM_SECONDS); then the router sends the
+    # conversation elsewhere. The draining pod's own stream in flight ends whole.
+    by_name = {p.name: p for p in pods}
+    leaving = pods[0]
+    import concurrent.futures as futures
+    import signal
+
+    def restart(grace: str) -> None:
+        leaving.kill()
+        leaving.env["CHATSTREAM_SHUTDOWN_GRACE_SECONDS"] = grace
+        leaving.start()
+        leaving.wait_ready()
+        wait_until(lambda: leaving.name in proxy.servers_up(), 30, "haproxy saw the pod up")
+
+    restart("30")
+    try:
+        # Two conversations on the leaving pod: one streams while it drains, one asks right after SIGTERM.
+        on_it = []
+        for _ in range(12):
+            client = httpx.Client(base_url=proxy.url, timeout=120)
+            r = client.post("/chat_stream", json={"user_input": "My name is Erin. Please remember it."})
+            assert r.status_code == 200, r.text
+            if by_name[r.headers[SERVED_BY]] is leaving:
+                on_it.append(client)
+                if len(on_it) == 2:
+                    break
+            else:
+                client.close()
+        assert len(on_it) == 2, "no two new conversations reached the pod"
+        streaming, asking = on_it
+        with futures.ThreadPoolExecutor(1) as pool:
+            def long_turn():
+                with streaming.stream("POST", "/chat_stream", json={"user_input": "Tell me a long story."}) as r:
+                    pieces = r.iter_raw()
+                    first = next(pieces)
+                    started.set_result(True)
+                    return r.status_code, first + b"".join(pieces), r.headers[SERVED_BY]
+            started = futures.Future()
+            long = pool.submit(long_turn)
+            started.result(60)
+            leaving.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)  # the pod is draining; the health checks have not seen it yet
+            r = asking.post("/chat_stream", json={"user_input": "What is my name?"})
+            assert r.status_code == 200, f"a turn sent to the draining pod got {r.status_code}: {r.text}"
+            wait_until(lambda: leaving.name not in proxy.servers_up(), 10, "haproxy saw the pod leave")
+            r = asking.post("/chat_stream", json={"user_input": "Thanks."})
+            assert r.status_code == 200 and r.headers[SERVED_BY] != leaving.name, r.text
+            assert "Erin" in asking.get("/get_prompt").json()["prompt"]
+            status, body, served = long.result(60)
+        assert (status, served) == (200, leaving.name) and body, "the draining pod's stream did not end whole"
+        for client in on_it:
+            client.close()
+    finally:
+        leaving.proc.wait(60)
+        restart("0")
+
+
 def test_pods_found_through_cluster_dns_and_one_leaving_it(dns_proxy, pods):
     """The config as the cluster gets it: `server-template` slots filled from
     the headless Service's DNS name (dnsmasq here, CoreDNS there). A pod that

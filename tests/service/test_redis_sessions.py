@@ -301,3 +301,25 @@ def test_a_turn_that_ends_while_redis_is_stopped_is_kept(model_and_tokenizer, li
     assert seen["end"] >= resumed, "the stream ended before its turn was stored"
     prompt = client.get("/get_prompt").json()["prompt"]
     assert "My name is Carol." in prompt and "Count from 1 to 100." in prompt, prompt
+
+
+def test_a_new_conversation_while_redis_is_stopped_is_refused_at_once(model_and_tokenizer, live_server, redis_server):
+    # On the real node, a new user's turn during a 20 s Redis outage streamed its answer and then held its end
+    # for 61 s (the turn could not be stored). A new conversation now asks the store first: a quick 503 with
+    # Retry-After, and nothing held; once Redis is back it is answered and kept.
+    url, proc = redis_server
+    srv = live_server(replica(*model_and_tokenizer, url, max_new_tokens=16, timeout=0.5, connect_timeout=0.5))
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        client = httpx.Client(base_url=srv.url, timeout=120)
+        t0 = time.monotonic()
+        refused = client.post("/chat_stream", json={"user_input": "My name is Dora."})
+        waited = time.monotonic() - t0
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert refused.status_code == 503, refused.text
+    assert refused.headers.get("retry-after") and refused.json()["error"]["code"], refused.text
+    assert waited < 3, f"the refusal took {waited:.1f}s"
+    assert "set-cookie" not in refused.headers
+    assert client.post("/chat_stream", json={"user_input": "My name is Dora."}).status_code == 200
+    assert "My name is Dora." in client.get("/get_prompt").json()["prompt"]

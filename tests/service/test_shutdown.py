@@ -12,6 +12,8 @@ import socket
 
 import httpx
 
+from chatstream.server.runner import ADMIT_AFTER_SIGTERM_SECONDS
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -42,10 +44,16 @@ def test_sigterm_drains_streams_in_flight(tmp_path):
                 chunks = r.iter_text()
                 first = next(chunks)
                 proc.send_signal(signal.SIGTERM)
+                t_term = time.monotonic()
                 time.sleep(0.5)
-                with httpx.Client(base_url=url, timeout=10) as other:
+                with httpx.Client(base_url=url, timeout=60) as other:
                     ready = other.get("/readyz")
                     assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+                    # The balancers have not seen readiness fail yet: what they still send is answered...
+                    admitted = other.post("/chat_stream", json={"user_input": "hi"})
+                    assert admitted.status_code == 200, admitted.text
+                    time.sleep(max(0.0, t_term + ADMIT_AFTER_SIGTERM_SECONDS + 0.5 - time.monotonic()))
+                    # ...and after that, refused.
                     refused = other.post("/chat_stream", json={"user_input": "hi"})
                     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
                 rest = "".join(chunks)

@@ -35,6 +35,7 @@ class ServerState:
         self.load_error: str | None = None
         self.loaded = threading.Event()
         self.on_load_failed = None  # the runner stops the process (runner.py says why)
+        self.leaving = False  # SIGTERM came: not ready, though still admitting for a moment (runner.py)
 
     def require(self):
         if self.chat_stream is None:
@@ -128,7 +129,7 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
         cs = state.chat_stream
         if cs is None:
             return JSONResponse({"ready": False, "reason": state.load_error or "loading"}, status_code=503)
-        if cs.draining:
+        if state.leaving or cs.draining:
             return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
         return {"ready": True, "model": cs.model_name}
 

@@ -1,8 +1,12 @@
 """Running the app under uvicorn with a graceful drain on SIGTERM.
 
-On the first SIGTERM (or Ctrl-C) readiness turns false and new requests get
-503, while streams in flight and their completion callbacks run to their end,
-for up to the grace period; then uvicorn shuts down. A second signal stops at
+On the first SIGTERM (or Ctrl-C) readiness turns false at once, but new
+requests are still admitted for ADMIT_AFTER_SIGTERM_SECONDS (at most the grace
+period): the router's health checks need that long to see readiness fail
+(two failed checks, 2 s apart then 0.5 s), and a request it sends meanwhile
+would otherwise get a 503 (a rollout on the real node: 12 of 116 turns). Then
+new requests get 503, while streams in flight and their completion callbacks
+run to their end, for up to the grace period; then uvicorn shuts down. A second signal stops at
 once. A model that cannot load stops the process with exit code 3 after
 writing the loader's message where Kubernetes reads it (the container's
 termination log), so that a pod says why instead of sitting Running and
@@ -26,6 +30,7 @@ from .app import create_app
 log = logging.getLogger("chatstream.server")
 
 EXIT_MODEL_LOAD_FAILED = 3
+ADMIT_AFTER_SIGTERM_SECONDS = 4.0
 
 
 def report_fatal(message: str) -> None:
@@ -57,12 +62,14 @@ class DrainingServer(uvicorn.Server):
         if self.draining or cs is None:
             return super().handle_exit(sig, frame)
         self.draining = True
-        cs.draining = True
+        self.state.leaving = True
         log.info("draining: %d streams in flight, up to %.0fs", cs.in_flight, self.grace_seconds)
         threading.Thread(target=self._drain, args=(cs,), daemon=True).start()
 
     def _drain(self, cs) -> None:
         deadline = time.monotonic() + self.grace_seconds
+        time.sleep(min(ADMIT_AFTER_SIGTERM_SECONDS, self.grace_seconds))
+        cs.draining = True  # from now on new requests get 503
         while cs.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         if cs.in_flight:
