@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import torch
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client.parser import text_string_to_metric_families
 
+from chatstream import threads
 from chatstream.server.app import create_app
 from chatstream.telemetry import Telemetry
 
@@ -76,5 +78,6 @@ def test_prometheus_and_otel_agree(model_and_tokenizer, live_server):
         assert list(point.explicit_bounds) == prom_buckets
     assert p[("chatstream_requests_running", ())] == [pt.value for pt in o["chatstream.requests.running"]][0] == 0
     [info] = [dict(labels) for (n, labels), v in p.items() if n == "chatstream_engine_info" and v == 1]
-    assert info == {"device": "cpu", "dtype": "float32", "cpu_linear": chat_stream.engine.cpu_linear}
+    assert info == {"device": "cpu", "dtype": "float32", "cpu_linear": chat_stream.engine.cpu_linear,
+                    "threads": str(torch.get_num_threads()), "threads_from": threads.info()["threads_from"]}
     assert info["cpu_linear"] in ("onednn", "torch")
