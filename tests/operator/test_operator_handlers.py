@@ -40,3 +40,35 @@ def test_a_missing_api_keys_secret_is_reported():
     assert asked == [("team-a", "chat-keys", "keys")]
     assert "Secret team-a/chat-keys" in problem and "'keys'" in problem
     assert handlers.auth_problem({"metadata": body["metadata"], "spec": {}}, lambda *a: None) is None
+
+
+def test_a_cached_model_gets_its_claim_and_fill_job_before_the_pods(monkeypatch):
+    """The reconcile's order and what it tells status (model_cache.py): the
+    claim and the Job exist before the Deployment whose pods mount the claim."""
+    from chatstream_operator import kube, resources
+
+    from builder_helpers import make_resource
+
+    body = make_resource({"model": {"source": "hf:acme/tiny-chat", "cache": {"size": "5Gi"}}})
+    calls, patched = [], []
+
+    def apply(manifest):
+        calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
+        return {**manifest, "status": {"phase": "Pending"} if manifest["kind"] == "PersistentVolumeClaim" else {}}
+
+    def ensure_job(manifest):
+        calls.append(("job", manifest["metadata"]["name"]))
+        return {**manifest, "status": {}}
+
+    monkeypatch.setattr(kube, "get_resource", lambda ns, name: body)
+    monkeypatch.setattr(kube, "secret_value", lambda *a: "s")
+    monkeypatch.setattr(kube, "apply", apply)
+    monkeypatch.setattr(kube, "ensure_job", ensure_job)
+    monkeypatch.setattr(kube, "list_pods", lambda ns, selector: calls.append(("pods", selector)) or [])
+    monkeypatch.setattr(kube, "patch_status", lambda ns, name, st: patched.append(st))
+    assert handlers.reconcile("team-a", "chat", resources.Images()) is None
+    kinds = [c[1] if c[0] == "apply" else c[0] for c in calls]
+    assert kinds.index("PersistentVolumeClaim") < kinds.index("job") < kinds.index("Deployment")
+    assert ("pods", f"batch.kubernetes.io/job-name={calls[kinds.index('job')][1]}") in calls
+    [cond] = [c for c in patched[-1]["conditions"] if c["type"] == "ModelCached"]
+    assert cond["reason"] == "Filling" and "chat-model-cache is Pending" in cond["message"]
