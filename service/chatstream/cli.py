@@ -12,6 +12,7 @@ import logging
 import sys
 
 from . import envvars
+from .fatal import report_fatal
 from .settings import DEFAULT_MODEL, TABLE, Settings
 
 
@@ -62,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**overrides)
     except SystemExit as exc:
-        from .server.runner import report_fatal
         report_fatal(str(exc))
         return 2
     from .threads import set_wait_policy
@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_source(settings.model, settings.revision)
     except ModelLoadError as exc:
-        from .server.runner import report_fatal
         report_fatal(f"error: {exc}")
         return 2
     from .server.runner import serve
@@ -81,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
 def _fill_hub_cache(args) -> int:
     """Exit 0 when the model is in the hub cache; 2 when another try cannot
     help (the operator's Job then stops retrying), 1 when it might."""
-    from .fatal import report_fatal
     from .hub_cache import FillError, fill
     try:
         fill(args.model, args.revision, args.ready_file)

@@ -133,6 +133,9 @@ def test_the_fill_downloads_once_and_pods_load_offline_from_it(mirror, model_dir
     assert "Paris" in pod.stdout, pod.stdout
     assert len(mirror.requests) == asked, mirror.requests[asked:]
     assert tree(tmp_path / "hub") == before
+    # The token the fill used is in no log line (kubectl logs job/...) and in no ready file.
+    for text in (first.stdout, first.stderr, again.stdout, again.stderr, ready.read_text()):
+        assert TOKEN not in text
 
 
 def test_a_pod_without_a_cache_downloads_through_transformers(mirror, tmp_path):
@@ -151,15 +154,18 @@ def test_a_pod_without_a_cache_downloads_through_transformers(mirror, tmp_path):
 
 def test_fill_failures_say_whether_another_try_can_help(mirror, tmp_path):
     ready = tmp_path / "ready.json"
-    # No token for a gated repo, or no such repo: final (the Job's podFailurePolicy stops at once).
+    # No token (or a wrong one) for a gated repo, or no such repo: final (the Job's podFailurePolicy stops at once).
     for env, model, says in [
         (hub_env(mirror, tmp_path, HF_TOKEN=""), f"hf:{REPO}", "GatedRepoError"),
+        (hub_env(mirror, tmp_path, HF_TOKEN=TOKEN + "-revoked"), f"hf:{REPO}", "GatedRepoError"),
         (hub_env(mirror, tmp_path), "hf:chatstream-tests/no-such-model", "RepositoryNotFoundError"),
     ]:
         proc = fill(env, ready, model)
         assert proc.returncode == model_cache.EXIT_FINAL == 2, proc.stderr
         message = (tmp_path / "termination-log").read_text()
         assert says in message and model in message, message
+        # What status shows (the termination message) and the log never hold the token.
+        assert TOKEN not in message + proc.stdout + proc.stderr
     # The hub out of reach: worth another try (the Job retries with back-off).
     closed = hub_env(mirror, tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
     proc = fill(closed, ready)
