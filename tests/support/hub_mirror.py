@@ -9,7 +9,7 @@ it with the service image's python; tests/engine runs it as a process too.
                          [--port 8080] [--token SECRET] [--rate MB_PER_S]
 
 What huggingface_hub asks for (checked against huggingface_hub 2.4 by
-tests/engine/test_model_cache_fill.py):
+tests/engine/test_hub_cache.py):
 
 - GET /api/models/ORG/NAME[/revision/REV]       repo info: `sha` (the commit), `siblings`
 - GET /api/models/ORG/NAME/tree/REV[/PATH]      the file listing (`snapshot_download`, and
