@@ -22,13 +22,15 @@ import secrets
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import kube, resources, router, status
+from . import kube, model_cache, resources, router, status
 from .workqueue import WorkQueue
 
 CSD = (resources.GROUP, resources.VERSION, resources.PLURAL)
 CHILDREN = [("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "secrets"), ("", "v1", "configmaps")]
+CHILDREN += model_cache.CHILDREN  # the model cache's claim and fill Jobs
 PODS = ("", "v1", "pods")
 POD_LABELS = {"app.kubernetes.io/name": "chatstream"}
+FILL_POD_LABELS = {"app.kubernetes.io/name": model_cache.FILL_NAME}  # the model cache's fill pods
 RETRY_SECONDS = 15  # after the API refused something; any event retries sooner
 
 log = logging.getLogger("chatstream_operator")
@@ -68,6 +70,19 @@ def auth_problem(resource: dict, secret_value=None) -> str | None:
             f"{ref['key']!r}; the pods wait for it")
 
 
+def _model_cache(resource: dict, manifest: dict) -> model_cache.CacheState | None:
+    """The model cache's claim (when the operator makes it) and fill Job,
+    and what status says about them (model_cache.py)."""
+    claim = model_cache.claim(resource, manifest)
+    claim = kube.apply(claim) if claim else None
+    job = model_cache.fill_job(resource, manifest)
+    if job is None:
+        return None
+    job = kube.ensure_job(job)
+    pods = kube.list_pods(resource["metadata"]["namespace"], model_cache.fill_pod_selector(resource))
+    return model_cache.state(resource, job, claim, status.pod_failure(pods))
+
+
 def _namespace_going(err: ApiException) -> bool:
     """Creating in a namespace being deleted is refused (403), and in one just
     gone too (404 on the namespace itself): the resource goes with it."""
@@ -81,11 +96,13 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
     resource = kube.get_resource(namespace, name)
     if resource is None or resource["metadata"].get("deletionTimestamp"):
         return None  # gone or going: the garbage collector removes the children
-    error, retry, deployment, router_deployment = None, None, None, None
+    error, retry, deployment, router_deployment, cache = None, None, None, None, None
     try:
         _session_secrets(resource)
         kube.apply(resources.service(resource))
-        deployment = kube.apply(resources.deployment(resource, images))
+        manifest = resources.deployment(resource, images)
+        cache = _model_cache(resource, manifest)  # the claim before the pods that mount it
+        deployment = kube.apply(manifest)
         # The session-affine router (router.py): config, headless pods
         # Service, router Service, router Deployment (at 0 when disabled).
         *router_children, router_manifest = router.children(resource, images.router)
@@ -101,7 +118,7 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
     if error is None and (error := auth_problem(resource)):
         retry = RETRY_SECONDS
     pods = kube.list_pods(namespace, resources.selector(name))
-    new = status.compute(resource, deployment, pods, error, _now(), router_deployment)
+    new = status.compute(resource, deployment, pods, error, _now(), router_deployment, cache)
     if status.changed(resource, new):
         kube.patch_status(namespace, name, new)
     log.info("reconciled", extra=_ref(namespace, name))
@@ -118,7 +135,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     managed = ",".join(f"{k}={v}" for k, v in resources.MANAGED_BY.items())
     for group, version, plural in CHILDREN:
         settings.watching.label_selectors[group, version, plural] = managed
-    settings.watching.label_selectors[PODS] = ",".join(f"{k}={v}" for k, v in POD_LABELS.items())
+    # The model pods and the model cache's fill pods.
+    names = f"{POD_LABELS['app.kubernetes.io/name']},{FILL_POD_LABELS['app.kubernetes.io/name']}"
+    settings.watching.label_selectors[PODS] = f"app.kubernetes.io/name in ({names})"
     kube.login()
     images = memo.images
 
@@ -142,7 +161,7 @@ async def resource_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_) -> 
 
 
 async def _child_event(body: kopf.Body, memo: kopf.Memo, **_) -> None:
-    owner = resources.owner_of(dict(body))
+    owner = resources.owner_of(dict(body)) or model_cache.owner_of(dict(body))
     if owner is not None:
         memo.queue.trigger((body.metadata.namespace, owner))
 
@@ -150,3 +169,4 @@ async def _child_event(body: kopf.Body, memo: kopf.Memo, **_) -> None:
 for _group, _version, _plural in CHILDREN:
     kopf.on.event(_group, _version, _plural, labels=resources.MANAGED_BY, id=f"child-{_plural}")(_child_event)
 kopf.on.event(*PODS, labels=POD_LABELS, id="pods")(_child_event)
+kopf.on.event(*PODS, labels=FILL_POD_LABELS, id="fill-pods")(_child_event)

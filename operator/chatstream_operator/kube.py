@@ -38,6 +38,9 @@ def apply(manifest: dict) -> dict:
     elif manifest["kind"] == "ConfigMap":
         api = kubernetes.client.CoreV1Api()
         resp = api.patch_namespaced_config_map(meta["name"], meta["namespace"], manifest, **kw)
+    elif manifest["kind"] == "PersistentVolumeClaim":
+        api = kubernetes.client.CoreV1Api()
+        resp = api.patch_namespaced_persistent_volume_claim(meta["name"], meta["namespace"], manifest, **kw)
     else:
         raise ValueError(f"cannot apply a {manifest['kind']}")
     return _json(resp)
@@ -51,6 +54,25 @@ def create(manifest: dict) -> None:
     except ApiException as err:
         if err.status != 409:
             raise
+
+
+def ensure_job(manifest: dict) -> dict:
+    """The Job of that name as it is, created from `manifest` when missing.
+    A Job's pod template cannot change, so one that exists is left alone
+    (model_cache.py names Jobs after what they do)."""
+    meta, api = manifest["metadata"], kubernetes.client.BatchV1Api()
+    read = lambda: _json(api.read_namespaced_job(meta["name"], meta["namespace"], _preload_content=False))  # noqa: E731
+    try:
+        return read()
+    except ApiException as err:
+        if err.status != 404:
+            raise
+    try:
+        return _json(api.create_namespaced_job(meta["namespace"], manifest, _preload_content=False))
+    except ApiException as err:
+        if err.status != 409:  # made meanwhile by another reconcile
+            raise
+    return read()
 
 
 def secret_value(namespace: str, name: str, key: str) -> str | None:

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from chatstream import envvars
 
+from . import model_cache
+from .model_cache import BAKED_MODELS_DIR, CACHE_DIR  # noqa: F401 (where they were first defined)
+
 GROUP = "chatstream.io"
 VERSION = "v1alpha1"
 KIND = "ChatStreamDeployment"
@@ -27,14 +30,10 @@ SESSION_SECRET_KEY = "secret"
 # Every child carries this label; the operator watches only what has it.
 MANAGED_BY = {"app.kubernetes.io/managed-by": MANAGER}
 
-CACHE_DIR = "/var/cache/chatstream"
 # spec.auth.apiKeysSecretRef is mounted here (a volume, not an env var: the
 # kubelet updates a mounted Secret in place, and the server reads it again).
 API_KEYS_DIR = "/etc/chatstream/api-keys"
 API_KEYS_FILE = f"{API_KEYS_DIR}/keys"
-# Where the service images keep models converted at build time (see
-# service/Dockerfile); an init container seeds the pod's cache from there.
-BAKED_MODELS_DIR = "/opt/chatstream/models"
 PRESTOP_SLEEP_SECONDS = 5
 # Model loading can take minutes (a hub download, a GGUF conversion): the
 # startup probe gives it this long before the kubelet restarts the container.
@@ -164,6 +163,7 @@ def _env(body: dict) -> list[dict]:
         # Hub downloads need a writable home; the root filesystem is read-only.
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
     ]
+    env += model_cache.env(spec)  # the model cache or the hub token (model_cache.py)
     if "prefixCacheTokens" in gen:  # the API server fills it in; a spec built by hand may leave the default
         env.append({"name": envvars.PREFIX_CACHE_TOKENS, "value": str(gen["prefixCacheTokens"])})
     if "revision" in model:
@@ -256,29 +256,13 @@ def _container(body: dict, images: Images) -> dict:
         "volumeMounts": [
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        ] + model_cache.mounts(spec),
     }
     if api_keys_ref(spec):
         container["volumeMounts"].append({"name": "api-keys", "mountPath": API_KEYS_DIR, "readOnly": True})
     if "imagePullPolicy" in spec:
         container["imagePullPolicy"] = spec["imagePullPolicy"]
     return container
-
-
-def _seed_cache(container: dict) -> dict:
-    """Init container copying the image's pre-converted builtin model into
-    the writable cache, so a pod starts in seconds instead of converting the
-    GGUF again (images without baked models skip the copy)."""
-    script = f"if [ -d {BAKED_MODELS_DIR} ]; then cp -a {BAKED_MODELS_DIR} {CACHE_DIR}/; fi"
-    return {
-        "name": "seed-cache",
-        "image": container["image"],
-        "command": ["sh", "-c", script],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": container["securityContext"],
-        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
-        "volumeMounts": [{"name": "cache", "mountPath": CACHE_DIR}],
-    }
 
 
 def _tolerations(spec: dict) -> list[dict]:
@@ -310,12 +294,12 @@ def deployment(body: dict, images: Images = Images()) -> dict:
         "volumes": [
             {"name": "cache", "emptyDir": {}},
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
-        ],
+        ] + model_cache.volumes(body),
     }
     if api_keys_ref(spec):
         pod_spec["volumes"].append(_api_keys_volume(api_keys_ref(spec)))
-    if spec["model"]["source"].startswith("builtin:"):
-        pod_spec["initContainers"] = [_seed_cache(container)]
+    if init := model_cache.init_containers(body, container):  # the builtin model's copy, the cache's wait
+        pod_spec["initContainers"] = init
     if spec.get("nodeSelector"):
         pod_spec["nodeSelector"] = dict(spec["nodeSelector"])
     tolerations = _tolerations(spec)

@@ -8,7 +8,7 @@ decides what status says; handlers.py writes its result, and only there.
 
 from __future__ import annotations
 
-from . import resources, router
+from . import model_cache, resources, router
 
 # Container waiting reasons that will not fix themselves without a change
 # (the kubelet's names). A pod in one of these is failing, not starting.
@@ -142,13 +142,16 @@ def _router_condition(router_deployment: dict, generation: int) -> dict:
 
 
 def compute(resource: dict, deployment: dict | None, pods: list[dict], error: str | None, now: str,
-            router_deployment: dict | None = None) -> dict:
+            router_deployment: dict | None = None, cache=None) -> dict:
     """The whole status of `resource`.
 
     deployment: the owned Deployment as last seen (None when the reconcile
     failed before it could be read); pods: the resource's pods; error: why
     the last reconcile failed, if it did; router_deployment: the router's
-    Deployment as last seen (router.py), None when not read. Conditions keep
+    Deployment as last seen (router.py), None when not read; cache: the
+    model cache's model_cache.CacheState (its ModelCached condition, and a
+    failed fill, which Degraded reports first), None without a cache or when
+    not read (the condition is then kept as it was). Conditions keep
     their lastTransitionTime while their status holds (see `merge_conditions`)."""
     meta = resource["metadata"]
     old = resource.get("status") or {}
@@ -159,7 +162,7 @@ def compute(resource: dict, deployment: dict | None, pods: list[dict], error: st
     routed = router.routing(resource["spec"])["enabled"]
     out["routingEndpoint"] = router.routing_endpoint(name, meta["namespace"]) if routed else None
     if deployment is not None:
-        fields, conditions = _from_deployment(deployment, pod_failure(pods))
+        fields, conditions = _from_deployment(deployment, (cache.failure if cache else None) or pod_failure(pods))
         out.update(fields)
     else:
         # Nothing observed: keep what was reported, the error below says why.
@@ -175,6 +178,14 @@ def compute(resource: dict, deployment: dict | None, pods: list[dict], error: st
     elif routed:
         conditions += kept or [{k: v for k, v in c.items() if k != "lastTransitionTime"}
                                for c in old.get("conditions") or [] if c.get("type") == "RouterReady"]
+    # ModelCached: only with a model cache; kept as it was when its Job was not read this time.
+    kept = [{k: v for k, v in c.items() if k != "lastTransitionTime"}
+            for c in old.get("conditions") or [] if c.get("type") == model_cache.CONDITION]
+    conditions = [c for c in conditions if c["type"] != model_cache.CONDITION]
+    if cache is not None:
+        conditions.append(cache.condition)
+    elif model_cache.cache_of(resource["spec"]) is not None:
+        conditions += kept
     if error is not None:
         conditions = [c for c in conditions if c["type"] != "Degraded"]
         conditions.append(_condition("Degraded", True, "ReconcileError", error, generation))

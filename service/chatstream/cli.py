@@ -12,6 +12,7 @@ import logging
 import sys
 
 from . import envvars
+from .fatal import report_fatal
 from .settings import DEFAULT_MODEL, TABLE, Settings
 
 
@@ -31,14 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chatstream", description="Streaming chat server for transformers models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
-    prep = sub.add_parser("prepare-model", help="convert the builtin model once (shows progress)",
+    prep = sub.add_parser("prepare-model", help="convert the builtin model, or download a hub model, once",
                           description="Convert the builtin GGUF model to safetensors in the cache directory "
-                                      f"[{envvars.CACHE_DIR}], so that the server starts in seconds.")
+                                      f"[{envvars.CACHE_DIR}], so that the server starts in seconds; or download "
+                                      "an hf:ORG/NAME model into the hub cache [HF_HUB_CACHE] with progress "
+                                      "lines, as the operator's model cache Job does.")
     prep.add_argument("--model", default=DEFAULT_MODEL)
+    prep.add_argument("--revision", help="hub revision (branch, tag or commit) of an hf: model; default main")
+    prep.add_argument("--ready-file", help="for hf: models, a file written when the download is complete; "
+                                           "when it exists, nothing is downloaded")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "prepare-model":
+        if args.model.startswith("hf:"):
+            return _fill_hub_cache(args)  # before chatstream.engine, which imports torch
         from .engine.loader import ModelLoadError, parse_source, prepare_builtin
         try:
             source = parse_source(args.model)
@@ -55,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(**overrides)
     except SystemExit as exc:
-        from .server.runner import report_fatal
         report_fatal(str(exc))
         return 2
     from .threads import set_wait_policy
@@ -64,11 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parse_source(settings.model, settings.revision)
     except ModelLoadError as exc:
-        from .server.runner import report_fatal
         report_fatal(f"error: {exc}")
         return 2
     from .server.runner import serve
     return serve(settings)
+
+
+def _fill_hub_cache(args) -> int:
+    """Exit 0 when the model is in the hub cache; 2 when another try cannot
+    help (the operator's Job then stops retrying), 1 when it might."""
+    from .hub_cache import FillError, fill
+    try:
+        fill(args.model, args.revision, args.ready_file)
+    except FillError as exc:
+        report_fatal(f"error: {exc}")
+        return 2 if exc.final else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ INVALID = [
     pytest.param(with_spec(model={"source": "hf:just-a-name"}), "an hf: source is hf:ORG/NAME", id="hf-without-org"),
     pytest.param(with_spec(model={"source": "builtin:smollm2-135m-instruct", "revision": "main"}), "model.revision applies only to hf: sources", id="revision-on-builtin"),
     pytest.param(with_spec(sessions={"store": "redis"}), "sessions.store redis needs sessions.redisURLSecretRef", id="redis-without-url"),
+    pytest.param(with_spec(model={"source": "builtin:smollm2-135m-instruct", "cache": {"size": "1Gi"}}), "model.cache applies only to hf: sources", id="cache-on-builtin"),
+    pytest.param(with_spec(model={"source": "builtin:smollm2-135m-instruct", "tokenSecretRef": {"name": "t"}}), "model.tokenSecretRef applies only to hf: sources", id="token-on-builtin"),
+    pytest.param(with_spec(model={"source": "hf:org/m", "cache": {}}), "model.cache needs either claimName", id="cache-without-claim-or-size"),
+    pytest.param(with_spec(model={"source": "hf:org/m", "cache": {"size": "1Gi", "claimName": "c"}}), "model.cache needs either claimName", id="cache-with-claim-and-size"),
+    pytest.param(with_spec(model={"source": "hf:org/m", "cache": {"claimName": "c", "storageClassName": "fast"}}), "apply only to the claim the operator makes", id="class-for-users-claim"),
+    pytest.param(with_spec(model={"source": "hf:org/m", "cache": {"size": "lots"}}), "spec.model.cache.size in body should match", id="cache-size-not-a-quantity"),
     # The server exits on a context under 64 tokens: the API server refuses it first.
     pytest.param(with_spec(generation={"maxNewTokens": 8, "contextLength": 16}), "spec.generation.contextLength in body should be greater than or equal to 64", id="context-too-short"),
     pytest.param(with_spec(generation={"maxNewTokens": 4096, "contextLength": 2048}), "generation.maxNewTokens must be smaller than generation.contextLength", id="tokens-exceed-context"),

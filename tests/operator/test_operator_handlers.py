@@ -40,3 +40,46 @@ def test_a_missing_api_keys_secret_is_reported():
     assert asked == [("team-a", "chat-keys", "keys")]
     assert "Secret team-a/chat-keys" in problem and "'keys'" in problem
     assert handlers.auth_problem({"metadata": body["metadata"], "spec": {}}, lambda *a: None) is None
+
+
+def test_a_cached_model_gets_its_claim_and_fill_job_before_the_pods(monkeypatch, caplog):
+    """The reconcile's order and what it tells status (model_cache.py): the
+    claim and the Job exist before the Deployment whose pods mount the claim.
+    The hub token is only named (a secretKeyRef): its value is in no manifest,
+    no status and no log line of the operator."""
+    import logging
+
+    from chatstream_operator import kube, resources
+
+    from builder_helpers import make_resource
+
+    token = "hf_never_shown_0123456789"
+    body = make_resource({"model": {"source": "hf:acme/tiny-chat", "cache": {"size": "5Gi"},
+                                    "tokenSecretRef": {"name": "hub"}}})
+    calls, sent, patched = [], [], []
+
+    def apply(manifest):
+        calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
+        sent.append(manifest)
+        return {**manifest, "status": {"phase": "Pending"} if manifest["kind"] == "PersistentVolumeClaim" else {}}
+
+    def ensure_job(manifest):
+        calls.append(("job", manifest["metadata"]["name"]))
+        sent.append(manifest)
+        return {**manifest, "status": {}}
+
+    monkeypatch.setattr(kube, "get_resource", lambda ns, name: body)
+    monkeypatch.setattr(kube, "secret_value", lambda ns, name, key: token if name == "hub" else "session")
+    monkeypatch.setattr(kube, "create", lambda manifest: sent.append(manifest))
+    monkeypatch.setattr(kube, "apply", apply)
+    monkeypatch.setattr(kube, "ensure_job", ensure_job)
+    monkeypatch.setattr(kube, "list_pods", lambda ns, selector: calls.append(("pods", selector)) or [])
+    monkeypatch.setattr(kube, "patch_status", lambda ns, name, st: patched.append(st))
+    with caplog.at_level(logging.DEBUG):
+        assert handlers.reconcile("team-a", "chat", resources.Images()) is None
+    kinds = [c[1] if c[0] == "apply" else c[0] for c in calls]
+    assert kinds.index("PersistentVolumeClaim") < kinds.index("job") < kinds.index("Deployment")
+    assert ("pods", f"batch.kubernetes.io/job-name={calls[kinds.index('job')][1]}") in calls
+    [cond] = [c for c in patched[-1]["conditions"] if c["type"] == "ModelCached"]
+    assert cond["reason"] == "Filling" and "chat-model-cache is Pending" in cond["message"]
+    assert token not in repr(sent) + repr(patched) + caplog.text

@@ -16,14 +16,12 @@ NotReady forever.
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import threading
 import time
 
 import uvicorn
 
-from .. import envvars
+from ..fatal import report_fatal
 from ..settings import Settings
 from .app import create_app
 
@@ -31,18 +29,6 @@ log = logging.getLogger("chatstream.server")
 
 EXIT_MODEL_LOAD_FAILED = 3
 ADMIT_AFTER_SIGTERM_SECONDS = 4.0
-
-
-def report_fatal(message: str) -> None:
-    """Say why the server cannot start: on stderr and in the termination log when there is one."""
-    print(message, file=sys.stderr)
-    path = os.environ.get(envvars.TERMINATION_LOG, "/dev/termination-log")
-    if path and os.path.exists(os.path.dirname(path) or "."):
-        try:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(message[-4000:])  # Kubernetes keeps at most 4096 bytes
-        except OSError:
-            pass
 
 
 class DrainingServer(uvicorn.Server):
