@@ -59,7 +59,7 @@ class Turn:
 
 
 class Turns:
-    def __init__(self, tokenizer, new_prompt: Callable[[], object], prompt_budget: int, window_keep: float = 0.5):
+    def __init__(self, tokenizer, new_prompt: Callable[[], object], prompt_budget: int, window_keep: float):
         self.tokenizer = tokenizer
         self.new_prompt = new_prompt
         self.prompt_budget = prompt_budget

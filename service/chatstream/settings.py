@@ -89,7 +89,7 @@ TABLE: tuple[Setting, ...] = (
       "prompt tokens of finished turns whose KV cache is kept, so that a conversation's next turn prefills only "
       "what is new; least recently used first out; 0 turns it off", minimum=0, maximum=1_048_576,
       crd="generation.prefixCacheTokens", library="prefix_cache_tokens"),
-    S("window_keep", float, 0.5, envvars.WINDOW_KEEP,
+    S("window_keep", float, 0.25, envvars.WINDOW_KEEP,
       "when a session's conversation outgrows the prompt, the oldest turns are left out until the newest fill at "
       "most this share of it, so that the next turns extend the cached prompt instead of prefilling it all again; "
       "1 leaves out one turn at a time", minimum=0.0, maximum=1.0, crd="generation.windowKeep",

@@ -253,7 +253,7 @@ def test_builtin_models_are_seeded_from_the_image_into_the_cache():
 
 
 def test_the_conversation_window_share_reaches_the_pod():
-    assert env(resources.deployment(make_resource()))[envvars.WINDOW_KEEP] == "0.5"  # the CRD's default
+    assert env(resources.deployment(make_resource()))[envvars.WINDOW_KEEP] == "0.25"  # the CRD's default
     spec = {"model": {"source": "builtin:smollm2-135m-instruct"}, "generation": {"windowKeep": 1}}
     assert env(resources.deployment(make_resource(spec)))[envvars.WINDOW_KEEP] == "1"
     body = make_resource()
