@@ -11,10 +11,14 @@ at most ``keep`` of the budget; the following turns then only add to the end
 of the prompt (their earlier tokens come from the cache) until it is full again.
 
 - The newest turn is always in the prompt, and so are the newest turns that fit
-  in ``keep`` of the budget; whole turns only, the system prompt always.
-- ``keep`` 1.0 leaves out as few turns as possible (the old rule: one turn at a
-  time, the whole window prefilled at each turn); ``keep`` 0 keeps only the
-  newest turn after a jump. docs/sessions.md has the measured trade-off.
+  in ``keep`` of the budget, and at least the turn before the newest (the
+  exchange a follow-up refers to) when the two fit; whole turns only, the
+  system prompt always.
+- A jump prefills what it keeps, so a turn costs on average ``keep / (1 -
+  keep)`` turns' worth of prefill beyond its own. ``keep`` 1.0 leaves out as few
+  turns as possible (the old rule: one turn at a time, the whole window
+  prefilled at every turn); ``keep`` 0 keeps only the last exchange after a
+  jump. docs/sessions.md has the measured trade-off.
 - The choice depends only on the history and the saved start, so a pod that
   loads the session from Redis makes the same one.
 """
@@ -70,6 +74,9 @@ def fit(render: Callable[[int], list[int]], turns: int, budget: int, keep: float
             hi = mid
         else:
             lo = mid + 1
+    # And never less than the last exchange with the new turn (what a follow-up refers to), when they fit.
+    if start < newest - 1 < lo and length(newest - 1) <= budget:
+        lo = newest - 1
     length(lo)
     return Window(rendered[lo], lo, turns, True)
 

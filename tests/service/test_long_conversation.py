@@ -10,14 +10,14 @@ import openai
 
 from chatstream.render import encode_chat
 from chatstream.server.app import create_app
-from chatstream.settings import Settings
+from chatstream.settings import Settings, library_default
 from chatstream.telemetry import Telemetry
 
 from .apps import make_app
 from .test_conversation_cache import metric
 from .test_traces import stream_traces
 
-CONTEXT, NEW_TOKENS, KEEP = 384, 24, 0.5
+CONTEXT, NEW_TOKENS, KEEP = 384, 24, library_default("window_keep")
 BUDGET = CONTEXT - NEW_TOKENS
 FACTS = ["the river starts high in the mountains where the snow melts in late spring",
          "the town has a stone bridge with five arches that carries the main road",
@@ -34,7 +34,7 @@ def message(turn: int) -> str:
 def test_a_long_conversation_keeps_its_cache_and_answers_as_a_fresh_request(model_and_tokenizer, live_server):
     model, tokenizer = model_and_tokenizer
     _, chat_stream, _ = make_app(model, tokenizer, context_len=CONTEXT, max_new_tokens=NEW_TOKENS,
-                                   prefix_cache_tokens=4096, window_keep=KEEP,
+                                   prefix_cache_tokens=4096,
                                    telemetry=Telemetry(record_content=True))
     srv = live_server(create_app(Settings(session_secret="s"), chat_stream=chat_stream))
     history: list[dict] = []
@@ -57,9 +57,11 @@ def test_a_long_conversation_keeps_its_cache_and_answers_as_a_fresh_request(mode
         # The prompt is the newest whole turns, this one last, in order: nothing of them cut.
         assert seen == history[2 * start: 2 * n - 1] and seen[-1]["content"] == message(n - 1)
         assert a["gen_ai.usage.input_tokens"] <= BUDGET
-        # Every newest turn that fits in KEEP of the budget is in it (the newest turn always).
+        # Every newest turn that fits in KEEP of the budget is in it, and the last exchange with the new turn.
         fitting = next(s for s in range(n) if s == n - 1 or len(encode_chat(tokenizer, history[2 * s: 2 * n - 1]))
                        <= KEEP * BUDGET)
+        if n >= 2 and len(encode_chat(tokenizer, history[2 * n - 4: 2 * n - 1])) <= BUDGET:
+            fitting = min(fitting, n - 2)
         assert start <= fitting, (n, start, fitting)
     # After the first overflow most turns extend the cached prompt: their hit covers the whole previous turn.
     after = [(prev, a) for prev, a in zip(chats, chats[1:]) if a["chatstream.conversation.turns"] > first]

@@ -56,8 +56,11 @@ def test_the_newest_turns_are_always_in_the_prompt(keep):
         kept = sorted(set(window.ids) - {-1})
         assert kept == list(range(window.start, n)), "whole turns, the newest included, in order"
         assert window.ids[:HEAD] == [-1] * HEAD, "the system prompt stays"
-        # Every newest turn that fits in keep x budget (and at least the newest turn) is in the prompt.
+        # Every newest turn that fits in keep x budget is in the prompt, and at least the last exchange with the
+        # newest turn (the newest alone when the two do not fit).
         fitting = next(s for s in range(n) if HEAD + sum(sizes[s:n]) <= max(keep * budget, HEAD + sizes[n - 1]))
+        if n >= 2 and HEAD + sizes[n - 2] + sizes[n - 1] <= budget:
+            fitting = min(fitting, n - 2)
         assert window.start <= fitting, (n, window.start, fitting)
         assert len(window.ids) <= budget
 
