@@ -83,5 +83,5 @@ def fit(render: Callable[[int], list[int]], turns: int, budget: int, keep: float
 
 def too_long(tokens: int, limit: int, param: str = "user_input") -> ChatStreamError:
     """The one refusal of a prompt that cannot fit, on both APIs."""
-    return bad_request(f"the input is too long: {tokens} tokens, the limit is {limit}", param,
+    return bad_request(f"the input is too long for this model's context: {tokens} tokens, the limit is {limit}", param,
                        "context_length_exceeded")
