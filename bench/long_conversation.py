@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -207,7 +208,9 @@ def main() -> int:
     budget = prompt_budget(args.context_length, args.new_tokens)
     log(f"==> {info['cpu_model']}, {info['cores']} cores; serving {rev} ({tree}); context {args.context_length}, "
         f"prompt budget {budget}, {args.new_tokens} new tokens, greedy")
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "label": label, "served": rev,
+              "command": command,
               "machine": {k: info[k] for k in ("cpu_model", "cpu_simd", "cores", "ram_gib", "kernel", "git_commit")},
               "config": {**vars(args), "prompt_budget": budget}, "results": {}}
     for shape in args.shapes.split(","):
@@ -249,7 +252,9 @@ def main() -> int:
     md = [f"# Long conversation, {label} ({rev})", "",
           f"- {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores; commit "
           f"{info['git_commit'][:12]}; context {args.context_length} (prompt budget {budget}), {args.new_tokens} new "
-          f"tokens, user messages of ~{args.user_tokens} passage tokens, greedy, /chat_stream sessions in lockstep", ""]
+          f"tokens, user messages of ~{args.user_tokens} passage tokens, greedy, /chat_stream sessions in lockstep",
+          f"- AMX: {'yes' if any(f.startswith('amx') for f in info['cpu_simd']) else 'no'}; avx512_bf16: "
+          f"{'yes' if 'avx512_bf16' in info['cpu_simd'] else 'no'}", f"- command: `{command}`", ""]
     for shape, result in report["results"].items():
         per_turn, summary = tables(result)
         md += [f"## {shape} (conversations x turns), server env {result['env']}", "", md_table(summary), "",
