@@ -152,8 +152,9 @@ class Conversation:
     async def close(self):
         await self.http.close()
 
-    async def turn(self, turn: int) -> Turn:
-        q = question(self.user, turn)
+    async def turn(self, turn: int, text: str | None = None) -> Turn:
+        """Send turn ``turn`` (its message ``text``, else ``question(user, turn)``) and read the whole answer."""
+        q = question(self.user, turn) if text is None else text
         if self.api == "v1":
             url = self.base + "/v1/chat/completions"
             body = {"model": self.model, "messages": self.history + [{"role": "user", "content": q}],

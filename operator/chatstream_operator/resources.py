@@ -166,6 +166,8 @@ def _env(body: dict) -> list[dict]:
     env += model_cache.env(spec)  # the model cache or the hub token (model_cache.py)
     if "prefixCacheTokens" in gen:  # the API server fills it in; a spec built by hand may leave the default
         env.append({"name": envvars.PREFIX_CACHE_TOKENS, "value": str(gen["prefixCacheTokens"])})
+    if "windowKeep" in gen:
+        env.append({"name": envvars.WINDOW_KEEP, "value": str(gen["windowKeep"])})
     if "revision" in model:
         env.append({"name": envvars.REVISION, "value": model["revision"]})
     if api_keys_ref(spec):

@@ -7,7 +7,9 @@
 - The prompt is rendered and tokenized off the event loop, on a copy of the
   conversation with the turn added: when the oldest turns must be left out to
   fit the context, they are left out of the prompt only, never deleted from
-  the history; a turn that cannot fit is refused with the history untouched.
+  the history, in jumps that keep the next turns' prompts on one cached
+  beginning (window.py); a turn that cannot fit is refused with the history
+  untouched.
 - The turn is applied to the session's conversation only once it fits, and
   settled by the stream's summary: an answer that reached the client (fully or
   in part) is kept, anything else is taken back.
@@ -22,6 +24,7 @@ from typing import Callable
 
 import anyio
 
+from . import window
 from .errors import ChatStreamError, bad_request
 from .lifecycle import DISCONNECTED_WHILE_STREAMING, SUCCESS, Summary
 from .prompt import ChatPrompt
@@ -30,7 +33,7 @@ from .render import ControlTextError, encode_chat, encode_text
 
 @dataclass
 class Turn:
-    prompt_ids: list[int]
+    window: window.Window
     messages: list[dict] | None
     stop: list[str] | None
     message_id: str
@@ -38,6 +41,10 @@ class Turn:
     session_mgr: object
     undo: Callable[[], None]
     release: Callable[[], None]
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.window.ids
 
     def settle(self, summary: Summary) -> None:
         try:
@@ -52,10 +59,11 @@ class Turn:
 
 
 class Turns:
-    def __init__(self, tokenizer, new_prompt: Callable[[], object], prompt_budget: int):
+    def __init__(self, tokenizer, new_prompt: Callable[[], object], prompt_budget: int, window_keep: float):
         self.tokenizer = tokenizer
         self.new_prompt = new_prompt
         self.prompt_budget = prompt_budget
+        self.window_keep = window_keep
         self.busy: set[str] = set()
 
     async def begin(self, session_mgr, user_input: str | None, regenerate: bool) -> Turn:
@@ -71,14 +79,20 @@ class Turns:
             candidate = copy.copy(chat_prompt)
             candidate.chat_contents = [copy.copy(c) for c in chat_prompt.chat_contents]
             _apply(candidate, user_input, regenerate)
-            prompt_ids, messages = await anyio.to_thread.run_sync(self._fit, candidate)
+            start = getattr(chat_prompt, "window_start", 0)
+            fitted, messages = await anyio.to_thread.run_sync(self._fit, candidate, start)
             undo = _apply(chat_prompt, user_input, regenerate)
         except BaseException:
             release()
             raise
+        chat_prompt.window_start = fitted.start
         message_id = str(uuid.uuid4())
         chat_prompt.set_responder_last_msg_id(message_id)
-        return Turn(prompt_ids, messages, chat_prompt.get_stop_strs(), message_id, chat_prompt, session_mgr, undo,
+
+        def undo_turn():
+            undo()
+            chat_prompt.window_start = start
+        return Turn(fitted, messages, chat_prompt.get_stop_strs(), message_id, chat_prompt, session_mgr, undo_turn,
                     release)
 
     def _session_prompt(self, session_mgr):
@@ -93,39 +107,38 @@ class Turns:
             prompt.set_tokenizer(self.tokenizer)
         return prompt
 
-    def _fit(self, prompt) -> tuple[list[int], list[dict] | None]:
-        """Token ids of the prompt, leaving out the oldest whole turns until it fits (on this copy only)."""
-        budget = self.prompt_budget
+    def _fit(self, prompt, start: int) -> tuple[window.Window, list[dict] | None]:
+        """The prompt's token ids, its oldest whole turns left out as window.fit decides (on this copy only)."""
         try:
             if isinstance(prompt, ChatPrompt) and type(prompt).create_prompt is ChatPrompt.create_prompt:
-                return self._fit_messages(prompt, budget)
-            while True:
-                ids = encode_text(self.tokenizer, prompt.create_prompt(), control=True)
-                if len(ids) <= budget:
-                    return ids, None
-                if not prompt.drop_oldest_turn():
-                    raise _too_long(len(ids), budget)
+                return self._fit_messages(prompt, start)
+            return window.fit(lambda s: self._render_text(prompt, s), max(1, prompt.get_turn()),
+                              self.prompt_budget, self.window_keep, start), None
         except ControlTextError as exc:
             raise bad_request(str(exc), "user_input") from None
 
-    def _fit_messages(self, prompt: ChatPrompt, budget: int):
+    def _render_text(self, prompt, left_out: int) -> list[int]:
+        """A prompt class's own rendering, with its ``drop_oldest_turn`` applied ``left_out`` times."""
+        view = copy.copy(prompt)
+        view.chat_contents = list(prompt.chat_contents)
+        for _ in range(left_out):
+            if not view.drop_oldest_turn():
+                break
+        return encode_text(self.tokenizer, view.create_prompt(), control=True)
+
+    def _fit_messages(self, prompt: ChatPrompt, start: int):
         messages = prompt.messages()
         pending = bool(prompt.chat_contents) and prompt.chat_contents[-1].message is None
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
-        turns = messages[len(head):]
-        while True:
-            ids = encode_chat(self.tokenizer, head + turns, add_generation_prompt=pending)
-            if len(ids) <= budget:
-                return ids, head + turns
-            later = [i for i, m in enumerate(turns) if m["role"] == "user" and i > 0]
-            if not later:
-                raise _too_long(len(ids), budget)
-            turns = turns[later[0]:]
+        rest = messages[len(head):]
+        # A turn starts at each user message (an opening assistant message belongs to the first turn).
+        starts = [0] + [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
 
+        def render(left_out: int) -> list[int]:
+            return encode_chat(self.tokenizer, head + rest[starts[left_out]:], add_generation_prompt=pending)
 
-def _too_long(tokens: int, budget: int) -> ChatStreamError:
-    return bad_request(f"the input is too long: {tokens} tokens, the limit is {budget}", "user_input",
-                       "context_length_exceeded")
+        fitted = window.fit(render, len(starts), self.prompt_budget, self.window_keep, start)
+        return fitted, head + rest[starts[fitted.start]:]
 
 
 def _apply(chat_prompt, user_input: str | None, regenerate: bool) -> Callable[[], None]:

@@ -23,6 +23,7 @@ QUEUE_FULL_STATUS = "CHATSTREAM_QUEUE_FULL_STATUS"  # 503 (default) or 429
 TEMPERATURE = "CHATSTREAM_TEMPERATURE"        # default sampling temperature
 TOP_P = "CHATSTREAM_TOP_P"                    # default nucleus threshold
 PREFIX_CACHE_TOKENS = "CHATSTREAM_PREFIX_CACHE_TOKENS"  # KV of finished turns kept for reuse; 0 = off
+WINDOW_KEEP = "CHATSTREAM_WINDOW_KEEP"          # share of the prompt a full conversation keeps after a jump
 SESSION_SECRET = "CHATSTREAM_SESSION_SECRET"
 SESSION_STORE = "CHATSTREAM_SESSION_STORE"      # memory | redis
 REDIS_URL = "CHATSTREAM_REDIS_URL"

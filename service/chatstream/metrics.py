@@ -51,6 +51,9 @@ class Metrics:
         self.cached_prompt_tokens = Counter("chatstream_prompt_tokens_cached",
                                             "Prompt tokens read from the KV cache instead of prefilled", registry=r)
         self.completion_tokens = Counter("chatstream_completion_tokens", "Tokens generated", registry=r)
+        self.window_moves = Counter("chatstream_window_moves",
+                                    "Session turns whose prompt left out more old turns than the turn before "
+                                    "(their whole prompt is prefilled again; window.py)", registry=r)
         self.ttft = Histogram("chatstream_time_to_first_token_seconds", "Time from arrival (queue included) to the first token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram("chatstream_time_per_output_token_seconds", "Time per output token after the first",
@@ -72,18 +75,23 @@ class Metrics:
         self.o_ttft = meter.create_histogram("gen_ai.server.time_to_first_token", unit="s")
         self.o_tpot = meter.create_histogram("gen_ai.server.time_per_output_token", unit="s")
         self.o_wait = meter.create_histogram("chatstream.queue.wait", unit="s")
+        self.o_window_moves = meter.create_counter("chatstream.window.moves", unit="{request}")
 
     def record_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
         self.o_rejected.add(1, {**self.model_attrs, "chatstream.reason": reason})
 
-    def record(self, summary) -> None:
-        """One finished stream. Time to first token counts from arrival, so queue time shows in it."""
+    def record(self, summary, window=None) -> None:
+        """One finished stream (``window``: a session turn's, window.py). Time to first token counts from
+        arrival, so queue time shows in it."""
         attrs, t = self.model_attrs, summary.timeline
         self.outcomes.labels(summary.outcome).inc()
         self.o_outcomes.add(1, {**attrs, "chatstream.outcome": summary.outcome})
         if t.admitted_at is None:
             return
+        if window is not None and window.moved:
+            self.window_moves.inc()
+            self.o_window_moves.add(1, attrs)
         wait = t.admitted_at - t.arrived_at
         self.queue_wait.observe(wait)
         self.o_wait.record(wait, attrs)

@@ -64,6 +64,9 @@ class AbstractChatPrompt(ABC):
         self.responder = "assistant"
         self.chat_contents: list[ChatContent] = []
         self.tokenizer = None
+        # Turns left out of the prompt, oldest first, to fit the context (window.py): saved with the
+        # conversation so that its window moves in jumps and its prompts keep a common beginning.
+        self.window_start = 0
 
     # -- the original API ---------------------------------------------------------------
     def set_system(self, system: str):
@@ -127,6 +130,7 @@ class AbstractChatPrompt(ABC):
 
     def clear_history(self):
         self.chat_contents = []
+        self.window_start = 0
 
     def get_turn(self) -> int:
         return sum(1 for c in self.chat_contents if c.role_type == RoleType.REQUESTER)
@@ -156,7 +160,8 @@ class AbstractChatPrompt(ABC):
     # -- storage --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"system": self.system, "requester": self.requester, "responder": self.responder,
-                "chat_contents": [c.to_dict() for c in self.chat_contents]}
+                "chat_contents": [c.to_dict() for c in self.chat_contents],
+                "window_start": getattr(self, "window_start", 0)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "AbstractChatPrompt":
@@ -165,6 +170,8 @@ class AbstractChatPrompt(ABC):
         prompt.requester = data.get("requester", prompt.requester)
         prompt.responder = data.get("responder", prompt.responder)
         prompt.chat_contents = [ChatContent.from_dict(c) for c in data.get("chat_contents", [])]
+        start = data.get("window_start", 0)
+        prompt.window_start = start if isinstance(start, int) and start >= 0 else 0
         return prompt
 
 

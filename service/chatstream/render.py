@@ -9,13 +9,22 @@ each message's content with ``split_special_tokens=True``, so typed control
 strings stay ordinary text. A template that does not keep the placeholders
 intact is rendered for real instead, and then a content holding a control
 string is refused (``ControlTextError``), since it could not be kept apart.
+
+Prompts are tokenized on worker threads, several at once, and a fast
+tokenizer keeps ``split_special_tokens`` as a flag on its one shared Rust
+object, set before each call: two calls at once could each run under the
+other's flag, and a template's control tokens came out as plain text (a wrong
+prompt, and a prefix-cache miss). So tokenizer calls here take turns.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 log = logging.getLogger("chatstream")
+
+_TOKENIZING = threading.Lock()  # one tokenizer call at a time (the flag above); a call takes about a millisecond
 
 _OPEN, _CLOSE = "\ue000", "\ue001"  # Unicode private-use characters: no template writes them
 
@@ -28,7 +37,8 @@ def encode_text(tokenizer, text: str, control: bool) -> list[int]:
     """Tokens of ``text``; ``control`` False keeps special-token strings as plain text."""
     if not text:
         return []
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=not control)["input_ids"]
+    with _TOKENIZING:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=not control)["input_ids"]
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -83,12 +83,17 @@ TABLE: tuple[Setting, ...] = (
     S("max_new_tokens", int, 256, envvars.MAX_NEW_TOKENS, "most tokens generated per answer (also caps /v1 max_tokens)",
       minimum=1, maximum=32_768, crd="generation.maxNewTokens", library="max_new_tokens"),
     S("context_length", int, 2048, envvars.CONTEXT_LENGTH,
-      "tokens of prompt plus answer; the oldest turns are left out of the prompt to fit",
+      "tokens of prompt plus answer; the oldest turns are left out of the prompt to fit (see --window-keep)",
       minimum=64, maximum=131_072, crd="generation.contextLength", library="context_len", library_default=1024),
     S("prefix_cache_tokens", int, 4096, envvars.PREFIX_CACHE_TOKENS,
       "prompt tokens of finished turns whose KV cache is kept, so that a conversation's next turn prefills only "
       "what is new; least recently used first out; 0 turns it off", minimum=0, maximum=1_048_576,
       crd="generation.prefixCacheTokens", library="prefix_cache_tokens"),
+    S("window_keep", float, 0.25, envvars.WINDOW_KEEP,
+      "when a session's conversation outgrows the prompt, the oldest turns are left out until the newest fill at "
+      "most this share of it, so that the next turns extend the cached prompt instead of prefilling it all again; "
+      "1 leaves out one turn at a time", minimum=0.0, maximum=1.0, crd="generation.windowKeep",
+      library="window_keep"),
     S("temperature", float, 0.7, envvars.TEMPERATURE, "default sampling temperature; 0 is greedy",
       minimum=0.0, maximum=2.0, library="temperature", library_default=1.0),
     S("top_p", float, 0.9, envvars.TOP_P, "default nucleus sampling threshold", minimum=0.01, maximum=1.0,

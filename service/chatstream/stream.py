@@ -46,7 +46,8 @@ class ChatStream:
                  seed: int | None = None, logger: logging.Logger | None = None, model_name: str | None = None,
                  retry_after_seconds: int = 1, telemetry: Telemetry | None = None,
                  cpu_linear: str = _default("cpu_linear"),
-                 prefix_cache_tokens: int = _default("prefix_cache_tokens"), **_ignored_original_options):
+                 prefix_cache_tokens: int = _default("prefix_cache_tokens"),
+                 window_keep: float = _default("window_keep"), **_ignored_original_options):
         if model is None or tokenizer is None:
             raise ValueError("ChatStream needs a model and a tokenizer (see chatstream.load_model)")
         if device is not None:
@@ -70,7 +71,9 @@ class ChatStream:
         # 503 with Retry-After by default (the original answered 200); 429 when asked for.
         self.client = EngineClient(self.engine, self.admission, 429 if too_many_request_as_http_error else 503,
                                    retry_after_seconds)
-        self.turns = Turns(tokenizer, self.new_chat_prompt, self.prompt_budget())
+        if not 0.0 <= window_keep <= 1.0:
+            raise ValueError(f"window_keep must be from 0 to 1, not {window_keep!r}")
+        self.turns = Turns(tokenizer, self.new_chat_prompt, self.prompt_budget(), window_keep)
         self.telemetry = telemetry or Telemetry()
         self.telemetry.model_name = self.model_name
         self.metrics = Metrics(self.admission, self.telemetry.meter, self.model_name,
@@ -131,7 +134,7 @@ class ChatStream:
 
         def on_end(summary: Summary) -> None:
             turn.settle(summary)
-            self.observe(summary, request, callback)
+            self.observe(summary, request, callback, turn.window)
 
         stream = self.open_stream(turn.prompt_ids, params, "/chat_stream", turn.messages, on_end)
         return StreamResponse(stream, Formatter(), {"X-ChatStream-Last-Generated-Message-Id": turn.message_id})
@@ -142,13 +145,15 @@ class ChatStream:
         chunks = self.client.generate(prompt_ids, params, timeline)
         return Stream(chunks, timeline, endpoint, params, messages, on_end)
 
-    def observe(self, summary: Summary, request=None, callback=None) -> None:
-        """Tell metrics, tracing and the user's callback (off the critical path) how a stream ended."""
+    def observe(self, summary: Summary, request=None, callback=None, window=None) -> None:
+        """Tell metrics, tracing and the user's callback (off the critical path) how a stream ended
+        (``window``: which turns of a session's conversation its prompt held, window.py)."""
         if isinstance(summary.error, Rejected):
             self.metrics.record_rejected(summary.error.reason)
             return
-        self.metrics.record(summary)
-        trace = self.telemetry.record(summary, expect_callback=callback is not None and summary.admitted)
+        self.metrics.record(summary, window)
+        trace = self.telemetry.record(summary, expect_callback=callback is not None and summary.admitted,
+                                      window=window)
         if callback is not None and summary.admitted:
             self._fire_callback(callback, request, summary.outcome, trace)
 

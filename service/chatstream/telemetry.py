@@ -186,8 +186,8 @@ class Telemetry:
         self.provider.shutdown()
         self.meter_provider.shutdown()
 
-    def record(self, summary, expect_callback: bool = False) -> "StreamTrace":
-        return StreamTrace(self, summary, expect_callback)
+    def record(self, summary, expect_callback: bool = False, window=None) -> "StreamTrace":
+        return StreamTrace(self, summary, expect_callback, window)
 
 
 class StreamTrace:
@@ -199,7 +199,7 @@ class StreamTrace:
     after the callback.
     """
 
-    def __init__(self, telemetry: Telemetry, summary, expect_callback: bool):
+    def __init__(self, telemetry: Telemetry, summary, expect_callback: bool, window=None):
         self.telemetry = telemetry
         tracer = telemetry.tracer
         t, params = summary.timeline, summary.params
@@ -217,6 +217,10 @@ class StreamTrace:
             "chatstream.endpoint": summary.endpoint,
             OUTCOME: summary.outcome,
         }
+        if window is not None:  # a session's turn: which of its turns the prompt held (window.py)
+            attributes["chatstream.conversation.turns"] = window.turns
+            attributes["chatstream.conversation.turns_left_out"] = window.start
+            attributes["chatstream.conversation.window_moved"] = window.moved
         if params.top_k:
             attributes["gen_ai.request.top_k"] = params.top_k
         if params.seed is not None:

@@ -51,7 +51,8 @@ def test_api_server_fills_defaults(release, namespace):
     # The service's own defaults (chatstream.settings), one per setting.
     assert spec["concurrency"] == {"maxConcurrentStreams": 8, "maxQueueSize": 32}
     assert spec["shutdownGraceSeconds"] == 30
-    assert spec["generation"] == {"maxNewTokens": 256, "contextLength": 2048, "prefixCacheTokens": 4096}
+    assert spec["generation"] == {"maxNewTokens": 256, "contextLength": 2048, "prefixCacheTokens": 4096,
+                                  "windowKeep": 0.25}
     assert spec["model"] == {"source": "builtin:smollm2-135m-instruct", "dtype": "auto", "device": "auto"}
     assert spec["sessions"] == {"store": "memory"}
 

@@ -285,3 +285,12 @@ def test_builtin_models_are_seeded_from_the_image_into_the_cache():
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
     hub = resources.deployment(make_resource({"model": {"source": "hf:org/model"}}))
     assert "initContainers" not in hub["spec"]["template"]["spec"]
+
+
+def test_the_conversation_window_share_reaches_the_pod():
+    assert env(resources.deployment(make_resource()))[envvars.WINDOW_KEEP] == "0.25"  # the CRD's default
+    spec = {"model": {"source": "builtin:smollm2-135m-instruct"}, "generation": {"windowKeep": 1}}
+    assert env(resources.deployment(make_resource(spec)))[envvars.WINDOW_KEEP] == "1"
+    body = make_resource()
+    del body["spec"]["generation"]["windowKeep"]  # a spec built by hand: the server's own default applies
+    assert envvars.WINDOW_KEEP not in env(resources.deployment(body))

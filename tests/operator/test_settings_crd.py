@@ -33,6 +33,7 @@ NUMERIC = [
     ("concurrency", "maxQueueSize"),
     ("generation", "maxNewTokens"),
     ("generation", "contextLength"),
+    ("generation", "windowKeep"),
     ("shutdownGraceSeconds",),
 ]
 ENUMS = [("model", "dtype"), ("model", "device"), ("sessions", "store")]

@@ -53,8 +53,9 @@ def redis_server(tmp_path):
     proc.wait(10)
 
 
-def replica(model, tokenizer, url, max_new_tokens: int = 24, **store_options) -> FastAPI:
-    chat_stream = ChatStream(model=model, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=0.0)
+def replica(model, tokenizer, url, max_new_tokens: int = 24, context_len: int = 1024, **store_options) -> FastAPI:
+    chat_stream = ChatStream(model=model, tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=0.0,
+                             context_len=context_len)
     app = FastAPI()
     store = RedisStore(url, **store_options)
     chat_stream.append_middlewares(app, {"session": {"secret_key": "shared-secret", "store": store}})
@@ -77,6 +78,36 @@ def test_conversation_moves_between_replicas(model_and_tokenizer, live_server, r
         answer = client.post("/chat_stream", json={"user_input": "What is my name?"}).text
         prompt = client.get("/get_prompt").json()["prompt"]
     assert "My name is Alice" in prompt and "Alice" in answer
+
+
+def test_a_long_conversation_keeps_its_window_on_another_replica(model_and_tokenizer, live_server, redis_url):
+    """Issue 26: the turns left out of the prompt are saved with the session, so the replica that takes the next
+    turn extends the same window (and its cached beginning) instead of cutting the history anew."""
+    a = live_server(replica(*model_and_tokenizer, redis_url, context_len=256))
+    b = live_server(replica(*model_and_tokenizer, redis_url, context_len=256))
+    r = redis.Redis.from_url(redis_url)
+
+    def saved_start() -> int:
+        [key] = r.keys("chatstream:session:*")
+        return json.loads(r.get(key))["chat_prompt"]["data"]["window_start"]
+
+    def say(client, turn):
+        text = f"Note {turn}: the bridge in the town has five stone arches and carries the main road north."
+        assert client.post("/chat_stream", json={"user_input": text}).status_code == 200
+
+    with httpx.Client(base_url=a.url, timeout=120) as client:
+        for turn in range(12):
+            say(client, turn)
+            if saved_start() > 0:  # the history outgrew the context: its window jumped
+                break
+        start = saved_start()
+        cookie = client.cookies["chatstream_session"]
+    assert start > 0
+    with httpx.Client(base_url=b.url, timeout=120, cookies={"chatstream_session": cookie}) as client:
+        say(client, turn + 1)
+        assert all(f"Note {t}:" in client.get("/get_prompt").json()["prompt"] for t in range(turn + 2))
+    # Counted afresh, the window would have jumped again (past the turn just added); it kept its start.
+    assert saved_start() == start
 
 
 def set_calls(client: redis.Redis) -> int:

@@ -53,7 +53,7 @@ def build_chat_stream(settings: Settings, telemetry=None):
                       max_queue_size=settings.max_queue, max_new_tokens=settings.max_new_tokens,
                       context_len=settings.context_length, temperature=settings.temperature, top_p=settings.top_p,
                       too_many_request_as_http_error=settings.queue_full_status == 429,
-                      prefix_cache_tokens=settings.prefix_cache_tokens,
+                      prefix_cache_tokens=settings.prefix_cache_tokens, window_keep=settings.window_keep,
                       model_name=settings.served_model_name, telemetry=telemetry, cpu_linear=settings.cpu_linear)
 
 

@@ -22,6 +22,7 @@ from ..lifecycle import Formatter, Stream
 from ..lifecycle import StreamResponse
 from ..render import ControlTextError, encode_chat
 from ..request_body import read_json
+from ..window import too_long
 
 # field -> the values meaning "not used"; anything else is refused. As vLLM without a tool parser: no tools, an
 # empty list of them (some clients send one with no tools bound), and tool_choice "none" are served; a tool to
@@ -194,10 +195,10 @@ def build_router(get_chat_stream) -> APIRouter:
         except Exception as exc:
             raise bad_request(f"the messages cannot be rendered with this model's chat template: {exc}",
                               "messages") from None
-        budget = cs.context_len - 1
-        if len(prompt_ids) > budget:
-            raise bad_request(f"the messages are {len(prompt_ids)} tokens; this model's context is "
-                              f"{cs.context_len}", "messages", "context_length_exceeded")
+        # The client owns this history: nothing is left out of it (docs/sessions.md says why); the answer
+        # may use what the prompt leaves of the context.
+        if len(prompt_ids) > cs.context_len - 1:
+            raise too_long(len(prompt_ids), cs.context_len - 1, "messages")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         params = cs.sampling_params({"temperature": body.temperature, "top_p_value": body.top_p, "seed": body.seed},
                                     max_new_tokens=body.max_completion_tokens or body.max_tokens, stop=stop)
