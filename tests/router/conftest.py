@@ -38,12 +38,7 @@ def pods(redis_url, tmp_path_factory):
         yield started
     finally:
         for pod in started:
-            if pod.proc and pod.proc.poll() is None:
-                pod.proc.terminate()
-                try:
-                    pod.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    pod.kill()
+            pod.stop()
 
 
 @pytest.fixture(scope="module")

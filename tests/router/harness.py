@@ -75,6 +75,15 @@ class Pod:
             return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
         wait_until(ready, timeout, f"{self.name} became ready")
 
+    def stop(self) -> None:
+        """SIGTERM, as the kubelet stops a pod; SIGKILL if it has not exited 15 s later."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
     def kill(self) -> None:
         """SIGKILL: the pod vanishes mid-life, as a node failure would have it."""
         if self.proc and self.proc.poll() is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import signal
 import statistics
 import time
 import uuid
@@ -239,8 +240,6 @@ def test_a_draining_pods_refusal_is_answered_by_another_pod(proxy, pods):
     # conversation elsewhere. The draining pod's own stream in flight ends whole.
     by_name = {p.name: p for p in pods}
     leaving = pods[0]
-    import concurrent.futures as futures
-    import signal
 
     def restart(grace: str) -> None:
         leaving.kill()
@@ -265,14 +264,14 @@ def test_a_draining_pods_refusal_is_answered_by_another_pod(proxy, pods):
                 client.close()
         assert len(on_it) == 2, "no two new conversations reached the pod"
         streaming, asking = on_it
-        with futures.ThreadPoolExecutor(1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
             def long_turn():
                 with streaming.stream("POST", "/chat_stream", json={"user_input": "Tell me a long story."}) as r:
                     pieces = r.iter_raw()
                     first = next(pieces)
                     started.set_result(True)
                     return r.status_code, first + b"".join(pieces), r.headers[SERVED_BY]
-            started = futures.Future()
+            started = concurrent.futures.Future()
             long = pool.submit(long_turn)
             started.result(60)
             leaving.proc.send_signal(signal.SIGTERM)

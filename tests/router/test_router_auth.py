@@ -4,7 +4,6 @@ health checks reach the pods' open /readyz."""
 
 from __future__ import annotations
 
-import subprocess
 
 import httpx
 import openai
@@ -31,12 +30,7 @@ def keyed_proxy(redis_url, tmp_path_factory):
             r.pod = pod
             yield r
     finally:
-        if pod.proc and pod.proc.poll() is None:
-            pod.proc.terminate()
-            try:
-                pod.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pod.kill()
+        pod.stop()
 
 
 def test_authorization_passes_through_the_router(keyed_proxy):
