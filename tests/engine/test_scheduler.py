@@ -15,7 +15,7 @@ import pytest
 
 from chatstream.engine.sampling import SamplingParams
 from chatstream.engine.scheduler import Chunk, Move, Scheduler
-from chatstream.engine.sequence import Sequence
+from chatstream.engine.sequence import Sequence, State
 
 
 def seq(n_prompt: int, max_new: int = 5, base: int = 0) -> Sequence:
@@ -39,7 +39,7 @@ class FakeRunner:
         rows = [c.seq.row for c in chunks]
         assert rows == list(range(rows[0], rows[0] + len(rows))), "a prefill batch is a contiguous run of rows"
         for c in chunks:
-            assert c.seq.state == "prefill" and c.start == c.seq.length and c.count > 0
+            assert c.seq.state is State.PREFILL and c.start == c.seq.length and c.count > 0
             for p in range(c.start, c.start + c.count):
                 self._write(c.seq.row, p, c.seq.prompt_ids[p])
         self.prefill_passes.append([(c.seq, c.start, c.count) for c in chunks])
@@ -108,7 +108,7 @@ def test_admission_is_first_come_first_served_within_the_rows():
     for s in (a, b, c, d):
         sched.add(s)
     assert sched.admit() == [a, b]
-    assert (a.row, b.row, a.state, c.state) == (0, 1, "prefill", "waiting")
+    assert (a.row, b.row, a.state, c.state) == (0, 1, State.PREFILL, State.WAITING)
     assert sched.admit() == [] and sched.active == 2
     sched.remove(a)
     assert sched.admit() == [c]
@@ -124,7 +124,7 @@ def test_prefill_budget_is_512_and_128_while_rows_decode():
     step(sched, runner, finished)
     # Nothing decodes yet: one pass of 512 tokens, the second prompt split after 212 of them.
     assert [(s, start, n) for s, start, n in runner.prefill_passes[0]] == [(first, 0, 300), (second, 0, 212)]
-    assert first.state == "decode" and second.state == "prefill"
+    assert first.state == State.DECODE and second.state == State.PREFILL
     third = seq(400, max_new=50, base=2)
     sched.add(third)
     step(sched, runner, finished)
@@ -144,7 +144,7 @@ def test_a_long_prompt_is_chunked_and_then_decodes_each_step():
         step(sched, runner, finished)
     assert [p[0][1:] for p in runner.prefill_passes] == [(0, 512), (512, 512), (1024, 176)]
     # The pass that completes the prompt samples the first token; each step after it decodes one more.
-    assert long.state == "decode" and len(long.generated) == 1
+    assert long.state == State.DECODE and len(long.generated) == 1
     step(sched, runner, finished)
     assert len(long.generated) == 2 and not finished
     step(sched, runner, finished)
@@ -161,7 +161,7 @@ def test_promotion_swaps_rows_so_decoding_rows_stay_in_front():
     sched.admit()
     big.length, small.length = 30, 10
     assert sched.promote(small) == [Move(1, 0, 30, swap=True)]
-    assert (small.row, big.row, small.state, big.state) == (0, 1, "decode", "prefill")
+    assert (small.row, big.row, small.state, big.state) == (0, 1, State.DECODE, State.PREFILL)
     assert sched.prefill_chunks() == [Chunk(big, 30, 70)]
 
 
@@ -174,7 +174,7 @@ def test_removal_keeps_rows_contiguous_wherever_the_sequence_is():
         sched.add(s)
     step(sched, runner, finished)
     step(sched, runner, finished)
-    assert [s.state for s in seqs] == ["decode", "decode", "prefill", "prefill"]
+    assert [s.state for s in seqs] == [State.DECODE, State.DECODE, State.PREFILL, State.PREFILL]
     moves = sched.remove(seqs[0])        # a decoding row: the last decoding row fills it, the last prefill row
     assert moves[0] == Move(1, 0, seqs[1].length)   # fills the hole left at row 1
     runner.apply(moves)
@@ -183,7 +183,7 @@ def test_removal_keeps_rows_contiguous_wherever_the_sequence_is():
     runner.check(sched)
     waiting = seq(4, base=9)
     sched.add(waiting)
-    assert sched.remove(waiting) == [] and waiting.state == "done" and not sched.waiting
+    assert sched.remove(waiting) == [] and waiting.state == State.DONE and not sched.waiting
     step(sched, runner, finished)
 
 

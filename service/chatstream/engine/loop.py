@@ -36,7 +36,7 @@ from .output import OutputProcessor
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, State
 
 log = logging.getLogger("chatstream.engine")
 
@@ -312,7 +312,7 @@ class Engine:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.state == "done":
+        if seq.state is State.DONE:
             return
         self._apply(self.scheduler.remove(seq, keep=True))  # the row is free before the consumer hears of the end
         try:
@@ -323,7 +323,7 @@ class Engine:
         self._deliver(seq, events)
 
     def _fail(self, seq: Sequence, exc: Exception, what: str) -> None:
-        if seq.state == "done":
+        if seq.state is State.DONE:
             return
         log.error("%s: %s", what, exc, exc_info=exc)
         self._apply(self.scheduler.remove(seq))

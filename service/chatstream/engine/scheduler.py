@@ -28,7 +28,7 @@ import collections
 from dataclasses import dataclass
 
 from .prefix_cache import Drop, PrefixIndex, Save
-from .sequence import Sequence
+from .sequence import Sequence, State
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Scheduler:
 
     # -- planning ---------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.state = "waiting"
+        seq.state = State.WAITING
         self.waiting.append(seq)
 
     def admit(self) -> list[Sequence]:
@@ -85,7 +85,7 @@ class Scheduler:
         while self.waiting and self.active < self.max_batch:
             seq = self.waiting.popleft()
             seq.row = self.active
-            seq.state = "prefill"
+            seq.state = State.PREFILL
             seq.length = 0
             if self.prefixes is not None:
                 # The runner copies the kept positions into the row (Engine._prepare) before any pass.
@@ -137,7 +137,7 @@ class Scheduler:
         seq.row = d
         self.prefilling.remove(seq)
         self.decoding.append(seq)
-        seq.state = "decode"
+        seq.state = State.DECODE
         return moves
 
     def remove(self, seq: Sequence, keep: bool = False) -> list[Move | Save | Drop]:
@@ -146,12 +146,12 @@ class Scheduler:
         With ``keep`` (the sequence ended, it did not fail) and a prefix cache, its row's positions are kept:
         the evicted entries' :class:`Drop` orders, then a :class:`Save`, come before any move of the rows.
         """
-        state, seq.state = seq.state, "done"
-        if state == "waiting":
+        state, seq.state = seq.state, State.DONE
+        if state is State.WAITING:
             if seq in self.waiting:
                 self.waiting.remove(seq)
             return []
-        if state not in ("prefill", "decode"):
+        if state not in (State.PREFILL, State.DECODE):
             return []
         moves: list[Move | Save | Drop] = []
         if keep and self.prefixes is not None and seq.length > 0:
@@ -159,7 +159,7 @@ class Scheduler:
             moves.extend(Drop(k) for k in drops)  # memory is given back before more is taken
             if key is not None:
                 moves.append(Save(seq.row, seq.length, key))
-        if state == "decode":
+        if state is State.DECODE:
             last = self.decoding[-1]
             if last is not seq:
                 moves.append(Move(last.row, seq.row, last.length))
@@ -181,7 +181,7 @@ class Scheduler:
         """Drop every sequence (after an engine fault); return the running ones."""
         running = self.decoding + self.prefilling
         for seq in running:
-            seq.state = "done"
+            seq.state = State.DONE
             seq.row = -1
         self.decoding, self.prefilling = [], []
         return running
