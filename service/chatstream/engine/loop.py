@@ -31,7 +31,6 @@ import torch
 
 from . import cpu_linear as linear_kernels
 from .events import Failed, Finished
-from .fused_linear import fuse_projections
 from .output import OutputProcessor
 from .runner import ModelRunner
 from .sampling import SamplingParams
@@ -46,26 +45,23 @@ __all__ = ["Engine", "Sequence", "default_eos_ids"]
 class Engine:
     """Continuous batching over a slot KV cache, on a thread of its own.
 
-    The engine takes ownership of ``model``. On the CPU, ``cpu_linear="auto"`` (the default) times
-    PyTorch's linear kernel against oneDNN's prepacked one on the model's own weight shapes (about a
-    second at start, cpu_linear.py) and serves with the faster: which one wins depends on the CPU
-    (on the AMD EPYC of bench/results oneDNN is 1.6x faster over a float32 step; where the BLAS is
-    fast the margin may vanish). ``"onednn"`` packs without measuring, ``"torch"`` never packs.
-    Packing replaces every ``nn.Linear`` of the model, in place, by a layer holding its weight
-    prepacked for oneDNN: the weights are moved, not copied, so serving costs no second copy of the
-    model. The model still computes the same function afterwards, but it no longer holds
-    ``nn.Linear`` layers or their weights: do not train it or save its ``state_dict``. Packing a
-    shallow clone instead would leave the caller's layers intact only by keeping both the original
-    and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights) packing in place grows
-    the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
+    The engine takes ownership of ``model``. On the CPU, ``cpu_linear`` says which kernel serves its
+    linear layers: ``"auto"`` (the default) measures PyTorch's against oneDNN's prepacked one on this
+    CPU (about a second at start) and serves with the faster, ``"onednn"`` packs without measuring,
+    ``"torch"`` never packs (cpu_linear.prepare_linears). Packing replaces every ``nn.Linear`` of the
+    model, in place, by a layer holding its weight prepacked for oneDNN: the weights are moved, not
+    copied, so serving costs no second copy of the model. The model still computes the same function
+    afterwards, but it no longer holds ``nn.Linear`` layers or their weights: do not train it or save
+    its ``state_dict``. Packing a shallow clone instead would leave the caller's layers intact only by
+    keeping both the original and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights)
+    packing in place grows the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
     ``engine.cpu_linear`` says which kernel serves, ``engine.linear_timings`` what was measured.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
                  prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
                  cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0):
-        if cpu_linear not in ("auto", "onednn", "torch"):
-            raise ValueError(f"cpu_linear must be 'auto', 'onednn' or 'torch', not {cpu_linear!r}")
+        linear_kernels.check_request(cpu_linear)
         # Measuring and packing happen on the engine's own thread when it starts (_prepare_model says why).
         self.cpu_linear_request = cpu_linear
         self.cpu_linear: str | None = None
@@ -183,32 +179,16 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------
     def _prepare_model(self) -> None:
-        """Choose the CPU linear kernel (measured when ``auto``) and pack the weights, on this thread.
+        """Choose the CPU linear kernel and prepare the model for it (cpu_linear.prepare_linears), on this thread.
 
         On this thread because it is the one that runs the model: on the 2-core AMD EPYC here, a
         model packed by the main thread (``ChatStream(...)`` at import time, as the library is
         used) and run by another decoded at one row in 64-101 ms a step, packed and run by the
         same thread in 42-43 ms (best of 60 steps, three runs each).
         """
-        model, choice = self.runner.model, self.cpu_linear_request
-        if choice == "auto":
-            choice = "torch"
-            if linear_kernels.packed_count(model):  # a second engine over a model the first one packed
-                choice = "onednn"
-            elif linear_kernels.available(model) is None:
-                self.linear_timings = linear_kernels.measure(model)
-                choice = linear_kernels.choose(self.linear_timings)
-                log.info("linear kernels measured on this CPU: oneDNN %.2fx PyTorch's (%s); serving with %s",
-                         linear_kernels.speedup(self.linear_timings),
-                         ", ".join(f"{n} rows {t['torch'] * 1e3:.1f} vs {t['onednn'] * 1e3:.1f} ms"
-                                   for n, t in self.linear_timings.items()), choice)
-        if choice == "onednn" and linear_kernels.available(model) is None:
-            # q/k/v and gate/up as one product each: 5-7% off a decode step here (fused_linear.py).
-            self.fused_projections = fuse_projections(model)
-        self.packed_linears = linear_kernels.pack_linears(model) if choice == "onednn" else 0
-        self.cpu_linear = "onednn" if self.packed_linears else "torch"
-        if self.packed_linears:
-            log.info("the engine owns the model: its linear layers now hold oneDNN prepacked weights")
+        choice = linear_kernels.prepare_linears(self.runner.model, self.cpu_linear_request)
+        self.cpu_linear, self.linear_timings = choice.kernel, choice.timings
+        self.packed_linears, self.fused_projections = choice.packed, choice.fused
 
     def _run(self) -> None:
         try:
