@@ -91,40 +91,12 @@ class Engine:
 
     # -- public, thread-safe --------------------------------------------------------
     @property
-    def model(self):
-        return self.runner.model
-
-    @model.setter
-    def model(self, model) -> None:  # tests swap in a failing model
-        self.runner.model = model
-
-    @property
-    def cache(self):
-        return self.runner.cache
-
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device
-
-    @property
     def info(self) -> dict[str, str]:
         """How the model is served, for /metrics: device, dtype and the linear kernel."""
-        param = next(self.model.parameters(), None)
+        param = next(self.runner.model.parameters(), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
-        kernel = self.cpu_linear if self.device.type == "cpu" else "n/a"
-        return {"device": self.device.type, "dtype": dtype, "cpu_linear": kernel}
-
-    @property
-    def eos(self) -> set[int]:
-        return self.output.eos
-
-    @property
-    def prefill_tokens(self) -> int:
-        return self.scheduler.prefill_tokens
-
-    @property
-    def prefill_tokens_decoding(self) -> int:
-        return self.scheduler.prefill_tokens_decoding
+        device = self.runner.device.type
+        return {"device": device, "dtype": dtype, "cpu_linear": self.cpu_linear if device == "cpu" else "n/a"}
 
     def start(self) -> None:
         """Start the engine thread; returns once it has chosen and prepared its linear kernels."""
@@ -160,10 +132,6 @@ class Engine:
     def cancel(self, seq: Sequence) -> None:
         seq.cancelled = True
         self._wake.set()
-
-    @property
-    def active(self) -> int:
-        return self.scheduler.active
 
     @property
     def prefix_cache_stats(self) -> dict | None:

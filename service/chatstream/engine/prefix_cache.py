@@ -42,8 +42,7 @@ class PrefixIndex:
         self.entries: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # oldest use first
         self.held_tokens = 0
         self._next_key = 0
-        # Accounting: prompts looked up, their tokens, and the tokens served from kept entries.
-        self.lookups = 0
+        # Accounting: prompt tokens looked up, and the tokens served from kept entries.
         self.prompt_tokens = 0
         self.hit_tokens = 0
 
@@ -55,7 +54,6 @@ class PrefixIndex:
             n = _common_prefix(tokens, prompt, limit)
             if n > best:
                 best_key, best = key, n
-        self.lookups += 1
         self.prompt_tokens += len(prompt)
         self.hit_tokens += best
         if best_key is not None:
