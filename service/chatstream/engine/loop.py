@@ -3,13 +3,16 @@
 The work is split three ways, as in vLLM, each part knowing nothing of the others:
 
 - :class:`~.scheduler.Scheduler` (pure, no model): who is admitted to which cache
-  row, which prompt chunks go through the next prefill pass under the token
-  budget, the decode batch, and the row moves when a sequence finishes or is
-  promoted;
+  row, which prompt chunks go through the next pass under the token budget, the
+  decoding rows, and the row moves when a sequence finishes or is promoted;
 - :class:`~.runner.ModelRunner`: tensors, 4D masks and positions for that plan,
   the KV cache, the forward pass and sampling;
 - :class:`~.output.OutputProcessor`: detokenizing, stop strings, EOS and length,
   the events a consumer receives.
+
+A step (:meth:`Engine._step`) is vLLM's ``EngineCore.step``: the scheduler's
+plan, the runner's pass over it, the scheduler's update, then each new token
+through the output processor to its consumer.
 
 :class:`Engine` owns the thread and the public, thread-safe API, and the rule
 for failures: whatever goes wrong with one sequence (its admission, its
@@ -60,7 +63,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
                  prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
-                 cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0):
+                 cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0,
+                 runner: ModelRunner | None = None):
         linear_kernels.check_request(cpu_linear)
         # Measuring and packing happen on the engine's own thread when it starts (_prepare_model says why).
         self.cpu_linear_request = cpu_linear
@@ -77,7 +81,8 @@ class Engine:
         # (128 halved inter-token p99 at 32 clients on 2 CPU cores against 512, for about the same tok/s).
         # Positions of finished sequences kept for prompts that start with them (0: off; prefix_cache.py).
         self.scheduler = Scheduler(max_batch, prefill_tokens, prefill_tokens_decoding, prefix_cache_tokens)
-        self.runner = ModelRunner(model, max_batch)
+        # ``runner`` stands in for the model's (tests drive the real step with a fake one, test_scheduler.py).
+        self.runner = runner if runner is not None else ModelRunner(model, max_batch)
         eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         self.output = OutputProcessor(tokenizer, set(eos), max_context)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -169,24 +174,31 @@ class Engine:
         idle_since = None
         with torch.inference_mode():
             while not self._stopping:
-                self._drain_inbox()
-                self._reap_cancelled()
-                if not self.scheduler.has_work():
-                    now = time.monotonic()
-                    idle_since = idle_since or now
-                    if now - idle_since >= self.idle_shrink_seconds:
-                        self.runner.shrink()
-                    self._wake.wait(min(0.5, self.idle_shrink_seconds))
-                    self._wake.clear()
+                if self.step():
+                    idle_since = None
                     continue
-                idle_since = None
-                try:
-                    self._step()
-                    self.steps += 1
-                except Exception as exc:  # a fault of the engine itself: fail what runs, keep serving
-                    log.exception("generation step failed")
-                    for seq in self.scheduler.clear():
-                        self._deliver(seq, [Failed(exc)])
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if now - idle_since >= self.idle_shrink_seconds:
+                    self.runner.shrink()
+                self._wake.wait(min(0.5, self.idle_shrink_seconds))
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One turn of the engine thread: take new requests, end cancelled ones, run a step; False when there
+        was nothing to run. The engine thread calls it; call it only on an engine that was never started."""
+        self._drain_inbox()
+        self._reap_cancelled()
+        if not self.scheduler.has_work():
+            return False
+        try:
+            self._step()
+            self.steps += 1
+        except Exception as exc:  # a fault of the engine itself: fail what runs, keep serving
+            log.exception("generation step failed")
+            for seq in self.scheduler.clear():
+                self._deliver(seq, [Failed(exc)])
+        return True
 
     def _drain_inbox(self) -> None:
         while True:
@@ -201,40 +213,24 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     def _step(self) -> None:
-        for seq in self.scheduler.admit():
-            try:
-                self._prepare(seq)
-            except Exception as exc:
-                self._fail(seq, exc, "admitting a sequence failed")
-
-        # Prompt chunks and decoding rows share one pass (runner.step): the weights are read once a step.
-        chunks = self.scheduler.prefill_chunks()
-        batch = self.scheduler.decode_batch()
-        if not chunks and not batch:
+        """Plan, run, update: prompt chunks and decoding rows share one pass (the weights are read once a step)."""
+        plan = self.scheduler.schedule(self._prepare)
+        for seq, exc in plan.refused:
+            self._failed(seq, exc, "admitting a sequence failed")
+        if plan.empty:
             return
         try:
-            prefill_logits, decode_logits = self.runner.step(chunks, batch)
+            picks = self.runner.execute(plan)
         except Exception as exc:
-            for seq in [c.seq for c in chunks] + batch:
+            for seq in plan.running:
                 self._fail(seq, exc, "a forward pass failed")
             return
-        # Every row's new columns are in the cache before any row moves.
-        done = self.scheduler.prefilled(chunks)
-        self.scheduler.decoded(batch)
-        firsts = [chunks[i].seq for i in done]
-        first_picks = self.runner.sample(prefill_logits[done], firsts) if firsts else []
-        picks = self.runner.sample(decode_logits, batch) if batch else []
-        for seq, pick in zip(firsts, first_picks):
-            if isinstance(pick, Exception):
-                self._fail(seq, pick, "sampling failed")
-                continue
-            self._apply(self.scheduler.promote(seq))
-            self._take(seq, pick)
-        for seq, pick in zip(batch, picks):
+        self._apply(self.scheduler.update(plan))  # every row's new positions are in the cache before any row moves
+        for seq, pick in zip(plan.sampled, picks):
             self._take(seq, pick)
 
     def _prepare(self, seq: Sequence) -> None:
-        """Per-sequence state on admission; raising here fails this sequence only."""
+        """Per-sequence state on admission (Scheduler.schedule calls it); raising here fails this sequence only."""
         # Reserve the sequence's whole extent now: the cache never grows mid-stream.
         self.runner.reserve(min(len(seq.prompt_ids) + seq.params.max_new_tokens, self.max_context))
         if seq.prefix_key is not None:
@@ -273,8 +269,12 @@ class Engine:
     def _fail(self, seq: Sequence, exc: Exception, what: str) -> None:
         if seq.state is State.DONE:
             return
-        log.error("%s: %s", what, exc, exc_info=exc)
         self._apply(self.scheduler.remove(seq))
+        self._failed(seq, exc, what)
+
+    def _failed(self, seq: Sequence, exc: Exception, what: str) -> None:
+        """Tell the consumer of a sequence that is already out of the scheduler that it failed."""
+        log.error("%s: %s", what, exc, exc_info=exc)
         self._deliver(seq, [Failed(exc)])
 
     def _deliver(self, seq: Sequence, events: list[object]) -> bool:
