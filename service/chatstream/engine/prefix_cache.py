@@ -1,7 +1,8 @@
 """Which finished sequences' KV the engine keeps, and which kept prefix a new prompt can start from.
 
 Pure bookkeeping (no tensors): the scheduler consults it and hands the runner
-:class:`Save` / :class:`Load` / :class:`Drop` orders for the tensors. The rule:
+:class:`Save` / :class:`Drop` orders for the tensors (a kept prefix is copied
+into an admitted sequence's row when the engine prepares it). The rule:
 
 - When a sequence ends (not when it fails) the positions its cache row holds
   (prompt, then the generated tokens that went through the model) are kept as
