@@ -10,7 +10,7 @@ import torch
 
 from chatstream import load_model
 from chatstream.engine import Engine
-from chatstream.engine.cpu_linear import MEASURED_ROWS, PackedLinear, available, choose, pack_linears, speedup
+from chatstream.engine.cpu_linear import MEASURED_ROWS, PackedLinear, choose, pack_linears, speedup, why_not_packable
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 
@@ -60,7 +60,7 @@ def test_a_row_does_not_depend_on_its_batch():
 
 def test_float16_and_the_torch_choice_leave_the_model_alone():
     model, tok = fresh("float16")
-    assert "float16" in available(model)
+    assert "float16" in why_not_packable(model)
     assert pack_linears(model) == 0
     model32, _ = fresh()
     engine = Engine(model32, tok, max_batch=2, cpu_linear="torch")

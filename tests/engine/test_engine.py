@@ -99,7 +99,7 @@ def test_cancel_frees_the_row_at_the_next_step(engine, model_and_tokenizer):
     engine.cancel(seq)
     assert c.done.wait(5)
     assert c.end.reason == "cancelled" and c.end.completion_tokens < 400
-    assert engine.active == 0
+    assert engine.scheduler.active == 0
     # The freed row serves the next request correctly.
     assert "Paris" in run_all(engine, tok, [QUESTIONS[0]])[0].text
 
@@ -130,19 +130,19 @@ def test_prompt_too_long_and_bad_params_are_refused(engine):
 
 def test_a_failing_step_fails_its_streams_and_the_engine_recovers(engine, model_and_tokenizer):
     _, tok = model_and_tokenizer
-    healthy = engine.model
+    healthy = engine.runner.model
 
     class Broken:
         dtype, config = healthy.dtype, healthy.config
 
         def __call__(self, *a, **k):
             raise RuntimeError("injected")
-    engine.model = Broken()
+    engine.runner.model = Broken()
     c = Collector()
     engine.submit(prompt(tok, QUESTIONS[0]), SamplingParams(temperature=0), c)
     assert c.done.wait(10) and isinstance(c.end, Failed)
-    engine.model = healthy
-    assert engine.active == 0
+    engine.runner.model = healthy
+    assert engine.scheduler.active == 0
     assert "Paris" in run_all(engine, tok, [QUESTIONS[0]])[0].text
 
 
@@ -153,7 +153,7 @@ def test_cache_reserves_each_sequence_on_admission_and_shrinks_when_idle(engine,
 
     class Watch(Collector):
         def __call__(self, event):
-            seen.append(engine.cache.capacity)  # called on the engine thread, between steps
+            seen.append(engine.runner.cache.capacity)  # called on the engine thread, between steps
             super().__call__(event)
 
     c = Watch()
@@ -163,8 +163,8 @@ def test_cache_reserves_each_sequence_on_admission_and_shrinks_when_idle(engine,
     need = len(ids) + 100
     # Reserved once, rounded up to 64 positions, never grown mid-stream.
     assert set(seen) == {-(-need // 64) * 64}
-    assert engine.cache.capacity == -(-need // 64) * 64  # not at once: the next request would reallocate it
+    assert engine.runner.cache.capacity == -(-need // 64) * 64  # not at once: the next request would reallocate it
     deadline = time.monotonic() + 5
-    while engine.cache.capacity > 64 and time.monotonic() < deadline:
+    while engine.runner.cache.capacity > 64 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.cache.capacity == 64
+    assert engine.runner.cache.capacity == 64

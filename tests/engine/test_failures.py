@@ -50,7 +50,7 @@ def beside_three_healthy(engine, tok, poison_ids, poison_params, poison_collecto
 
 def assert_healthy_untouched(engine, healthy, alone):
     assert [(c.text, c.end) for c in healthy] == alone
-    assert engine.active == 0
+    assert engine.scheduler.active == 0
 
 
 class PoisonedParams(SamplingParams):

@@ -1,7 +1,7 @@
 """The prefix cache (issue 12): kept KV of finished sequences serves the prompts that start with it.
 
-Without a model first (the scheduler's bookkeeping with the fake forward pass of test_scheduler: every row
-must hold exactly its sequence's tokens, loaded or prefilled), then on the real model: greedy output with a
+Without a model first (the engine's real step around the fake runner of test_scheduler: every row must hold
+exactly its sequence's tokens, loaded or prefilled), then on the real model: greedy output with a
 cache hit equals the output without the cache, alone, under concurrency and under eviction.
 """
 
@@ -13,11 +13,9 @@ import pytest
 
 from chatstream.engine import Engine, SamplingParams
 from chatstream.engine.prefix_cache import Drop, PrefixIndex, Save
-from chatstream.engine.scheduler import Scheduler
 
 from .test_engine import Collector
-from .test_scheduler import FakeRunner
-from .test_scheduler import step as scheduler_step
+from .test_scheduler import Driver, FakeRunner
 
 
 class KeepingRunner(FakeRunner):
@@ -34,23 +32,23 @@ class KeepingRunner(FakeRunner):
             else:
                 super().apply([o])
 
-    def load(self, s):
-        if s.prefix_key is not None:
-            for p in range(s.cached_tokens):
-                self._write(s.row, p, self.kept[s.prefix_key][p])
+    def load(self, row, key, length):
+        for p in range(length):
+            self._write(row, p, self.kept[key][p])
 
 
-def step(sched, runner, finished):
-    scheduler_step(sched, runner, finished, keep=True, on_admit=runner.load)
-    assert sched.prefixes.held_tokens <= sched.prefixes.budget_tokens
-    assert set(runner.kept) == set(sched.prefixes.entries)
-    for key, tokens in sched.prefixes.entries.items():
-        assert runner.kept[key] == tokens
+class KeepingDriver(Driver):
+    def __init__(self, max_batch, **budgets):
+        super().__init__(max_batch, runner=KeepingRunner(max_batch), **budgets)
 
-
-def make(tokens, max_new):
-    from chatstream.engine.sequence import Sequence
-    return Sequence(list(tokens), SamplingParams(max_new_tokens=max_new), lambda e: None)
+    def step(self):
+        ran = super().step()
+        prefixes = self.scheduler.prefixes
+        assert prefixes.held_tokens <= prefixes.budget_tokens
+        assert set(self.runner.kept) == set(prefixes.entries)
+        for key, tokens in prefixes.entries.items():
+            assert self.runner.kept[key] == tokens
+        return ran
 
 
 def test_index_keeps_the_longest_match_extends_and_evicts_least_recently_used():
@@ -72,19 +70,15 @@ def test_index_keeps_the_longest_match_extends_and_evicts_least_recently_used():
 
 
 def test_a_conversation_turn_prefills_only_its_new_tokens():
-    sched = Scheduler(max_batch=2, prefill_tokens=512, prefix_cache_tokens=1000)
-    runner, finished = KeepingRunner(2), []
-    first = make(range(100, 140), max_new=5)
-    sched.add(first)
-    while sched.has_work():
-        step(sched, runner, finished)
+    drv = KeepingDriver(max_batch=2, prefill_tokens=512, prefix_cache_tokens=1000)
+    first = drv.submit(prompt=list(range(100, 140)), max_new=5)
+    drv.run_out()
     history = first.prompt_ids + first.generated      # the client sends the whole history back
-    second = make(history + [7, 8, 9], max_new=5)
-    sched.add(second)
-    step(sched, runner, finished)
+    second = drv.submit(prompt=history + [7, 8, 9], max_new=5)
+    drv.step()
     # Kept: the prompt and the generated tokens that went through the model (all but the last).
     assert second.cached_tokens == len(history) - 1
-    assert runner.prefill_passes[-1] == [(second, len(history) - 1, 4)]
+    assert drv.runner.prefill_passes[-1] == [(second, len(history) - 1, 4)]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -92,27 +86,29 @@ def test_random_conversations_always_find_their_own_tokens(seed):
     rng = random.Random(seed)
     max_batch = rng.choice([1, 2, 4])
     budget = rng.choice([30, 100, 400])
-    sched = Scheduler(max_batch, prefill_tokens=rng.choice([8, 64]), prefill_tokens_decoding=rng.choice([4, 16]),
-                      prefix_cache_tokens=budget)
-    runner, finished = KeepingRunner(max_batch), []
+    drv = KeepingDriver(max_batch, prefill_tokens=rng.choice([8, 64]), prefill_tokens_decoding=rng.choice([4, 16]),
+                        prefix_cache_tokens=budget)
     systems = [[rng.randint(0, 50) for _ in range(rng.randint(5, 30))] for _ in range(3)]
     for t in range(300):
         if rng.random() < 0.3:
-            if finished and rng.random() < 0.5:
-                prev = rng.choice(finished)
+            if drv.finished and rng.random() < 0.5:
+                prev = rng.choice(drv.finished)
                 base = prev.prompt_ids + prev.generated
             else:
                 base = rng.choice(systems)
-            s = make(base + [rng.randint(0, 50) for _ in range(rng.randint(1, 10))], rng.randint(1, 8))
-            if len(s.prompt_ids) < 200:
-                sched.add(s)
-        if rng.random() < 0.03 and sched.sequences():
-            runner.apply(sched.remove(rng.choice(sched.sequences()), keep=rng.random() < 0.5))
-        if sched.has_work():
-            step(sched, runner, finished)
-    while sched.has_work():
-        step(sched, runner, finished)
-    assert sched.prefixes.hit_tokens > 0
+            prompt = base + [rng.randint(0, 50) for _ in range(rng.randint(1, 10))]
+            if len(prompt) < 200:
+                drv.submit(prompt=prompt, max_new=rng.randint(1, 8))
+        live = drv.scheduler.sequences()
+        if rng.random() < 0.03 and live:
+            victim = rng.choice(live)
+            if rng.random() < 0.5:
+                drv.engine.cancel(victim)              # ends: its row's positions are kept
+            else:
+                drv.runner.poisoned.add(id(victim))    # fails: nothing is kept
+        drv.step()
+    drv.run_out()
+    assert drv.scheduler.prefixes.hit_tokens > 0
 
 
 # -- the real model ---------------------------------------------------------------------------------------------

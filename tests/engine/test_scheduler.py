@@ -1,10 +1,10 @@
-"""The scheduler alone, without a model: admission order, prefill budgets, chunking and row moves.
+"""The scheduler and the engine's real step, without a model: admission order, prefill budgets, chunking, row moves.
 
-A fake forward pass stands in for the model runner: each cache row is a list of
-token ids, a prefill pass writes prompt tokens at their positions, a decode pass
-writes each sequence's last token, and row moves are applied as the real cache
-applies them. After every step each running sequence must find exactly its own
-tokens in its row, which is what keeps batched output equal to unbatched output.
+A fake runner stands in for the model runner inside a real :class:`Engine` (its real scheduler, step and output
+processor; a fake tokenizer): each cache row is a list of token ids, a pass writes each chunk's prompt tokens at
+their positions and each decoding row's last token, and row moves are applied as the real cache applies them.
+Before every pass and after every step each running sequence must find exactly its own tokens in its row, which
+is what keeps batched output equal to unbatched output.
 """
 
 from __future__ import annotations
@@ -13,41 +13,61 @@ import random
 
 import pytest
 
-from chatstream.engine.sampling import SamplingParams
-from chatstream.engine.scheduler import Chunk, Move, Scheduler
-from chatstream.engine.sequence import Sequence
+from chatstream.engine import Engine, Failed, Finished, SamplingParams
+from chatstream.engine.scheduler import Chunk, Move, Scheduler, StepPlan
+from chatstream.engine.sequence import Sequence, State
 
 
-def seq(n_prompt: int, max_new: int = 5, base: int = 0) -> Sequence:
-    s = Sequence([base + i for i in range(n_prompt)], SamplingParams(max_new_tokens=max_new), lambda e: None)
-    return s
+class FakeTokenizer:
+    def decode(self, ids, **_):
+        return "".join(f"<{i}>" for i in ids)
 
 
 class FakeRunner:
-    """Rows of token ids in place of keys and values; checks the layout rules the real cache relies on."""
+    """Rows of token ids in place of keys and values; checks the layout rules the real cache relies on.
+
+    The token sampled for a sequence is :func:`token_for` it; a sequence in ``poisoned`` gets an exception
+    instead (its sampling failed)."""
 
     def __init__(self, max_batch: int):
         self.rows: list[list[int | None]] = [[] for _ in range(max_batch)]
         self.prefill_passes: list[list[tuple[Sequence, int, int]]] = []
+        self.poisoned: set[int] = set()
+        self.scheduler: Scheduler | None = None  # set by Driver, for the checks
 
     def _write(self, row: int, pos: int, token: int) -> None:
         cells = self.rows[row]
         cells.extend([None] * (pos + 1 - len(cells)))
         cells[pos] = token
 
-    def prefill(self, chunks: list[Chunk]) -> None:
-        rows = [c.seq.row for c in chunks]
-        assert rows == list(range(rows[0], rows[0] + len(rows))), "a prefill batch is a contiguous run of rows"
-        for c in chunks:
-            assert c.seq.state == "prefill" and c.start == c.seq.length and c.count > 0
+    # -- what the engine calls -------------------------------------------------------------------
+    def reserve(self, length: int) -> None:
+        pass
+
+    def new_generator(self, seed):
+        return None
+
+    def shrink(self) -> None:
+        pass
+
+    def execute(self, plan: StepPlan) -> list[int | Exception]:
+        self.check()  # the rows were moved right before this pass
+        assert plan.chunks or plan.decode
+        assert [s.row for s in plan.decode] == list(range(len(plan.decode))), "a decode batch is rows [0, n)"
+        for s in plan.decode:
+            assert s.state is State.DECODE
+            self._write(s.row, s.length, s.next_token)
+        if plan.chunks:
+            rows = [c.seq.row for c in plan.chunks]
+            assert rows == list(range(rows[0], rows[0] + len(rows))), "a prefill batch is a contiguous run of rows"
+            assert rows[0] == len(plan.decode), "the prompt chunks come right after the decoding rows"
+        for c in plan.chunks:
+            assert c.seq.state is State.PREFILL and c.start == c.seq.length and c.count > 0
             for p in range(c.start, c.start + c.count):
                 self._write(c.seq.row, p, c.seq.prompt_ids[p])
-        self.prefill_passes.append([(c.seq, c.start, c.count) for c in chunks])
-
-    def decode(self, batch: list[Sequence]) -> None:
-        assert [s.row for s in batch] == list(range(len(batch))), "a decode batch is rows [0, n)"
-        for s in batch:
-            self._write(s.row, s.length, s.next_token)
+        if plan.chunks:
+            self.prefill_passes.append([(c.seq, c.start, c.count) for c in plan.chunks])
+        return [RuntimeError("poisoned") if id(s) in self.poisoned else token_for(s) for s in plan.sampled]
 
     def apply(self, moves: list[Move]) -> None:
         for m in moves:
@@ -56,7 +76,8 @@ class FakeRunner:
             if m.swap:
                 self.rows[m.src][:m.length] = dst
 
-    def check(self, sched: Scheduler) -> None:
+    def check(self) -> None:
+        sched = self.scheduler
         running = sched.decoding + sched.prefilling
         assert sorted(s.row for s in running) == list(range(len(running)))
         assert [s.row for s in sched.decoding] == list(range(len(sched.decoding)))
@@ -69,161 +90,193 @@ def token_for(s: Sequence) -> int:
     return 10_000 + 100 * s.prompt_ids[0] + len(s.generated)
 
 
-def step(sched: Scheduler, runner: FakeRunner, finished: list[Sequence], keep: bool = False,
-         on_admit=lambda s: None) -> None:
-    """What Engine._step does, with the fake forward pass: prompt chunks and decoding rows in one pass.
-    ``keep``: finished sequences keep their rows' positions (the prefix cache); ``on_admit(seq)`` runs for
-    each admitted sequence before the pass (the engine loads its kept prefix there)."""
-    for s in sched.admit():
-        on_admit(s)
-    chunks = sched.prefill_chunks()
-    batch = sched.decode_batch()
-    if chunks:
-        runner.prefill(chunks)
-    if batch:
-        runner.decode(batch)
-    done = sched.prefilled(chunks) if chunks else []
-    if batch:
-        sched.decoded(batch)
-    for i in done:
-        s = chunks[i].seq
-        runner.apply(sched.promote(s))
-        accept(sched, runner, s, finished, keep)
-    for s in batch:
-        accept(sched, runner, s, finished, keep)
-    runner.check(sched)
+class Driver:
+    """A real engine (never started) around a fake runner: submit, step, and the sequences that ended."""
 
+    def __init__(self, max_batch: int, prefill_tokens: int = 512, prefill_tokens_decoding: int = 128,
+                 prefix_cache_tokens: int = 0, runner: FakeRunner | None = None):
+        self.runner = runner or FakeRunner(max_batch)
+        self.engine = Engine(None, FakeTokenizer(), max_batch=max_batch, max_context=4096,
+                             prefill_tokens=prefill_tokens, prefill_tokens_decoding=prefill_tokens_decoding,
+                             eos_token_ids=[], prefix_cache_tokens=prefix_cache_tokens, runner=self.runner)
+        self.scheduler = self.runner.scheduler = self.engine.scheduler
+        self.finished: list[Sequence] = []
+        self.ends: dict[int, object] = {}
 
-def accept(sched, runner, s, finished, keep=False):
-    s.generated.append(token_for(s))
-    s.next_token = s.generated[-1]
-    if len(s.generated) >= s.params.max_new_tokens:
-        runner.apply(sched.remove(s, keep=keep))
-        finished.append(s)
+    def submit(self, n_prompt: int = 4, max_new: int = 5, base: int = 0, prompt: list[int] | None = None) -> Sequence:
+        box: list[Sequence] = []
+
+        def on_event(event):
+            if isinstance(event, (Finished, Failed)):
+                assert id(box[0]) not in self.ends, "a sequence ended twice"
+                self.ends[id(box[0])] = event
+                self.finished.append(box[0])
+        ids = prompt if prompt is not None else [base + i for i in range(n_prompt)]
+        box.append(self.engine.submit(ids, SamplingParams(max_new_tokens=max_new), on_event))
+        return box[0]
+
+    def step(self) -> bool:
+        ran = self.engine.step()
+        self.runner.check()
+        return ran
+
+    def run_out(self, limit: int = 10_000) -> None:
+        for _ in range(limit):
+            if not self.step():
+                return
+        raise AssertionError("the engine never ran out of work")
 
 
 def test_admission_is_first_come_first_served_within_the_rows():
     sched = Scheduler(max_batch=2)
-    a, b, c, d = (seq(4, base=i * 10) for i in range(4))
+    a, b, c, d = (Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(4))
     for s in (a, b, c, d):
         sched.add(s)
-    assert sched.admit() == [a, b]
-    assert (a.row, b.row, a.state, c.state) == (0, 1, "prefill", "waiting")
-    assert sched.admit() == [] and sched.active == 2
+    assert sched.schedule().admitted == [a, b]
+    assert (a.row, b.row, a.state, c.state) == (0, 1, State.PREFILL, State.WAITING)
+    assert sched.schedule().admitted == [] and sched.active == 2
     sched.remove(a)
-    assert sched.admit() == [c]
+    assert sched.schedule().admitted == [c]
     assert list(sched.waiting) == [d]
 
 
+def test_a_sequence_whose_preparation_raises_is_refused_and_its_row_stays_free_for_the_step():
+    sched = Scheduler(max_batch=3)
+    a, b, c, d = (Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(4))
+    for s in (a, b, c, d):
+        sched.add(s)
+
+    def prepare(seq):
+        if seq is b:
+            raise RuntimeError("no room")
+    plan = sched.schedule(prepare)
+    assert plan.admitted == [a, c] and plan.refused[0][0] is b and b.state is State.DONE
+    assert (a.row, c.row) == (0, 1) and [ch.seq for ch in plan.chunks] == [a, c]
+    assert list(sched.waiting) == [d] and sched.schedule().admitted == [d]
+
+
 def test_prefill_budget_is_512_and_128_while_rows_decode():
-    sched = Scheduler(max_batch=4, prefill_tokens=512, prefill_tokens_decoding=128)
-    runner, finished = FakeRunner(4), []
-    first, second = seq(300, max_new=50, base=0), seq(300, max_new=50, base=1)
-    sched.add(first)
-    sched.add(second)
-    step(sched, runner, finished)
+    drv = Driver(max_batch=4, prefill_tokens=512, prefill_tokens_decoding=128)
+    first, second = drv.submit(300, max_new=50, base=0), drv.submit(300, max_new=50, base=1)
+    drv.step()
     # Nothing decodes yet: one pass of 512 tokens, the second prompt split after 212 of them.
-    assert [(s, start, n) for s, start, n in runner.prefill_passes[0]] == [(first, 0, 300), (second, 0, 212)]
-    assert first.state == "decode" and second.state == "prefill"
-    third = seq(400, max_new=50, base=2)
-    sched.add(third)
-    step(sched, runner, finished)
+    assert drv.runner.prefill_passes[0] == [(first, 0, 300), (second, 0, 212)]
+    assert first.state is State.DECODE and second.state is State.PREFILL
+    third = drv.submit(400, max_new=50, base=2)
+    drv.step()
     # A row decodes now: the pass takes at most 128 tokens, the rest of the second prompt first.
-    assert runner.prefill_passes[1] == [(second, 212, 88), (third, 0, 40)]
-    step(sched, runner, finished)
-    assert runner.prefill_passes[2] == [(third, 40, 128)]
-    assert all(sum(n for _, _, n in p) <= 128 for p in runner.prefill_passes[1:])
+    assert drv.runner.prefill_passes[1] == [(second, 212, 88), (third, 0, 40)]
+    drv.step()
+    assert drv.runner.prefill_passes[2] == [(third, 40, 128)]
+    assert all(sum(n for _, _, n in p) <= 128 for p in drv.runner.prefill_passes[1:])
 
 
 def test_a_long_prompt_is_chunked_and_then_decodes_each_step():
-    sched = Scheduler(max_batch=2, prefill_tokens=512, prefill_tokens_decoding=128)
-    runner, finished = FakeRunner(2), []
-    long = seq(1200, max_new=3)
-    sched.add(long)
+    drv = Driver(max_batch=2, prefill_tokens=512, prefill_tokens_decoding=128)
+    long = drv.submit(1200, max_new=3)
     for _ in range(3):
-        step(sched, runner, finished)
-    assert [p[0][1:] for p in runner.prefill_passes] == [(0, 512), (512, 512), (1024, 176)]
+        drv.step()
+    assert [p[0][1:] for p in drv.runner.prefill_passes] == [(0, 512), (512, 512), (1024, 176)]
     # The pass that completes the prompt samples the first token; each step after it decodes one more.
-    assert long.state == "decode" and len(long.generated) == 1
-    step(sched, runner, finished)
-    assert len(long.generated) == 2 and not finished
-    step(sched, runner, finished)
-    assert finished == [long] and sched.active == 0 and not sched.has_work()
+    assert long.state is State.DECODE and len(long.generated) == 1
+    drv.step()
+    assert len(long.generated) == 2 and not drv.finished
+    drv.step()
+    assert drv.finished == [long] and drv.ends[id(long)].reason == "length"
+    assert drv.scheduler.active == 0 and not drv.scheduler.has_work() and not drv.step()
 
 
 def test_promotion_swaps_rows_so_decoding_rows_stay_in_front():
     # Prefill batches go in row order, so the engine completes prompts in row order; if a later row ever
     # completes first, it still joins the decoding rows at row d, exchanging rows with the one there.
     sched = Scheduler(max_batch=3)
-    big, small = seq(100, base=0), seq(10, base=1)
+    big, small = (Sequence(list(range(n)), SamplingParams(), lambda e: None) for n in (100, 10))
     sched.add(big)
     sched.add(small)
-    sched.admit()
-    big.length, small.length = 30, 10
-    assert sched.promote(small) == [Move(1, 0, 30, swap=True)]
-    assert (small.row, big.row, small.state, big.state) == (0, 1, "decode", "prefill")
-    assert sched.prefill_chunks() == [Chunk(big, 30, 70)]
+    sched.schedule()
+    big.length = 30
+    assert sched.update(StepPlan([], [], [Chunk(small, 0, 10)], [])) == [Move(1, 0, 30, swap=True)]
+    assert (small.row, big.row, small.state, big.state) == (0, 1, State.DECODE, State.PREFILL)
+    assert sched.schedule().chunks == [Chunk(big, 30, 70)]
 
 
 def test_removal_keeps_rows_contiguous_wherever_the_sequence_is():
-    sched = Scheduler(max_batch=4, prefill_tokens=8, prefill_tokens_decoding=8)
-    runner, finished = FakeRunner(4), []
-    seqs = [seq(4, max_new=100, base=0), seq(4, max_new=100, base=1), seq(40, max_new=100, base=2),
-            seq(40, max_new=100, base=3)]
-    for s in seqs:
-        sched.add(s)
-    step(sched, runner, finished)
-    step(sched, runner, finished)
-    assert [s.state for s in seqs] == ["decode", "decode", "prefill", "prefill"]
-    moves = sched.remove(seqs[0])        # a decoding row: the last decoding row fills it, the last prefill row
-    assert moves[0] == Move(1, 0, seqs[1].length)   # fills the hole left at row 1
-    runner.apply(moves)
-    runner.check(sched)
-    runner.apply(sched.remove(seqs[2]))  # a prefilling row
-    runner.check(sched)
-    waiting = seq(4, base=9)
-    sched.add(waiting)
-    assert sched.remove(waiting) == [] and waiting.state == "done" and not sched.waiting
-    step(sched, runner, finished)
+    drv = Driver(max_batch=4, prefill_tokens=8, prefill_tokens_decoding=8)
+    seqs = [drv.submit(4, max_new=100, base=0), drv.submit(4, max_new=100, base=1),
+            drv.submit(40, max_new=100, base=2), drv.submit(40, max_new=100, base=3)]
+    drv.step()
+    drv.step()
+    assert [s.state for s in seqs] == [State.DECODE, State.DECODE, State.PREFILL, State.PREFILL]
+    # A decoding row: the last decoding row fills it, and the last prefilling row fills the hole at row 1.
+    moves = drv.scheduler.remove(seqs[0])
+    assert moves[0] == Move(1, 0, seqs[1].length)
+    drv.runner.apply(moves)
+    drv.runner.check()
+    drv.engine.cancel(seqs[2])          # a prefilling row, through the engine: ended before the next pass
+    waiting = drv.submit(4, base=9)
+    drv.engine.cancel(waiting)          # still waiting
+    drv.step()
+    assert {id(s) for s in drv.finished} == {id(seqs[2]), id(waiting)}
+    assert drv.ends[id(waiting)].reason == drv.ends[id(seqs[2])].reason == "cancelled"
+    assert waiting.state is State.DONE and not drv.scheduler.waiting and drv.scheduler.active == 2
+
+
+def test_a_failed_sampling_or_forward_pass_fails_only_its_sequences():
+    drv = Driver(max_batch=3, prefill_tokens=16, prefill_tokens_decoding=4)
+    a, b = drv.submit(4, max_new=6, base=0), drv.submit(4, max_new=6, base=1)
+    drv.step()
+    drv.runner.poisoned.add(id(a))
+    drv.step()
+    assert drv.finished == [a] and isinstance(drv.ends[id(a)], Failed) and b.state is State.DECODE
+    late = drv.submit(30, max_new=6, base=2)   # prefills in chunks of 4 beside b
+    drv.step()
+    failing = drv.runner.execute
+
+    def broken(plan):
+        raise RuntimeError("injected")
+    drv.runner.execute = broken
+    drv.step()
+    drv.runner.execute = failing
+    assert {id(s) for s in drv.finished} == {id(a), id(b), id(late)}
+    assert all(isinstance(drv.ends[id(s)], Failed) for s in (b, late)) and not drv.scheduler.has_work()
+    after = drv.submit(5, max_new=3, base=3)
+    drv.run_out()
+    assert after.generated == [token_for_index(after, i) for i in range(3)]
+
+
+def token_for_index(s: Sequence, i: int) -> int:
+    return 10_000 + 100 * s.prompt_ids[0] + i
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_traffic_never_mixes_up_rows(seed):
-    # Arrivals, prompts of every size, early finishes and cancellations in any state, small budgets:
-    # after every step every running sequence finds exactly its own tokens in its row.
+    # Arrivals, prompts of every size, cancellations in any state and failed samplings, small budgets:
+    # before every pass and after every step every running sequence finds exactly its own tokens in its row.
     rng = random.Random(seed)
     max_batch = rng.choice([1, 2, 3, 5])
-    sched = Scheduler(max_batch, prefill_tokens=rng.choice([7, 32, 512]), prefill_tokens_decoding=rng.choice([3, 16]))
-    runner, finished, submitted = FakeRunner(max_batch), [], []
+    drv = Driver(max_batch, prefill_tokens=rng.choice([7, 32, 512]), prefill_tokens_decoding=rng.choice([3, 16]))
+    submitted = []
     for t in range(400):
         if t < 300 and rng.random() < 0.3:
-            s = seq(rng.randint(1, 60), max_new=rng.randint(1, 25), base=len(submitted))
-            submitted.append(s)
-            sched.add(s)
-        if rng.random() < 0.05 and sched.sequences():
-            victim = rng.choice(sched.sequences())
-            runner.apply(sched.remove(victim))
-            finished.append(victim)
-            runner.check(sched)
-        if sched.has_work():
-            step(sched, runner, finished)
-    for _ in range(10_000):
-        if not sched.has_work():
-            break
-        step(sched, runner, finished)
-    assert not sched.has_work()
-    assert sorted(map(id, finished)) == sorted(map(id, submitted))
-    for s in finished:
-        if len(s.generated) == s.params.max_new_tokens:
-            assert s.generated == [10_000 + 100 * s.prompt_ids[0] + i for i in range(len(s.generated))]
+            submitted.append(drv.submit(rng.randint(1, 60), max_new=rng.randint(1, 25), base=len(submitted)))
+        live = drv.scheduler.sequences()
+        if rng.random() < 0.05 and live:
+            victim = rng.choice(live)
+            if rng.random() < 0.5:
+                drv.engine.cancel(victim)
+            else:
+                drv.runner.poisoned.add(id(victim))
+        drv.step()
+    drv.run_out()
+    assert sorted(map(id, drv.finished)) == sorted(map(id, submitted))
+    for s in drv.finished:
+        end = drv.ends[id(s)]
+        if isinstance(end, Finished) and end.reason == "length":
+            assert s.generated == [token_for_index(s, i) for i in range(s.params.max_new_tokens)]
 
 
 def test_admission_order_is_arrival_order():
-    sched = Scheduler(max_batch=1, prefill_tokens=512)
-    runner, finished = FakeRunner(1), []
-    seqs = [seq(5, max_new=2, base=i) for i in range(5)]
-    for s in seqs:
-        sched.add(s)
-    while sched.has_work():
-        step(sched, runner, finished)
-    assert finished == seqs
+    drv = Driver(max_batch=1, prefill_tokens=512)
+    seqs = [drv.submit(5, max_new=2, base=i) for i in range(5)]
+    drv.run_out()
+    assert drv.finished == seqs

@@ -72,9 +72,9 @@ def test_chat_page_streams_regenerates_stops_and_clears(page):
     assert answers(page).nth(1).inner_text() == stopped, "nothing arrives after Stop"
     cs = page.chat_stream
     deadline = time.monotonic() + 10
-    while (cs.admission.processing, cs.engine.active) != (0, 0) and time.monotonic() < deadline:
+    while (cs.admission.processing, cs.engine.scheduler.active) != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert (cs.admission.processing, cs.engine.active) == (0, 0), "Stop ended the generation on the server"
+    assert (cs.admission.processing, cs.engine.scheduler.active) == (0, 0), "Stop ended the generation on the server"
     # Stop cut the stream short (a stream that had already finished would say "success").
     wait_until(lambda: stream_traces(cs, "client_disconnected_while_streaming"), 10)
 

@@ -150,15 +150,15 @@ def test_tiny_temperature_in_the_session_does_not_harm_others(srv):
 
 def test_sse_client_sees_an_error_and_the_session_keeps_what_was_seen(srv):
     engine = srv.chat_stream.engine
-    healthy = engine.model
-    engine.model = BrokenModel(healthy, 4)
+    healthy = engine.runner.model
+    engine.runner.model = BrokenModel(healthy, 4)
     try:
         stream = srv.oai.chat.completions.create(model="smollm2-135m-instruct", stream=True, max_tokens=20,
                                                  messages=[{"role": "user", "content": LONG}])
         with pytest.raises(openai.APIError, match="injected"):
             for _ in stream:
                 pass
-        engine.model = BrokenModel(healthy, 4)
+        engine.runner.model = BrokenModel(healthy, 4)
         with httpx.Client(base_url=srv.url) as client:
             with client.stream("POST", "/chat_stream", json={"user_input": LONG}, timeout=120) as r:
                 assert r.status_code == 200
@@ -166,11 +166,11 @@ def test_sse_client_sees_an_error_and_the_session_keeps_what_was_seen(srv):
                 with pytest.raises(httpx.RemoteProtocolError):
                     for piece in r.iter_text():
                         seen.append(piece)
-            engine.model = healthy
+            engine.runner.model = healthy
             prompt = client.get("/get_prompt").json()["prompt"]
         assert "".join(seen).strip() and "".join(seen).strip() in prompt, "the turn the user saw is kept"
     finally:
-        engine.model = healthy
+        engine.runner.model = healthy
 
 
 # -- 5, 6, 14: bad text never poisons a session ----------------------------------------------------

@@ -64,7 +64,7 @@ def test_disconnect_while_streaming_stops_generation(one_slot):
     calls = one_slot.log.wait_for(1)
     assert [c[1] for c in calls] == ["client_disconnected_while_streaming"]
     wait_until(lambda: load(one_slot) == (0, 0))
-    wait_until(lambda: one_slot.chat_stream.engine.active == 0, 5)
+    wait_until(lambda: one_slot.chat_stream.engine.scheduler.active == 0, 5)
     assert one_slot.chat_stream.engine.steps - steps_before < 100, "generation went on after the client left"
     # What was streamed before the disconnect is kept as the (partial) answer.
     assert "dragon" in calls[0][2].lower()
@@ -109,8 +109,8 @@ def test_unknown_error(one_slot, fail_after, status):
     """Before the first byte a failure is a 500 JSON error; after it, the body is cut short (no clean end),
     so that a client never takes a truncated answer for a whole one."""
     engine = one_slot.chat_stream.engine
-    healthy = engine.model
-    engine.model = BrokenModel(healthy, fail_after)
+    healthy = engine.runner.model
+    engine.runner.model = BrokenModel(healthy, fail_after)
     try:
         with httpx.Client(base_url=one_slot.url) as client:
             with client.stream("POST", "/chat_stream_callback", json={"user_input": LONG}, timeout=120) as r:
@@ -124,7 +124,7 @@ def test_unknown_error(one_slot, fail_after, status):
         calls = one_slot.log.wait_for(1)
         assert [c[1] for c in calls] == ["unknown_error_occurred"]
     finally:
-        engine.model = healthy
+        engine.runner.model = healthy
     wait_until(lambda: load(one_slot) == (0, 0))
     with httpx.Client(base_url=one_slot.url) as client:  # and the server keeps serving
         assert "Paris" in client.post("/chat_stream", json={"user_input": "What is the capital of France?"},
@@ -189,7 +189,7 @@ def test_disconnect_storm_leaks_no_slot(model_and_tokenizer, live_server):
 
     asyncio.run(storm())
     wait_until(lambda: (chat_stream.admission.processing, chat_stream.admission.waiting) == (0, 0), 30)
-    wait_until(lambda: chat_stream.engine.active == 0, 10)
+    wait_until(lambda: chat_stream.engine.scheduler.active == 0, 10)
     admitted = results["ok"] + results["left"]
     log.wait_for(results["ok"], 30)
     time.sleep(0.5)

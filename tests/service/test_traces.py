@@ -112,13 +112,13 @@ def test_disconnect_before_streaming_trace(srv):
 
 def test_unknown_error_trace_and_raising_callback(srv):
     engine = srv.chat_stream.engine
-    healthy = engine.model
-    engine.model = BrokenModel(healthy, 0)
+    healthy = engine.runner.model
+    engine.runner.model = BrokenModel(healthy, 0)
     try:
         with httpx.Client(base_url=srv.url) as client:
             assert client.post("/chat_stream_raising_callback", json={"user_input": "hi"}, timeout=60).status_code == 500
     finally:
-        engine.model = healthy
+        engine.runner.model = healthy
     trace, chat = wait_trace(srv.chat_stream, "unknown_error_occurred")
     children = check_nesting(trace, chat, ["chatstream.queue", "chatstream.prefill", "chatstream.callback"])
     assert chat["status"] == "ERROR"

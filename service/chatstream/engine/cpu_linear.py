@@ -16,14 +16,21 @@ tied embeddings holds that matrix twice (113 MB for SmolLM2-135M in float32). Ev
 is checked once against ``torch.nn.functional.linear``; if oneDNN is missing,
 the dtype is not one it packs, or a result disagrees, the model is left as it
 was.
+
+Which kernel serves is decided here too (:func:`prepare_linears`, called by the
+engine on its own thread before it serves): measured on this CPU (``auto``),
+or as asked (``onednn``, ``torch``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
+
+from .fused_linear import fuse_projections
 
 log = logging.getLogger("chatstream.engine")
 
@@ -47,8 +54,57 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=packed"
 
 
-def available(model: torch.nn.Module) -> str | None:
-    """None when the model can be packed, else the reason it cannot."""
+REQUESTS = ("auto", "onednn", "torch")
+
+
+def check_request(request: str) -> None:
+    if request not in REQUESTS:
+        raise ValueError(f"cpu_linear must be 'auto', 'onednn' or 'torch', not {request!r}")
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernel that serves a model's linear layers on the CPU, and what was done to the model for it."""
+    kernel: str                                         # "onednn" (layers prepacked) or "torch"
+    timings: dict[int, dict[str, float]] | None = None  # what :func:`measure` found (``auto`` only)
+    packed: int = 0                                     # layers now holding prepacked weights
+    fused: int = 0                                      # groups of sibling projections fused (fused_linear.py)
+
+
+def prepare_linears(model: torch.nn.Module, request: str = "auto") -> KernelChoice:
+    """Choose the linear kernel for ``model`` and prepare the model for it, in place.
+
+    ``auto`` times PyTorch's kernel against oneDNN's prepacked one on the model's own layers
+    (:func:`measure`, about a second) and takes oneDNN only when it wins (:func:`choose`): which one
+    wins depends on the CPU, its memory and its BLAS. ``onednn`` packs without measuring, ``torch``
+    leaves the model as it is. A model that cannot be packed (:func:`why_not_packable`) is served by
+    PyTorch's kernel whatever was asked. Call it on the thread that will run the model (Engine._prepare_model
+    says why).
+    """
+    check_request(request)
+    choice, timings = request, None
+    if choice == "auto":
+        choice = "torch"
+        if packed_count(model):  # a second engine over a model the first one packed
+            choice = "onednn"
+        elif why_not_packable(model) is None:
+            timings = measure(model)
+            choice = choose(timings)
+            log.info("linear kernels measured on this CPU: oneDNN %.2fx PyTorch's (%s); serving with %s",
+                     speedup(timings), ", ".join(f"{n} rows {t['torch'] * 1e3:.1f} vs {t['onednn'] * 1e3:.1f} ms"
+                                                 for n, t in timings.items()), choice)
+    fused = 0
+    if choice == "onednn" and why_not_packable(model) is None:
+        # q/k/v and gate/up as one product each: 5-7% off a decode step here (fused_linear.py).
+        fused = fuse_projections(model)
+    packed = pack_linears(model) if choice == "onednn" else 0
+    if packed:
+        log.info("the engine owns the model: its linear layers now hold oneDNN prepacked weights")
+    return KernelChoice("onednn" if packed else "torch", timings, packed, fused)
+
+
+def why_not_packable(model: torch.nn.Module) -> str | None:
+    """Why the model's linear layers cannot be packed; None when they can."""
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN"
     param = next(model.parameters(), None)
@@ -161,7 +217,7 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 32) -> int:
 
     Packing a model twice (two engines over one model) is harmless: the second call finds nothing to swap.
     """
-    reason = available(model)
+    reason = why_not_packable(model)
     if reason:
         log.info("linear layers left as they are: %s", reason)
         return 0

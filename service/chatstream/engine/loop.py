@@ -3,13 +3,16 @@
 The work is split three ways, as in vLLM, each part knowing nothing of the others:
 
 - :class:`~.scheduler.Scheduler` (pure, no model): who is admitted to which cache
-  row, which prompt chunks go through the next prefill pass under the token
-  budget, the decode batch, and the row moves when a sequence finishes or is
-  promoted;
+  row, which prompt chunks go through the next pass under the token budget, the
+  decoding rows, and the row moves when a sequence finishes or is promoted;
 - :class:`~.runner.ModelRunner`: tensors, 4D masks and positions for that plan,
   the KV cache, the forward pass and sampling;
 - :class:`~.output.OutputProcessor`: detokenizing, stop strings, EOS and length,
   the events a consumer receives.
+
+A step (:meth:`Engine._step`) is vLLM's ``EngineCore.step``: the scheduler's
+plan, the runner's pass over it, the scheduler's update, then each new token
+through the output processor to its consumer.
 
 :class:`Engine` owns the thread and the public, thread-safe API, and the rule
 for failures: whatever goes wrong with one sequence (its admission, its
@@ -31,12 +34,11 @@ import torch
 
 from . import cpu_linear as linear_kernels
 from .events import Failed, Finished
-from .fused_linear import fuse_projections
 from .output import OutputProcessor
 from .runner import ModelRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, State
 
 log = logging.getLogger("chatstream.engine")
 
@@ -46,26 +48,24 @@ __all__ = ["Engine", "Sequence", "default_eos_ids"]
 class Engine:
     """Continuous batching over a slot KV cache, on a thread of its own.
 
-    The engine takes ownership of ``model``. On the CPU, ``cpu_linear="auto"`` (the default) times
-    PyTorch's linear kernel against oneDNN's prepacked one on the model's own weight shapes (about a
-    second at start, cpu_linear.py) and serves with the faster: which one wins depends on the CPU
-    (on the AMD EPYC of bench/results oneDNN is 1.6x faster over a float32 step; where the BLAS is
-    fast the margin may vanish). ``"onednn"`` packs without measuring, ``"torch"`` never packs.
-    Packing replaces every ``nn.Linear`` of the model, in place, by a layer holding its weight
-    prepacked for oneDNN: the weights are moved, not copied, so serving costs no second copy of the
-    model. The model still computes the same function afterwards, but it no longer holds
-    ``nn.Linear`` layers or their weights: do not train it or save its ``state_dict``. Packing a
-    shallow clone instead would leave the caller's layers intact only by keeping both the original
-    and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights) packing in place grows
-    the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
+    The engine takes ownership of ``model``. On the CPU, ``cpu_linear`` says which kernel serves its
+    linear layers: ``"auto"`` (the default) measures PyTorch's against oneDNN's prepacked one on this
+    CPU (about a second at start) and serves with the faster, ``"onednn"`` packs without measuring,
+    ``"torch"`` never packs (cpu_linear.prepare_linears). Packing replaces every ``nn.Linear`` of the
+    model, in place, by a layer holding its weight prepacked for oneDNN: the weights are moved, not
+    copied, so serving costs no second copy of the model. The model still computes the same function
+    afterwards, but it no longer holds ``nn.Linear`` layers or their weights: do not train it or save
+    its ``state_dict``. Packing a shallow clone instead would leave the caller's layers intact only by
+    keeping both the original and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights)
+    packing in place grows the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
     ``engine.cpu_linear`` says which kernel serves, ``engine.linear_timings`` what was measured.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
                  prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
-                 cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0):
-        if cpu_linear not in ("auto", "onednn", "torch"):
-            raise ValueError(f"cpu_linear must be 'auto', 'onednn' or 'torch', not {cpu_linear!r}")
+                 cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0,
+                 runner: ModelRunner | None = None):
+        linear_kernels.check_request(cpu_linear)
         # Measuring and packing happen on the engine's own thread when it starts (_prepare_model says why).
         self.cpu_linear_request = cpu_linear
         self.cpu_linear: str | None = None
@@ -81,7 +81,8 @@ class Engine:
         # (128 halved inter-token p99 at 32 clients on 2 CPU cores against 512, for about the same tok/s).
         # Positions of finished sequences kept for prompts that start with them (0: off; prefix_cache.py).
         self.scheduler = Scheduler(max_batch, prefill_tokens, prefill_tokens_decoding, prefix_cache_tokens)
-        self.runner = ModelRunner(model, max_batch)
+        # ``runner`` stands in for the model's (tests drive the real step with a fake one, test_scheduler.py).
+        self.runner = runner if runner is not None else ModelRunner(model, max_batch)
         eos = eos_token_ids if eos_token_ids is not None else default_eos_ids(model, tokenizer)
         self.output = OutputProcessor(tokenizer, set(eos), max_context)
         self._inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
@@ -95,40 +96,12 @@ class Engine:
 
     # -- public, thread-safe --------------------------------------------------------
     @property
-    def model(self):
-        return self.runner.model
-
-    @model.setter
-    def model(self, model) -> None:  # tests swap in a failing model
-        self.runner.model = model
-
-    @property
-    def cache(self):
-        return self.runner.cache
-
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device
-
-    @property
     def info(self) -> dict[str, str]:
         """How the model is served, for /metrics: device, dtype and the linear kernel."""
-        param = next(self.model.parameters(), None)
+        param = next(self.runner.model.parameters(), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
-        kernel = self.cpu_linear if self.device.type == "cpu" else "n/a"
-        return {"device": self.device.type, "dtype": dtype, "cpu_linear": kernel}
-
-    @property
-    def eos(self) -> set[int]:
-        return self.output.eos
-
-    @property
-    def prefill_tokens(self) -> int:
-        return self.scheduler.prefill_tokens
-
-    @property
-    def prefill_tokens_decoding(self) -> int:
-        return self.scheduler.prefill_tokens_decoding
+        device = self.runner.device.type
+        return {"device": device, "dtype": dtype, "cpu_linear": self.cpu_linear if device == "cpu" else "n/a"}
 
     def start(self) -> None:
         """Start the engine thread; returns once it has chosen and prepared its linear kernels."""
@@ -166,10 +139,6 @@ class Engine:
         self._wake.set()
 
     @property
-    def active(self) -> int:
-        return self.scheduler.active
-
-    @property
     def prefix_cache_stats(self) -> dict | None:
         """Prefix cache accounting (a snapshot; None when the cache is off): prompt tokens looked up, tokens
         served from the cache, the hit rate, entries and positions held, and the bytes they take."""
@@ -183,32 +152,16 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------
     def _prepare_model(self) -> None:
-        """Choose the CPU linear kernel (measured when ``auto``) and pack the weights, on this thread.
+        """Choose the CPU linear kernel and prepare the model for it (cpu_linear.prepare_linears), on this thread.
 
         On this thread because it is the one that runs the model: on the 2-core AMD EPYC here, a
         model packed by the main thread (``ChatStream(...)`` at import time, as the library is
         used) and run by another decoded at one row in 64-101 ms a step, packed and run by the
         same thread in 42-43 ms (best of 60 steps, three runs each).
         """
-        model, choice = self.runner.model, self.cpu_linear_request
-        if choice == "auto":
-            choice = "torch"
-            if linear_kernels.packed_count(model):  # a second engine over a model the first one packed
-                choice = "onednn"
-            elif linear_kernels.available(model) is None:
-                self.linear_timings = linear_kernels.measure(model)
-                choice = linear_kernels.choose(self.linear_timings)
-                log.info("linear kernels measured on this CPU: oneDNN %.2fx PyTorch's (%s); serving with %s",
-                         linear_kernels.speedup(self.linear_timings),
-                         ", ".join(f"{n} rows {t['torch'] * 1e3:.1f} vs {t['onednn'] * 1e3:.1f} ms"
-                                   for n, t in self.linear_timings.items()), choice)
-        if choice == "onednn" and linear_kernels.available(model) is None:
-            # q/k/v and gate/up as one product each: 5-7% off a decode step here (fused_linear.py).
-            self.fused_projections = fuse_projections(model)
-        self.packed_linears = linear_kernels.pack_linears(model) if choice == "onednn" else 0
-        self.cpu_linear = "onednn" if self.packed_linears else "torch"
-        if self.packed_linears:
-            log.info("the engine owns the model: its linear layers now hold oneDNN prepacked weights")
+        choice = linear_kernels.prepare_linears(self.runner.model, self.cpu_linear_request)
+        self.cpu_linear, self.linear_timings = choice.kernel, choice.timings
+        self.packed_linears, self.fused_projections = choice.packed, choice.fused
 
     def _run(self) -> None:
         try:
@@ -221,24 +174,31 @@ class Engine:
         idle_since = None
         with torch.inference_mode():
             while not self._stopping:
-                self._drain_inbox()
-                self._reap_cancelled()
-                if not self.scheduler.has_work():
-                    now = time.monotonic()
-                    idle_since = idle_since or now
-                    if now - idle_since >= self.idle_shrink_seconds:
-                        self.runner.shrink()
-                    self._wake.wait(min(0.5, self.idle_shrink_seconds))
-                    self._wake.clear()
+                if self.step():
+                    idle_since = None
                     continue
-                idle_since = None
-                try:
-                    self._step()
-                    self.steps += 1
-                except Exception as exc:  # a fault of the engine itself: fail what runs, keep serving
-                    log.exception("generation step failed")
-                    for seq in self.scheduler.clear():
-                        self._deliver(seq, [Failed(exc)])
+                now = time.monotonic()
+                idle_since = idle_since or now
+                if now - idle_since >= self.idle_shrink_seconds:
+                    self.runner.shrink()
+                self._wake.wait(min(0.5, self.idle_shrink_seconds))
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One turn of the engine thread: take new requests, end cancelled ones, run a step; False when there
+        was nothing to run. The engine thread calls it; call it only on an engine that was never started."""
+        self._drain_inbox()
+        self._reap_cancelled()
+        if not self.scheduler.has_work():
+            return False
+        try:
+            self._step()
+            self.steps += 1
+        except Exception as exc:  # a fault of the engine itself: fail what runs, keep serving
+            log.exception("generation step failed")
+            for seq in self.scheduler.clear():
+                self._deliver(seq, [Failed(exc)])
+        return True
 
     def _drain_inbox(self) -> None:
         while True:
@@ -253,40 +213,24 @@ class Engine:
                 self._finish(seq, "cancelled")
 
     def _step(self) -> None:
-        for seq in self.scheduler.admit():
-            try:
-                self._prepare(seq)
-            except Exception as exc:
-                self._fail(seq, exc, "admitting a sequence failed")
-
-        # Prompt chunks and decoding rows share one pass (runner.step): the weights are read once a step.
-        chunks = self.scheduler.prefill_chunks()
-        batch = self.scheduler.decode_batch()
-        if not chunks and not batch:
+        """Plan, run, update: prompt chunks and decoding rows share one pass (the weights are read once a step)."""
+        plan = self.scheduler.schedule(self._prepare)
+        for seq, exc in plan.refused:
+            self._failed(seq, exc, "admitting a sequence failed")
+        if plan.empty:
             return
         try:
-            prefill_logits, decode_logits = self.runner.step(chunks, batch)
+            picks = self.runner.execute(plan)
         except Exception as exc:
-            for seq in [c.seq for c in chunks] + batch:
+            for seq in plan.running:
                 self._fail(seq, exc, "a forward pass failed")
             return
-        # Every row's new columns are in the cache before any row moves.
-        done = self.scheduler.prefilled(chunks)
-        self.scheduler.decoded(batch)
-        firsts = [chunks[i].seq for i in done]
-        first_picks = self.runner.sample(prefill_logits[done], firsts) if firsts else []
-        picks = self.runner.sample(decode_logits, batch) if batch else []
-        for seq, pick in zip(firsts, first_picks):
-            if isinstance(pick, Exception):
-                self._fail(seq, pick, "sampling failed")
-                continue
-            self._apply(self.scheduler.promote(seq))
-            self._take(seq, pick)
-        for seq, pick in zip(batch, picks):
+        self._apply(self.scheduler.update(plan))  # every row's new positions are in the cache before any row moves
+        for seq, pick in zip(plan.sampled, picks):
             self._take(seq, pick)
 
     def _prepare(self, seq: Sequence) -> None:
-        """Per-sequence state on admission; raising here fails this sequence only."""
+        """Per-sequence state on admission (Scheduler.schedule calls it); raising here fails this sequence only."""
         # Reserve the sequence's whole extent now: the cache never grows mid-stream.
         self.runner.reserve(min(len(seq.prompt_ids) + seq.params.max_new_tokens, self.max_context))
         if seq.prefix_key is not None:
@@ -312,7 +256,7 @@ class Engine:
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        if seq.state == "done":
+        if seq.state is State.DONE:
             return
         self._apply(self.scheduler.remove(seq, keep=True))  # the row is free before the consumer hears of the end
         try:
@@ -323,10 +267,14 @@ class Engine:
         self._deliver(seq, events)
 
     def _fail(self, seq: Sequence, exc: Exception, what: str) -> None:
-        if seq.state == "done":
+        if seq.state is State.DONE:
             return
-        log.error("%s: %s", what, exc, exc_info=exc)
         self._apply(self.scheduler.remove(seq))
+        self._failed(seq, exc, what)
+
+    def _failed(self, seq: Sequence, exc: Exception, what: str) -> None:
+        """Tell the consumer of a sequence that is already out of the scheduler that it failed."""
+        log.error("%s: %s", what, exc, exc_info=exc)
         self._deliver(seq, [Failed(exc)])
 
     def _deliver(self, seq: Sequence, events: list[object]) -> bool:

@@ -1,7 +1,8 @@
 """Which finished sequences' KV the engine keeps, and which kept prefix a new prompt can start from.
 
 Pure bookkeeping (no tensors): the scheduler consults it and hands the runner
-:class:`Save` / :class:`Load` / :class:`Drop` orders for the tensors. The rule:
+:class:`Save` / :class:`Drop` orders for the tensors (a kept prefix is copied
+into an admitted sequence's row when the engine prepares it). The rule:
 
 - When a sequence ends (not when it fails) the positions its cache row holds
   (prompt, then the generated tokens that went through the model) are kept as
@@ -42,8 +43,7 @@ class PrefixIndex:
         self.entries: collections.OrderedDict[int, list[int]] = collections.OrderedDict()  # oldest use first
         self.held_tokens = 0
         self._next_key = 0
-        # Accounting: prompts looked up, their tokens, and the tokens served from kept entries.
-        self.lookups = 0
+        # Accounting: prompt tokens looked up, and the tokens served from kept entries.
         self.prompt_tokens = 0
         self.hit_tokens = 0
 
@@ -55,7 +55,6 @@ class PrefixIndex:
             n = _common_prefix(tokens, prompt, limit)
             if n > best:
                 best_key, best = key, n
-        self.lookups += 1
         self.prompt_tokens += len(prompt)
         self.hit_tokens += best
         if best_key is not None:

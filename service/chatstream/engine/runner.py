@@ -1,7 +1,7 @@
 """The forward pass: inputs, 4D masks and positions for the scheduler's plan, the KV cache, sampling.
 
-The runner turns a plan into tensors and the model's answer into next tokens;
-it decides nothing about which sequence runs. The model writes keys and values
+The runner turns a plan into tensors and the model's answer into next tokens
+(:meth:`ModelRunner.execute`); it decides nothing about which sequence runs. The model writes keys and values
 through :class:`SlotKVCache` (one row per running sequence); the runner tells
 the cache what the next pass writes (``plan_prefill`` / ``plan_decode``) and
 applies the row moves the scheduler asks for.
@@ -18,7 +18,7 @@ from .architectures import FULL, attention_windows
 from .kv_cache import SlotKVCache
 from .prefix_cache import Drop, Save
 from .sampling import sample
-from .scheduler import Chunk, Move
+from .scheduler import Chunk, Move, StepPlan
 from .sequence import Sequence
 
 
@@ -74,6 +74,14 @@ class ModelRunner:
         self.cache.shrink()
 
     # -- forward --------------------------------------------------------------------------
+    def execute(self, plan: StepPlan) -> list[int | Exception]:
+        """Run ``plan``'s forward pass and sample: the next token of each of ``plan.sampled``, in that order,
+        or the exception its sampling raised (the others are unaffected). Raises if the pass fails."""
+        prefill_logits, decode_logits = self.step(plan.chunks, plan.decode)
+        done = [i for i, chunk in enumerate(plan.chunks) if chunk.completes]
+        firsts = self.sample(prefill_logits[done], [plan.chunks[i].seq for i in done]) if done else []
+        return firsts + (self.sample(decode_logits, plan.decode) if plan.decode else [])
+
     def step(self, chunks: list[Chunk], batch: list[Sequence]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """One step: prefill ``chunks`` (rows after the decoding ones) and advance rows ``[0, len(batch))``
         by their ``next_token``. The logits of each chunk's last token and of each decoding row

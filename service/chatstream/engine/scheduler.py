@@ -1,8 +1,13 @@
 """Which sequences run in the next forward passes, and where their cache rows are.
 
-A pure object: no model, no tensors, no thread. The engine asks it for a plan,
-runs the passes, and reports back; the scheduler answers with the row moves the
-cache must make (:class:`Move`), which the runner applies. Its rules:
+A pure object: no model, no tensors, no thread. A step is two calls, as in
+vLLM's ``schedule()`` / ``update_from_output()``: :meth:`Scheduler.schedule`
+admits and returns the :class:`StepPlan` of one forward pass, and, once the
+runner has run it, :meth:`Scheduler.update` advances the sequences and answers
+with the row moves the cache must make (:class:`Move`), which the runner
+applies. Sequences come in through :meth:`~Scheduler.add` and leave through
+:meth:`~Scheduler.remove` (finished, cancelled or failed; the output processor
+decides when a sequence ends). Its rules:
 
 - Waiting sequences are admitted first come, first served while a row is free.
 - Rows ``[0, d)`` hold the decoding sequences, rows ``[d, d + p)`` the ones still
@@ -26,9 +31,10 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import Callable
 
 from .prefix_cache import Drop, PrefixIndex, Save
-from .sequence import Sequence
+from .sequence import Sequence, State
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,34 @@ class Chunk:
     seq: Sequence
     start: int
     count: int
+
+    @property
+    def completes(self) -> bool:
+        """The chunk ends its prompt: the logits at its last token pick the sequence's first new token."""
+        return self.start + self.count == len(self.seq.prompt_ids)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step: who was admitted before it, and what its forward pass runs."""
+    admitted: list[Sequence]                   # given a row (and prepared) this step
+    refused: list[tuple[Sequence, Exception]]  # given a row, but preparing them raised: out, to be failed
+    chunks: list[Chunk]                        # prompt chunks, in row order, rows contiguous after the decoding ones
+    decode: list[Sequence]                     # the decoding rows [0, d) in order, each writing its next_token
+
+    @property
+    def empty(self) -> bool:
+        return not self.chunks and not self.decode
+
+    @property
+    def running(self) -> list[Sequence]:
+        """The sequences the pass writes for."""
+        return [c.seq for c in self.chunks] + self.decode
+
+    @property
+    def sampled(self) -> list[Sequence]:
+        """The sequences that get a token from the pass: completed prompts (chunk order), then the decoding rows."""
+        return [c.seq for c in self.chunks if c.completes] + self.decode
 
 
 @dataclass(frozen=True)
@@ -74,29 +108,40 @@ class Scheduler:
         """Every sequence the scheduler holds, waiting or running."""
         return list(self.waiting) + self.decoding + self.prefilling
 
-    # -- planning ---------------------------------------------------------------------------
+    # -- a step -------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        seq.state = "waiting"
+        seq.state = State.WAITING
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Give free rows to waiting sequences, oldest first; return the admitted ones."""
-        admitted = []
-        while self.waiting and self.active < self.max_batch:
+    def schedule(self, prepare: Callable[[Sequence], None] = lambda seq: None) -> StepPlan:
+        """Plan the next step: admit waiting sequences to the rows free now, oldest first, then take the
+        prompt chunks under the token budget and every decoding row.
+
+        ``prepare(seq)`` readies each admitted sequence before any pass (the engine reserves its cache,
+        loads its kept prefix, starts its text). One whose preparation raises takes no part: it leaves
+        (``State.DONE``; it held the last row, so nothing moves) and is listed in ``refused``, and its row
+        stays free until the next step.
+        """
+        admitted, refused = [], []
+        for _ in range(min(len(self.waiting), self.max_batch - self.active)):
             seq = self.waiting.popleft()
-            seq.row = self.active
-            seq.state = "prefill"
-            seq.length = 0
+            seq.row, seq.state, seq.length = self.active, State.PREFILL, 0
             if self.prefixes is not None:
-                # The runner copies the kept positions into the row (Engine._prepare) before any pass.
                 seq.prefix_key, seq.cached_tokens = self.prefixes.lookup(seq.prompt_ids)
                 seq.length = seq.cached_tokens
             self.prefilling.append(seq)
+            try:
+                prepare(seq)
+            except Exception as exc:
+                self.prefilling.pop()
+                seq.state, seq.row = State.DONE, -1
+                refused.append((seq, exc))
+                continue
             admitted.append(seq)
-        return admitted
+        return StepPlan(admitted, refused, self._chunks(), list(self.decoding))
 
-    def prefill_chunks(self) -> list[Chunk]:
-        """The next prefill pass: prompt chunks in row order within the token budget (rows are contiguous)."""
+    def _chunks(self) -> list[Chunk]:
+        """Prompt chunks in row order within the token budget (the prefilling rows are contiguous)."""
         budget = self.prefill_tokens_decoding if self.decoding else self.prefill_tokens
         chunks: list[Chunk] = []
         for seq in sorted(self.prefilling, key=lambda s: s.row):
@@ -107,26 +152,25 @@ class Scheduler:
             budget -= count
         return chunks
 
-    def prefilled(self, chunks: list[Chunk]) -> list[int]:
-        """The pass over ``chunks`` ran: advance them; return the indexes (into ``chunks``) of completed prompts."""
-        done = []
-        for i, chunk in enumerate(chunks):
+    def update(self, plan: StepPlan) -> list[Move]:
+        """The pass over ``plan`` ran: its positions are in the cache. Advance every sequence it wrote for,
+        then promote each completed prompt to the decoding rows; return the row moves, in order.
+
+        Every sequence advances before any row moves: a promotion exchanges two rows up to the longer of the
+        two, which must count the positions this pass wrote.
+        """
+        for chunk in plan.chunks:
             chunk.seq.length = chunk.start + chunk.count
-            if chunk.seq.length == len(chunk.seq.prompt_ids):
-                done.append(i)
-        return done
-
-    def decode_batch(self) -> list[Sequence]:
-        """The next decode pass: every decoding sequence, rows ``[0, d)`` in order."""
-        return list(self.decoding)
-
-    def decoded(self, batch: list[Sequence]) -> None:
-        """The decode pass over ``batch`` ran: each wrote one more position."""
-        for seq in batch:
+        for seq in plan.decode:
             seq.length += 1
+        moves: list[Move] = []
+        for chunk in plan.chunks:
+            if chunk.completes:
+                moves.extend(self._promote(chunk.seq))
+        return moves
 
     # -- rows ---------------------------------------------------------------------------------
-    def promote(self, seq: Sequence) -> list[Move]:
+    def _promote(self, seq: Sequence) -> list[Move]:
         """A sequence whose prompt is complete joins the decoding rows at row ``d``."""
         d = len(self.decoding)
         moves = []
@@ -137,7 +181,7 @@ class Scheduler:
         seq.row = d
         self.prefilling.remove(seq)
         self.decoding.append(seq)
-        seq.state = "decode"
+        seq.state = State.DECODE
         return moves
 
     def remove(self, seq: Sequence, keep: bool = False) -> list[Move | Save | Drop]:
@@ -146,12 +190,12 @@ class Scheduler:
         With ``keep`` (the sequence ended, it did not fail) and a prefix cache, its row's positions are kept:
         the evicted entries' :class:`Drop` orders, then a :class:`Save`, come before any move of the rows.
         """
-        state, seq.state = seq.state, "done"
-        if state == "waiting":
+        state, seq.state = seq.state, State.DONE
+        if state is State.WAITING:
             if seq in self.waiting:
                 self.waiting.remove(seq)
             return []
-        if state not in ("prefill", "decode"):
+        if state not in (State.PREFILL, State.DECODE):
             return []
         moves: list[Move | Save | Drop] = []
         if keep and self.prefixes is not None and seq.length > 0:
@@ -159,7 +203,7 @@ class Scheduler:
             moves.extend(Drop(k) for k in drops)  # memory is given back before more is taken
             if key is not None:
                 moves.append(Save(seq.row, seq.length, key))
-        if state == "decode":
+        if state is State.DECODE:
             last = self.decoding[-1]
             if last is not seq:
                 moves.append(Move(last.row, seq.row, last.length))
@@ -181,7 +225,7 @@ class Scheduler:
         """Drop every sequence (after an engine fault); return the running ones."""
         running = self.decoding + self.prefilling
         for seq in running:
-            seq.state = "done"
+            seq.state = State.DONE
             seq.row = -1
         self.decoding, self.prefilling = [], []
         return running

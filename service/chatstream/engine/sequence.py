@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -11,6 +12,14 @@ from .detokenize import IncrementalDetokenizer, StopMatcher
 from .sampling import SamplingParams
 
 
+class State(enum.Enum):
+    """Where a sequence is: queued, holding a row (its prompt going in, or generating), or out of the engine."""
+    WAITING = "waiting"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    DONE = "done"
+
+
 @dataclass(eq=False)
 class Sequence:
     prompt_ids: list[int]
@@ -18,7 +27,7 @@ class Sequence:
     on_event: Callable[[object], None]
     cancelled: bool = False    # set from any thread by Engine.cancel; read by the engine thread
     # The scheduler's: where the sequence is and how much of it the cache holds.
-    state: str = "waiting"     # waiting | prefill | decode | done
+    state: State = State.WAITING
     row: int = -1
     length: int = 0            # positions of this sequence held in its cache row
     cached_tokens: int = 0     # prompt positions copied from the prefix cache instead of prefilled
