@@ -86,6 +86,14 @@ def get_resource(namespace: str, name: str) -> dict | None:
         raise
 
 
+def patch_replicas(namespace: str, name: str, replicas: int) -> None:
+    """spec.replicas of a ChatStreamDeployment: the autoscaler's one write (scaler.py)."""
+    kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
+        resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name,
+        {"spec": {"replicas": replicas}}, _content_type=_MERGE,
+    )
+
+
 def patch_status(namespace: str, name: str, status: dict) -> None:
     api = kubernetes.client.CustomObjectsApi()
     try:
