@@ -148,8 +148,8 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
     lines += [
         "frontend monitor",
         f"    bind {monitor_bind}",
-        "    # 503 while no pod is up: the router is not ready without one (or, when",
-        "    # it holds requests at zero, without its activator).",
+        "    # 503 while no pod is up: the router is not ready without one.",
+        *(["    # With the activator, while it can hold requests it is."] if activator else []),
         "    monitor-uri /healthz",
         "    monitor fail if { nbsrv(pods) lt 1 }" + (" { nbsrv(activator) lt 1 }" if activator else ""),
         "    http-request set-log-level silent",
