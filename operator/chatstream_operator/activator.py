@@ -87,10 +87,6 @@ def wants_stream(request: web.Request, body: bytes) -> bool:
     return isinstance(data, dict) and data.get("stream") is True
 
 
-class HoldTimeout(Exception):
-    pass
-
-
 class Activator:
     def __init__(self, stats, replay: str, hold_timeout: float, max_held: int, pod_capacity: int = 0,
                  poll_seconds: float = 0.2):
@@ -152,7 +148,8 @@ class Activator:
 
     async def _hold(self, request: web.Request, out: web.StreamResponse | None, stream: bool, deadline: float,
                     again: bool = False):
-        """Wait in line until released; returns the SSE response if one was started."""
+        """Wait in line until released or the deadline: (the SSE response if
+        one was started, whether the request was released)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.waiting.append(future)
@@ -166,14 +163,14 @@ class Activator:
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    raise HoldTimeout
+                    return out, False
                 if stream and out is None:
                     out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                     await out.prepare(request)
                     await out.write(b": waiting for a model pod to start\n\n")
                 try:
                     await asyncio.wait_for(asyncio.shield(future), min(remaining, PROGRESS_SECONDS))
-                    return out
+                    return out, True
                 except asyncio.TimeoutError:
                     if out is not None:
                         await out.write(f": waiting for a model pod ({loop.time() - started:.0f}s)\n\n".encode())
@@ -202,9 +199,8 @@ class Activator:
                 if out is None:
                     return unavailable(message, "too_many_held_requests")
                 return await self._fail_stream(out, message, "too_many_held_requests")
-            try:
-                out = await self._hold(request, out, stream, deadline, again)
-            except HoldTimeout:
+            out, released = await self._hold(request, out, stream, deadline, again)
+            if not released:
                 self.m_rejected.labels("timeout").inc()
                 message = f"no model pod was ready within {self.hold_timeout:g}s; it may be starting: retry"
                 if out is None:
