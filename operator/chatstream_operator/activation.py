@@ -29,6 +29,7 @@ REPLAY_PORT = 8001         # HAProxy frontend on 127.0.0.1: held requests, relea
 CONTAINER = "activator"
 HOLD_TIMEOUT_SECONDS = 300  # under the router's 10 min stream timeout; a GPU pod may need minutes to load
 MAX_HELD_REQUESTS = 100     # bodies of up to 1 MiB each: bounded memory
+PRESTOP_SLEEP_SECONDS = 5  # HAProxy's (router.PRESTOP_SLEEP_SECONDS; a test holds them equal)
 RESOURCES = {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
 
 
@@ -93,9 +94,14 @@ def container(spec: dict, image: str, run_volume: str = "run", socket: str = "/r
             f"--hold-timeout={s['holdTimeoutSeconds']}",
             f"--max-held={s['maxHeldRequests']}",
             f"--pod-capacity={s['podCapacity']}",
+            # Relayed streams get the time the pods give theirs.
+            f"--grace={spec['shutdownGraceSeconds']}",
         ],
         "ports": [{"name": "activator", "containerPort": CONTROL_PORT, "protocol": "TCP"}],
         "resources": RESOURCES,
+        # Listening while HAProxy does (its preStop): a request at zero that
+        # reaches a stopping router is still held, not refused.
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "activator"}, "periodSeconds": 10,
                           "failureThreshold": 3},
         "securityContext": {

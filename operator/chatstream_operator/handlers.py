@@ -136,13 +136,17 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     memo.scalers = scaler.Scalers(lambda body: scaler.Scaler(body, memo.signal, scale))
 
 
-async def scale(body: dict, decision, autoscaling: dict) -> None:
+async def scale(body: dict, decision, autoscaling: dict) -> bool:
     """Write an autoscaling decision: spec.replicas (the reconcile carries
-    it to the Deployment), status.autoscaling, and an Event."""
+    it to the Deployment), status.autoscaling, and an Event. False, and
+    nothing written, when spec.autoscaling changed since the body the
+    decision rested on (the scaler decides again on the new one)."""
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    await asyncio.to_thread(kube.patch_replicas, ns, name, decision.replicas)
+    if not await asyncio.to_thread(kube.patch_replicas, ns, name, decision.replicas, body["spec"]["autoscaling"]):
+        return False
     await asyncio.to_thread(kube.patch_status, ns, name, {"autoscaling": autoscaling})
     kopf.event(body, type="Normal", reason=decision.reason, message=decision.message)
+    return True
 
 
 @kopf.on.cleanup()

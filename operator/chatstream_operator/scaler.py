@@ -8,6 +8,12 @@ spec.replicas (the one writer while spec.autoscaling is set; the reconcile
 carries it to the Deployment, as for `kubectl scale`), status.autoscaling and
 an Event. The resource's latest body comes from the operator's watch
 (`update`), so a step costs the API server nothing unless it scales.
+
+Why not a kopf daemon or timer, which would start and stop these loops:
+kopf puts a finalizer on every resource that has one (deleting a resource
+would then need a running operator), and this operator keeps no kopf
+bookkeeping on resources (docs/operator.md). Scalers is the forty lines
+that replace it, fed by the event handler the operator already has.
 """
 
 from __future__ import annotations
@@ -78,10 +84,11 @@ def _wall() -> str:
 
 class Scaler:
     def __init__(self, body: dict, read_signal: Callable[[dict, int, float], Awaitable[dict]],
-                 act: Callable[[dict, autoscale.Decision, dict], Awaitable[None]],
+                 act: Callable[[dict, autoscale.Decision, dict], Awaitable[bool | None]],
                  interval: float = INTERVAL_SECONDS, clock: Callable[[], float] = time.monotonic):
         """read_signal(body, since, wait) -> the activator's /signal answer;
-        act(body, decision, status.autoscaling) writes a change."""
+        act(body, decision, status.autoscaling) writes a change (False:
+        not written, spec.autoscaling changed since `body`)."""
         self.body, self.read_signal, self.act = body, read_signal, act
         self.interval, self.clock = interval, clock
         self.samples: list[autoscale.Sample] = []
@@ -141,7 +148,10 @@ class Scaler:
         ready = (self.body.get("status") or {}).get("readyReplicas")
         decision = autoscale.decide(policy, self.samples, self.current(), now, ready)
         if decision.changed:
-            await self.act(self.body, decision, status_of(decision, self.body, held, _wall()))
+            if await self.act(self.body, decision, status_of(decision, self.body, held, _wall())) is False:
+                log.info("autoscaling: %s not written: spec.autoscaling is no longer the one it rested on",
+                         decision.reason, extra=self._ref())
+                return decision
             self.pending = (decision.replicas, self.clock())
             self.decisions.append(decision)
             log.info("autoscaling: %s: %s", decision.reason, decision.message, extra=self._ref())

@@ -10,7 +10,7 @@ import asyncio
 import copy
 
 from builder_helpers import CRD, make_resource
-from chatstream_operator import activation, autoscale, resources, router, scaler, status
+from chatstream_operator import activation, autoscale, kube, resources, router, scaler, status
 from chatstream_operator.__main__ import parse_args
 from test_operator_router import IMAGE, haproxy_check
 
@@ -58,6 +58,11 @@ def test_the_activator_runs_beside_haproxy_with_the_specs_bounds():
     args = dict(a[2:].split("=", 1) for a in activator["args"])
     assert args["hold-timeout"] == "60" and args["max-held"] == "5"
     assert args["pod-capacity"] == "8"  # 2 streams + 6 queued per pod
+    # It stops as HAProxy does: after the same preStop, streams given the pods' grace, within the pod's.
+    assert activator["lifecycle"] == haproxy["lifecycle"]
+    grace = got["Deployment", "chat-router"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert int(args["grace"]) == autoscaled()["spec"]["shutdownGraceSeconds"]
+    assert activator["lifecycle"]["preStop"]["sleep"]["seconds"] + int(args["grace"]) < grace
     assert args["listen"] == f"127.0.0.1:{activation.PROXY_PORT}"  # only HAProxy reaches the proxy
     # The stats socket is in the shared emptyDir, and the activator runs as HAProxy's user (the pod's).
     assert {m["mountPath"] for m in activator["volumeMounts"]} == {"/run/haproxy"}
@@ -159,6 +164,32 @@ def test_a_held_request_scales_from_zero_once_however_late_the_watch_is():
     s = asyncio.run(main())
     assert writes == [(1, "ScaledFromZero", 1)]
     assert s.since == 1  # the next long poll waits for a request held after this one
+
+
+def test_a_decision_refused_because_autoscaling_changed_is_not_taken_as_made():
+    """The write tests spec.autoscaling (kube.replicas_patch): refused, the
+    scaler does not count the new replicas as pending, and decides again."""
+    body = autoscaled(replicas=0)
+    held = {"load": 1, "held": 1, "held_total": 1, "in_flight": 0, "queued": 0, "pods_up": 0}
+    answers = [False, True]
+    writes = []
+
+    async def act(b, decision, st):
+        writes.append(decision.replicas)
+        return answers.pop(0)
+
+    async def main():
+        s = scaler.Scaler(body, FakeRouter(held), act, interval=0.01, clock=Clock())
+        first = await s.step()
+        assert s.current() == 0 and not s.decisions  # nothing was written
+        await s.step()
+        return first, s
+
+    first, s = asyncio.run(main())
+    assert first.reason == "ScaledFromZero" and writes == [1, 1] and s.current() == 1 and len(s.decisions) == 1
+    patch = kube.replicas_patch(1, body["spec"]["autoscaling"])
+    assert patch[0] == {"op": "test", "path": "/spec/autoscaling", "value": body["spec"]["autoscaling"]}
+    assert patch[1] == {"op": "add", "path": "/spec/replicas", "value": 1}
 
 
 def test_an_unreachable_router_scales_nothing_down_and_clamps_still_apply(caplog):
