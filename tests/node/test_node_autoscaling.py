@@ -47,7 +47,11 @@ class Replicas:
 
     def _poll(self) -> None:
         while not self.stopping.is_set():
-            csd = get("csd", self.name, self.ns) or {}
+            try:
+                csd = get("csd", self.name, self.ns) or {}
+            except AssertionError:  # a kubectl hiccup: the next second's read
+                self.stopping.wait(1)
+                continue
             desired = (csd.get("spec") or {}).get("replicas", 0)
             ready = (csd.get("status") or {}).get("readyReplicas", 0)
             if not self.seen or self.seen[-1][1:] != (desired, ready):
@@ -121,7 +125,7 @@ def test_from_zero_a_load_step_with_a_slow_start_and_back_to_zero(operator_pod, 
         assert stream["comments"] >= 1, "a held streaming client saw no progress"
         assert chat.status_code == 200 and chat.text, chat.text
         # A load step from 1 replica; the new pod cannot schedule for a while.
-        kubectl("taint", "nodes", NODE_NAME, HOLD_TAINT)
+        kubectl("taint", "nodes", NODE_NAME, HOLD_TAINT, "--overwrite")
         try:
             with Load(url, clients=CLIENTS, max_tokens=MAX_TOKENS, new_conversations=True) as load:
                 t_load = time.monotonic()
