@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="service image for resources that name none and want a GPU")
     p.add_argument("--router-image", default=os.environ.get("CHATSTREAM_OPERATOR_ROUTER_IMAGE", Images.router),
                    help="image of the session-affine router (HAProxy) put in front of each resource's pods")
+    p.add_argument("--activator-image", default=os.environ.get("CHATSTREAM_OPERATOR_ACTIVATOR_IMAGE", Images.activator),
+                   help="image of the activator beside the router of autoscaled resources (the operator's own)")
     return p.parse_args(argv)
 
 
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(images=Images(cpu=args.image, gpu=args.gpu_image, router=args.router_image)),
+        memo=kopf.Memo(images=Images(cpu=args.image, gpu=args.gpu_image, router=args.router_image,
+                                     activator=args.activator_image)),
     )
 
 

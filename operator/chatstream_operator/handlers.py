@@ -15,6 +15,7 @@ restart, which lists everything again, converges the same way.
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime
 import logging
 import secrets
@@ -22,7 +23,7 @@ import secrets
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from . import kube, model_cache, resources, router, status
+from . import kube, model_cache, resources, router, scaler, status
 from .workqueue import WorkQueue
 
 CSD = (resources.GROUP, resources.VERSION, resources.PLURAL)
@@ -105,7 +106,7 @@ def reconcile(namespace: str, name: str, images: resources.Images) -> float | No
         deployment = kube.apply(manifest)
         # The session-affine router (router.py): config, headless pods
         # Service, router Service, router Deployment (at 0 when disabled).
-        *router_children, router_manifest = router.children(resource, images.router)
+        *router_children, router_manifest = router.children(resource, images.router, images.activator)
         for manifest in router_children:
             kube.apply(manifest)
         router_deployment = kube.apply(router_manifest)
@@ -149,6 +150,28 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
             return RETRY_SECONDS
 
     memo.queue = WorkQueue(work)
+    # The autoscaler (scaler.py): a loop per resource with spec.autoscaling.
+    memo.signal = scaler.SignalReader()
+    memo.scalers = scaler.Scalers(lambda body: scaler.Scaler(body, memo.signal, scale))
+
+
+async def scale(body: dict, decision, autoscaling: dict) -> bool:
+    """Write an autoscaling decision: spec.replicas (the reconcile carries
+    it to the Deployment), status.autoscaling, and an Event. False, and
+    nothing written, when spec.autoscaling changed since the body the
+    decision rested on (the scaler decides again on the new one)."""
+    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    if not await asyncio.to_thread(kube.patch_replicas, ns, name, decision.replicas, body["spec"]["autoscaling"]):
+        return False
+    await asyncio.to_thread(kube.patch_status, ns, name, {"autoscaling": autoscaling})
+    kopf.event(body, type="Normal", reason=decision.reason, message=decision.message)
+    return True
+
+
+@kopf.on.cleanup()
+async def stop_scalers(memo: kopf.Memo, **_) -> None:
+    await memo.scalers.close()
+    await memo.signal.close()
 
 
 @kopf.on.event(*CSD)
@@ -156,8 +179,10 @@ async def resource_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_) -> 
     key = (body.metadata.namespace, body.metadata.name)
     if event["type"] == "DELETED":
         memo.queue.forget(key)
+        memo.scalers.stop(key)
     else:
         memo.queue.trigger(key)
+        memo.scalers.update(key, copy.deepcopy(dict(body)))
 
 
 async def _child_event(body: kopf.Body, memo: kopf.Memo, **_) -> None:

@@ -12,6 +12,7 @@ from . import resources
 
 _APPLY = "application/apply-patch+yaml"
 _MERGE = "application/merge-patch+json"
+_JSON_PATCH = "application/json-patch+json"
 
 
 def login() -> None:
@@ -106,6 +107,30 @@ def get_resource(namespace: str, name: str) -> dict | None:
         if err.status == 404:
             return None
         raise
+
+
+def replicas_patch(replicas: int, autoscaling: dict) -> list[dict]:
+    """A JSON patch (RFC 6902) of spec.replicas that applies only while
+    spec.autoscaling is still `autoscaling`, the one the decision rested on:
+    its `test` fails (422) once a user removed or changed it, so a decision
+    made just before can never overwrite a user's own replicas."""
+    return [{"op": "test", "path": "/spec/autoscaling", "value": autoscaling},
+            {"op": "add", "path": "/spec/replicas", "value": replicas}]
+
+
+def patch_replicas(namespace: str, name: str, replicas: int, autoscaling: dict) -> bool:
+    """spec.replicas of a ChatStreamDeployment: the autoscaler's one write
+    (scaler.py). False when spec.autoscaling changed meanwhile: nothing written."""
+    try:
+        kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object(
+            resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name,
+            replicas_patch(replicas, autoscaling), _content_type=_JSON_PATCH,
+        )
+    except ApiException as err:
+        if err.status in (404, 422):  # gone, or the test failed: spec.autoscaling is not what was decided on
+            return False
+        raise
+    return True
 
 
 def patch_status(namespace: str, name: str, status: dict) -> None:

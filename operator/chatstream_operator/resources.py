@@ -52,6 +52,7 @@ class Images:
     cpu: str = "localhost/chatstream:0.1.0"
     gpu: str = "localhost/chatstream-gpu:0.1.0"
     router: str = "localhost/chatstream-router:0.1.0"  # the session-affine router (router.py)
+    activator: str = "localhost/chatstream-operator:0.1.0"  # beside it with autoscaling (activation.py)
 
 
 def labels(name: str) -> dict[str, str]:
@@ -83,10 +84,9 @@ def endpoint(name: str, namespace: str) -> str:
 
 
 def spec_hash(spec: dict) -> str:
-    """Hash of everything in spec that shapes a pod. replicas is left out so
-    that scaling never rolls pods, routing because it shapes only the router;
-    any other change does."""
-    shaped = {k: v for k, v in spec.items() if k not in ("replicas", "routing")}
+    """Hash of everything in spec that shapes a pod: not replicas (scaling never
+    rolls pods), nor routing and autoscaling (they shape only the router)."""
+    shaped = {k: v for k, v in spec.items() if k not in ("replicas", "routing", "autoscaling")}
     return hashlib.sha256(json.dumps(shaped, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from . import resources
+from . import activation, resources
 
 ROUTER_PORT = 8000          # what clients call: the same port as the pods
 MONITOR_PORT = 8404         # the router's own /healthz and /metrics
@@ -86,7 +86,8 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
                    bind: str = f":{ROUTER_PORT}", monitor_bind: str = f":{MONITOR_PORT}",
                    health_interval: str = "2s", affinity: bool = True,
                    stats_socket: str | None = "/run/haproxy/admin.sock", hard_stop_after: int = 30,
-                   nameservers: list[str] | None = None, pod_port: int = resources.PORT) -> str:
+                   nameservers: list[str] | None = None, pod_port: int = resources.PORT,
+                   activator: dict | None = None) -> str:
     """haproxy.cfg for one resource.
 
     servers: explicit (name, "host:port") pairs instead of the DNS template
@@ -94,7 +95,8 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
     /etc/resolv.conf and pod_port the pods' port (tests, with a local DNS
     server and pods on loopback addresses); affinity=False leaves
     out every stick rule (the tests use it to show that their assertions
-    fail without them)."""
+    fail without them); activator: the arguments of
+    activation.haproxy_sections, to hold requests while no pod is up."""
     if not HEADER_PATTERN.match(session_header):
         raise ValueError(f"routing.sessionHeader {session_header!r} is not a header name (letters, digits, '-')")
     header = session_header.lower()
@@ -147,8 +149,9 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
         "frontend monitor",
         f"    bind {monitor_bind}",
         "    # 503 while no pod is up: the router is not ready without one.",
+        *(["    # With the activator, while it can hold requests it is."] if activator else []),
         "    monitor-uri /healthz",
-        "    monitor fail if { nbsrv(pods) lt 1 }",
+        "    monitor fail if { nbsrv(pods) lt 1 }" + (" { nbsrv(activator) lt 1 }" if activator else ""),
         "    http-request set-log-level silent",
         "    http-request use-service prometheus-exporter if { path /metrics }",
         "",
@@ -156,6 +159,8 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
         f"    bind {bind}",
         "    option http-no-delay",
         "    option forwardfor",
+        *(["    # No pod up (scaled to zero, or all starting): the activator holds it.",
+           "    use_backend activator if { nbsrv(pods) lt 1 }"] if activator else []),
         "    default_backend pods",
         "",
         "backend pods",
@@ -213,6 +218,8 @@ def haproxy_config(name: str, namespace: str, *, session_header: str = DEFAULT_S
         )
     else:
         lines += [f"    server {srv} {addr} check" for srv, addr in servers]
+    if activator:
+        lines += activation.haproxy_sections(**activator)
     return "\n".join(lines) + "\n"
 
 
@@ -222,8 +229,10 @@ def config_hash(config: str) -> str:
 
 def _config(body: dict) -> str:
     meta, spec = body["metadata"], body["spec"]
+    held = activation.settings(spec)
     return haproxy_config(meta["name"], meta["namespace"], session_header=routing(spec)["sessionHeader"],
-                          replicas=spec["replicas"], hard_stop_after=max(1, spec["shutdownGraceSeconds"]))
+                          replicas=activation.slots_for(spec), hard_stop_after=max(1, spec["shutdownGraceSeconds"]),
+                          activator={"hold_timeout": held["holdTimeoutSeconds"]} if held else None)
 
 
 def _metadata(body: dict, name: str, labels: dict) -> dict:
@@ -263,15 +272,18 @@ def service(body: dict) -> dict:
         "selector": router_labels(name),
         "ports": [{"name": "http", "port": ROUTER_PORT, "targetPort": "http", "protocol": "TCP"}],
     }
+    if activation.settings(body["spec"]):  # the operator reads the load there
+        spec["ports"].append(activation.service_port())
     return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(body, router_name(name), router_labels(name)),
             "spec": spec}
 
 
-def deployment(body: dict, image: str) -> dict:
+def deployment(body: dict, image: str, activator_image: str = resources.Images.activator) -> dict:
     """One router pod (stick tables live in the process; docs/routing.md says
     why not more). With routing disabled it is scaled to 0: the operator may
     not delete, and a Deployment at 0 runs nothing. The config's hash is a pod
-    annotation, so a new config rolls the router."""
+    annotation, so a new config rolls the router. With spec.autoscaling the
+    activator runs beside HAProxy (activation.py)."""
     meta, spec = body["metadata"], body["spec"]
     name = meta["name"]
     config = _config(body)
@@ -301,7 +313,7 @@ def deployment(body: dict, image: str) -> dict:
                          {"name": "run", "mountPath": "/run/haproxy"}],
     }
     pod_spec = {
-        "containers": [container],
+        "containers": [container] + ([activation.container(spec, activator_image)] if activation.settings(spec) else []),
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": spec["shutdownGraceSeconds"] + PRESTOP_SLEEP_SECONDS + 10,
@@ -334,6 +346,6 @@ def deployment(body: dict, image: str) -> dict:
     }
 
 
-def children(body: dict, image: str) -> list[dict]:
+def children(body: dict, image: str, activator_image: str = resources.Images.activator) -> list[dict]:
     """Everything the router needs, in apply order (config before its reader)."""
-    return [configmap(body), pods_service(body), service(body), deployment(body, image)]
+    return [configmap(body), pods_service(body), service(body), deployment(body, image, activator_image)]

@@ -186,11 +186,24 @@ def compute(resource: dict, deployment: dict | None, pods: list[dict], error: st
         conditions.append(cache.condition)
     elif model_cache.cache_of(resource["spec"]) is not None:
         conditions += kept
+    if "autoscaling" not in resource["spec"]:
+        out["autoscaling"] = None  # the autoscaler's (scaler.py) while spec.autoscaling is set
+    elif deployment is not None and deployment["spec"].get("replicas", 1) == 0:
+        conditions = [_ready_at_zero(c, router_deployment) if c["type"] == "Ready" else c for c in conditions]
     if error is not None:
         conditions = [c for c in conditions if c["type"] != "Degraded"]
         conditions.append(_condition("Degraded", True, "ReconcileError", error, generation))
     out["conditions"] = merge_conditions(conditions, old.get("conditions"), now)
     return out
+
+
+def _ready_at_zero(ready: dict, router_deployment: dict | None) -> dict:
+    """Scaled to zero by the autoscaler, a resource still answers: its router
+    holds a request and the autoscaler starts a pod (activation.py)."""
+    if router_deployment is None or (router_deployment.get("status") or {}).get("readyReplicas", 0) < 1:
+        return ready
+    return {**ready, "status": "True",
+            "message": "no pod runs; the router holds requests while the autoscaler starts one"}
 
 
 def merge_conditions(new: list[dict], old: list[dict] | None, now: str) -> list[dict]:

@@ -37,7 +37,7 @@ def test_crd_is_served_with_short_name_and_subresources(release):
         "labelSelectorPath": ".status.selector",
     }
     assert "status" in version["subresources"]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Model", "Replicas", "Ready", "Concurrency", "Routing", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Model", "Replicas", "Ready", "Concurrency", "Routing", "Scaling", "Age"]
     # Installed by Helm and kept when the release is uninstalled.
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     resources = kubectl("api-resources", "--api-group=chatstream.io", "-o", "wide").stdout

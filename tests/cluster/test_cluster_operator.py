@@ -131,7 +131,7 @@ def test_cpu_example_yields_deployment_service_and_ready_pods(cpu_example):
     assert {p["metadata"]["name"] for p in selected} == {p["metadata"]["name"] for p in ready_pods(name, ns)}
     assert condition(get("csd", name, ns), "Degraded")["status"] == "False"
     table = kubectl("get", "csd", name, "-n", ns).stdout.splitlines()
-    assert table[0].split() == ["NAME", "MODEL", "REPLICAS", "READY", "CONCURRENCY", "ROUTING", "AGE"]
+    assert table[0].split() == ["NAME", "MODEL", "REPLICAS", "READY", "CONCURRENCY", "ROUTING", "SCALING", "AGE"]
     assert table[1].split()[:6] == [name, "builtin:smollm2-135m-instruct", "2", "2", "4",
                                     f"http://{name}-router.{ns}.svc:8000"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import httpx
@@ -25,7 +26,7 @@ class Tally:
                 f"longest {self.longest:.1f}s")
 
 
-def stream_once(url: str, max_tokens: int, timeout: float) -> tuple[str, str, float]:
+def stream_once(url: str, max_tokens: int, timeout: float, headers: dict | None = None) -> tuple[str, str, float]:
     """One streamed chat; returns (outcome, detail, seconds): outcome is
     completed, cut or failed."""
     t0 = time.monotonic()
@@ -33,7 +34,7 @@ def stream_once(url: str, max_tokens: int, timeout: float) -> tuple[str, str, fl
     body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": PROMPT}]}
     try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout) as r:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout, headers=headers) as r:
             if r.status_code != 200:
                 return "failed", f"HTTP {r.status_code}: {r.read()[:200]!r}", time.monotonic() - t0
             for line in r.iter_lines():
@@ -51,17 +52,22 @@ def stream_once(url: str, max_tokens: int, timeout: float) -> tuple[str, str, fl
 
 
 class Load:
-    """n clients, each streaming one answer after another until stopped."""
+    """n clients, each streaming one answer after another until stopped;
+    with new_conversations, each answer is a conversation of its own (its own
+    X-Session-Id), which the router places by load."""
 
-    def __init__(self, url: str, clients: int = 8, max_tokens: int = 96, timeout: float = 120):
+    def __init__(self, url: str, clients: int = 8, max_tokens: int = 96, timeout: float = 120,
+                 new_conversations: bool = False):
         self.url, self.max_tokens, self.timeout = url, max_tokens, timeout
+        self.new_conversations = new_conversations
         self.tally = Tally()
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
     def _client(self) -> None:
         while not self.stopping.is_set():
-            outcome, detail, took = stream_once(self.url, self.max_tokens, self.timeout)
+            headers = {"X-Session-Id": uuid.uuid4().hex} if self.new_conversations else None
+            outcome, detail, took = stream_once(self.url, self.max_tokens, self.timeout, headers)
             with self.tally.lock:
                 self.tally.longest = max(self.tally.longest, took)
                 if outcome == "completed":

@@ -56,7 +56,11 @@ def test_default_service_images_agree():
     images = resources.Images()
     assert values["serviceImages"] == {"cpu": images.cpu, "gpu": images.gpu, "router": images.router}
     assert env == {"CHATSTREAM_OPERATOR_IMAGE": images.cpu, "CHATSTREAM_OPERATOR_GPU_IMAGE": images.gpu,
-                   "CHATSTREAM_OPERATOR_ROUTER_IMAGE": images.router}
+                   "CHATSTREAM_OPERATOR_ROUTER_IMAGE": images.router, "CHATSTREAM_OPERATOR_ACTIVATOR_IMAGE": images.activator}
+    # The activator is the operator's own image (the chart's operator image by default).
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert images.activator == f"{values['image']['repository']}:{chart['appVersion']}" == deployment["spec"]["template"][
+        "spec"]["containers"][0]["image"]
     chart_template = (CHART / "templates/deployment.yaml").read_text()
     assert set(re.findall(r"name: (CHATSTREAM_OPERATOR_\w+)", chart_template)) == set(env)
 

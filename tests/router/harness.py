@@ -103,9 +103,11 @@ class Pod:
 class Router:
     """haproxy in the foreground on the rendered config."""
 
-    def __init__(self, pods: list[Pod], workdir: Path, affinity: bool = True, nameserver: str | None = None):
+    def __init__(self, pods: list[Pod], workdir: Path, affinity: bool = True, nameserver: str | None = None,
+                 **config):
         """nameserver: find the pods through DNS (the cluster form of the
-        config: server-template slots), else list them."""
+        config: server-template slots), else list them; config: more
+        arguments of router.haproxy_config (the activator's)."""
         self.pods = {p.name: p for p in pods}
         self.port, self.monitor = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -115,7 +117,7 @@ class Router:
             "test", "default", servers=listed, nameservers=[nameserver] if nameserver else None,
             pod_port=pods[0].port,
             bind=f"127.0.0.1:{self.port}", monitor_bind=f"127.0.0.1:{self.monitor}",
-            health_interval="500ms", affinity=affinity, stats_socket=self.socket)
+            health_interval="500ms", affinity=affinity, stats_socket=self.socket, **config)
         if nameserver:
             # Slots have no fixed names: a pod is known by its address.
             self.pods = {}
