@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from node_helpers import (
-    NODE_NAME, apply, condition, example, get, kubectl, model_pods, pod_ready, record, report, service_url, wait_for,
+    NODE_NAME, apply, condition, example, get, kubectl, model_pods, pod_ready, record, report, wait_for,
 )
 from streams import Load
 
@@ -79,6 +79,22 @@ def decisions(name: str, ns: str) -> list[str]:
     return [e["reason"] for e in mine for _ in range(e.get("count") or 1)]
 
 
+def wait_reachable(name: str, ns: str) -> str:
+    """The router Service's URL once it connects. Ready (or RouterReady) comes
+    from the router pod's readiness; kube-proxy programs the Service a moment
+    later, and until then a connection is refused. The activator's /signal
+    port answers without waking anything, so it is the probe at zero."""
+    router = get("service", f"{name}-router", ns)["spec"]["clusterIP"]
+
+    def reachable() -> bool:
+        try:
+            return httpx.get(f"http://{router}:8405/signal", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
+    wait_for("the router Service reachable", reachable, timeout=60, interval=0.5)
+    return f"http://{router}:8000"
+
+
 def first_token(url: str, t0: float) -> dict:
     """A streaming /v1 request: progress comments while held, then the answer."""
     body = {"model": MODEL, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0,
@@ -112,7 +128,7 @@ def test_from_zero_a_load_step_with_a_slow_start_and_back_to_zero(operator_pod, 
     wait_for("the resource Ready at zero", lambda: condition(get("csd", NAME, ns), "Ready").get("status") == "True",
              timeout=180, interval=1)
     assert not model_pods(NAME, ns)
-    url = service_url(f"{NAME}-router", ns)
+    url = wait_reachable(NAME, ns)
     with Replicas(NAME, ns) as replicas:
         # From zero: the first requests (/v1 streaming and /chat_stream) are held, then answered.
         t0 = time.monotonic()
@@ -175,8 +191,8 @@ def test_held_requests_are_bounded_in_time_and_count(operator_pod, namespace):
     apply(body, ns)
     wait_for("its router ready", lambda: condition(get("csd", name, ns), "RouterReady").get("status") == "True",
              timeout=120, interval=1)
-    router = get("service", f"{name}-router", ns)["spec"]["clusterIP"]
-    url, signal = f"http://{router}:8000", f"http://{router}:8405/signal"
+    url = wait_reachable(name, ns)
+    signal = url.replace(":8000", ":8405") + "/signal"
     v1 = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
     t0 = time.monotonic()
     with ThreadPoolExecutor(2) as pool:
