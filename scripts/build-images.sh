@@ -92,8 +92,9 @@ host_trust() {
   return 0
 }
 
-build() {  # build IMAGE DOCKERFILE BASE [STAGE]
-  local image="$1" file="$2" base="$3" stage="${4:-}" t0=$SECONDS
+build() {  # build IMAGE DOCKERFILE BASE [STAGE...]
+  local image="$1" file="$2" base="$3" t0=$SECONDS stage
+  shift 3
   local mounts old args
   mapfile -t mounts < <(host_trust)
   args=(--network host --layers --build-arg "BASE_IMAGE=$base"
@@ -101,13 +102,14 @@ build() {  # build IMAGE DOCKERFILE BASE [STAGE]
   old="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)"
   say "building $image ($file on $base)"
   podman build "${args[@]}" -t "$image" "$ROOT"
-  # The last build stage the image copies from gets a tag too (a second,
-  # fully cached pass): an untagged stage has no child image, so any prune
-  # would take it and its layers (torch's environment), and the next build
-  # would install everything again. Tagged, only stale layers are pruned.
-  if [ -n "$stage" ]; then
+  # The build stages the image only copies from get a tag too (a second,
+  # fully cached pass each): an untagged stage has no child image, so any
+  # prune would take it and its layers (torch's environment, or the
+  # requirements list the torch layer is keyed on), and the next build would
+  # install everything again. Tagged, only stale layers are pruned.
+  for stage in "$@"; do
     podman build "${args[@]}" -q --target "$stage" -t "$(stage_tag "$image" "$stage")" "$ROOT" >/dev/null
-  fi
+  done
   # Drop the image this one replaces (kept if a build cache still needs it).
   if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
     podman rmi "$old" >/dev/null 2>&1 || true
@@ -124,9 +126,9 @@ setup_podman
 lint
 base_image
 build "localhost/chatstream-operator:$TAG" operator/Dockerfile "$BASE_IMAGE" build
-build "localhost/chatstream:$TAG" service/Dockerfile "$BASE_IMAGE" app
+build "localhost/chatstream:$TAG" service/Dockerfile "$BASE_IMAGE" app requirements
 build "localhost/chatstream-router:$TAG" router/Containerfile "$BASE_IMAGE"
-[ "$GPU" = 1 ] && build "localhost/chatstream-gpu:$TAG" service/Dockerfile.gpu "$GPU_BASE_IMAGE" app
+[ "$GPU" = 1 ] && build "localhost/chatstream-gpu:$TAG" service/Dockerfile.gpu "$GPU_BASE_IMAGE" app requirements
 # Builds leave untagged layers behind (several GB each once torch is in
 # them): those of earlier versions. The build cache of the images just built
 # is tagged (above), so a prune never takes it: prune those a day old, and all
