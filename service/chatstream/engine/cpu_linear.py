@@ -55,12 +55,12 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=packed"
 
 
-REQUESTS = ("auto", "onednn", "torch")
+REQUESTS = ("auto", "onednn", "torch", "bfloat16")
 
 
 def check_request(request: str) -> None:
     if request not in REQUESTS:
-        raise ValueError(f"cpu_linear must be 'auto', 'onednn' or 'torch', not {request!r}")
+        raise ValueError(f"cpu_linear must be 'auto', 'onednn', 'torch' or 'bfloat16', not {request!r}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,8 @@ def prepare_linears(model: torch.nn.Module, request: str = "auto", linear_dtype:
     """
     check_request(request)
     bf16_linear.check_request(linear_dtype)
+    if request == "bfloat16":  # the server's --cpu-linear bfloat16: bfloat16 where the check passes, else auto
+        request, linear_dtype = "auto", ("auto" if linear_dtype == "float32" else linear_dtype)
     if linear_dtype != "float32":
         reason = why_not_packable(model)
         param = next(model.parameters(), None)

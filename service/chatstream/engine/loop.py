@@ -166,14 +166,16 @@ class Engine:
         used) and run by another decoded at one row in 64-101 ms a step, packed and run by the
         same thread in 42-43 ms (best of 60 steps, three runs each).
         """
-        linear_dtype = self.linear_dtype_request
+        request, linear_dtype = self.cpu_linear_request, self.linear_dtype_request
+        if request == "bfloat16":  # --cpu-linear bfloat16: checked on this CPU at start (bf16_linear.check)
+            request, linear_dtype = "auto", ("auto" if linear_dtype == "float32" else linear_dtype)
         native = getattr(self.runner, "_native", None)
         if linear_dtype != "float32" and (native is None or native() is None):
             # transformers' own pass has no batch-invariant attention
             log.warning("linear layers serve in float32, not bfloat16 (linear_dtype=%s): the engine's own Llama "
                         "pass does not serve this model", linear_dtype)
             linear_dtype = "float32"
-        choice = linear_kernels.prepare_linears(self.runner.model, self.cpu_linear_request, linear_dtype)
+        choice = linear_kernels.prepare_linears(self.runner.model, request, linear_dtype)
         self.cpu_linear, self.linear_timings = choice.kernel, choice.timings
         self.packed_linears, self.fused_projections = choice.packed, choice.fused
         self.linear_dtype = choice.linear_dtype
