@@ -87,9 +87,9 @@ def answers(engine, prompts, together: bool, tokens: int = 40) -> list[str]:
         engine.submit(ids, SamplingParams(max_new_tokens=tokens, temperature=0), collect(done, text))
         outs.append((done, text))
         if not together:
-            assert done.wait(300)
+            assert done.wait(900)
     for done, _ in outs:
-        assert done.wait(300)
+        assert done.wait(900)
     return ["".join(text) for _, text in outs]
 
 
