@@ -49,7 +49,7 @@ def test_a_row_gets_the_same_bits_alone_among_longer_rows_and_in_a_prefill_chunk
         k, v = (torch.randn(1, 3, view, 64, generator=gen) for _ in range(2))
         mask = torch.zeros(1, 1, 3, view, dtype=torch.bool)
         mask[..., :length] = True
-        alone = attention.attend(q, k, v, mask, 0.125)
+        alone = attention.attend(q, k, v, attention.block_bias(mask), 0.125)
         for extra, rows in ((1, 2), (64, 8), (500, 16)):
             wide = attention.padded_view(length + extra)
             kb, vb = (torch.randn(rows, 3, wide, 64, generator=gen) for _ in range(2))
@@ -58,7 +58,7 @@ def test_a_row_gets_the_same_bits_alone_among_longer_rows_and_in_a_prefill_chunk
             qb[0] = q[0]
             maskb = torch.ones(rows, 1, 3, wide, dtype=torch.bool)
             maskb[0, ..., length:] = False
-            assert torch.equal(attention.attend(qb, kb, vb, maskb, 0.125)[0], alone[0]), (length, extra, rows)
+            assert torch.equal(attention.attend(qb, kb, vb, attention.block_bias(maskb), 0.125)[0], alone[0]), (length, extra, rows)
 
 
 @needs_bf16

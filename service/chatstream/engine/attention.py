@@ -42,11 +42,20 @@ def padded_view(view_len: int) -> int:
     return -(-view_len // BLOCK) * BLOCK
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def block_bias(mask: torch.Tensor) -> torch.Tensor:
+    """The additive form of ``mask`` (``[B, 1, M, L]``, boolean, True where a query sees a key) that
+    :func:`attend` takes: ``[B, 1, L / BLOCK, M, BLOCK]``, 0 where seen, ``-inf`` elsewhere. Made once a
+    pass, shared by every layer."""
+    b, _, m, length = mask.shape
+    blocked = mask.reshape(b, 1, m, length // BLOCK, BLOCK).transpose(2, 3)
+    return torch.zeros(blocked.shape).masked_fill_(~blocked, float("-inf"))
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
            scale: float) -> torch.Tensor:
     """Attention of ``q`` (``[B, kv_heads, M, head_dim]``: each key/value head's queries, grouped)
-    over ``keys``/``values`` (``[B, kv_heads, L, head_dim]``, ``L`` a multiple of :data:`BLOCK`) where
-    ``mask`` (``[B, 1, M, L]``, boolean) is True; ``[B, kv_heads, M, head_dim]``.
+    over ``keys``/``values`` (``[B, kv_heads, L, head_dim]``, ``L`` a multiple of :data:`BLOCK`) with
+    ``bias`` = :func:`block_bias` of the mask; ``[B, kv_heads, M, head_dim]``.
 
     Every query must see at least one key. Positions a query does not see may hold anything finite.
     """
@@ -54,16 +63,19 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     n = keys.shape[2] // BLOCK
     kb = keys.view(b, h, n, BLOCK, d)
     vb = values.view(b, h, n, BLOCK, d)
-    # [B, h, n, M, BLOCK]: block j's scores, a product over head_dim for each (query, key)
-    scores = _rows(torch.matmul, _pad_rows(q[:, :, None]), kb.transpose(-1, -2), m) * scale
-    mask = mask.view(b, 1, m, n, BLOCK).transpose(2, 3)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    # [B, h, n, M, BLOCK]: block j's scores, a product over head_dim for each (query, key); -inf where unseen
+    scores = _rows(torch.matmul, _pad_rows(q[:, :, None]), kb.transpose(-1, -2), m) * scale + bias
     top = scores.amax(dim=(2, 4), keepdim=True)  # a maximum: the same in any order
-    weights = torch.exp(scores - top)            # exact zeros where masked
+    weights = torch.exp(scores - top)            # exact zeros where unseen
     # Sums over blocks in index order: trailing blocks of zeros leave the sum as it was.
-    denominator = weights.sum(-1, keepdim=True).cumsum(2)[:, :, -1]  # [B, h, M, 1]
-    out = _rows(torch.matmul, _pad_rows(weights), vb, m).cumsum(2)[:, :, -1]  # [B, h, M, d]
+    denominator = _in_order(weights.sum(-1, keepdim=True))                 # [B, h, M, 1]
+    out = _in_order(_rows(torch.matmul, _pad_rows(weights), vb, m))        # [B, h, M, d]
     return out / denominator
+
+
+def _in_order(blocks: torch.Tensor) -> torch.Tensor:
+    """The sum over dimension 2 (blocks), added in index order (a cumulative sum's last element)."""
+    return blocks[:, :, 0] if blocks.shape[2] == 1 else blocks.cumsum(2)[:, :, -1]
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ def attention_invariant() -> bool:
     q = torch.randn(1, heads, groups, dim, generator=gen)
     mask = torch.zeros(1, 1, groups, view, dtype=torch.bool)
     mask[..., :length] = True
-    alone = attention.attend(q, k, v, mask, 0.125)[0]
+    alone = attention.attend(q, k, v, attention.block_bias(mask), 0.125)[0]
     wide = attention.padded_view(length + 150)
     kb, vb = (torch.randn(4, heads, wide, dim, generator=gen) for _ in range(2))
     kb[2, :, :view], vb[2, :, :view] = k[0], v[0]
@@ -117,13 +117,13 @@ def attention_invariant() -> bool:
     qb[2] = q[0]
     maskb = torch.ones(4, 1, groups, wide, dtype=torch.bool)
     maskb[2, ..., length:] = False
-    if not torch.equal(attention.attend(qb, kb, vb, maskb, 0.125)[2], alone):
+    if not torch.equal(attention.attend(qb, kb, vb, attention.block_bias(maskb), 0.125)[2], alone):
         return False
     qp = torch.randn(1, heads, groups, width, dim, generator=gen)
     qp[0, :, :, -1] = q[0]
     causal = torch.arange(wide)[None, :] <= torch.arange(length - width, length)[:, None]
     maskp = causal[None, None, None].expand(1, 1, groups, width, wide).reshape(1, 1, groups * width, wide)
-    out = attention.attend(qp.reshape(1, heads, groups * width, dim), kb[2:3], vb[2:3], maskp, 0.125)
+    out = attention.attend(qp.reshape(1, heads, groups * width, dim), kb[2:3], vb[2:3], attention.block_bias(maskp), 0.125)
     return torch.equal(out.view(1, heads, groups, width, dim)[0, :, :, -1], alone)
 
 

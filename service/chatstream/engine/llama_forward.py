@@ -71,6 +71,8 @@ class Pass:
     chunks: tuple[int, int] = (0, 0)      # (n, width): the last n * width tokens, one chunk per row
     prefill_mask: torch.Tensor | None = None   # [n, 1, width, view]
     prefill_plan: Plan | None = None
+    decode_bias: torch.Tensor | None = None    # the masks for attention.attend (invariant attention only)
+    prefill_bias: torch.Tensor | None = None
 
 
 class LlamaForward:
@@ -91,6 +93,15 @@ class LlamaForward:
         hidden = inner.embed_tokens(p.ids[None])
         cos, sin = inner.rotary_emb(hidden, position_ids=p.positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, head_dim], against [T, heads, head_dim]
+        if self.invariant:  # the masks in attention.attend's form, once a pass
+            groups = self.groups
+            if p.decode:
+                mask = p.decode_mask
+                p.decode_bias = attention.block_bias(mask.expand(mask.shape[0], 1, groups, mask.shape[-1]))
+            if p.chunks[0]:
+                (n, width), view = p.chunks, p.prefill_mask.shape[-1]
+                mask = p.prefill_mask[:, :, None].expand(n, 1, groups, width, view)
+                p.prefill_bias = attention.block_bias(mask.reshape(n, 1, groups * width, view))
         for index, layer in enumerate(inner.layers):
             hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
                                               cos, sin, p, cache)
@@ -111,8 +122,7 @@ class LlamaForward:
             # One query per row: its heads attend to their key/value head as one block of queries.
             qd = q[:d].reshape(d, -1, self.groups, self.head_dim)
             if self.invariant:
-                mask = p.decode_mask.expand(d, 1, self.groups, keys.shape[2])
-                out = attention.attend(qd, keys, values, mask.contiguous(), self.scaling)
+                out = attention.attend(qd, keys, values, p.decode_bias, self.scaling)
             else:
                 out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=p.decode_mask, scale=self.scaling)
             parts.append(out.reshape(d, -1))
@@ -123,10 +133,8 @@ class LlamaForward:
             keys, values = cache.update(kp, vp, index, plan=p.prefill_plan)
             if self.invariant:
                 # each key/value head's queries as one block: [n, kv_heads, groups * width, head_dim]
-                kv_heads, view = keys.shape[1], keys.shape[2]
-                grouped = qp.reshape(n, kv_heads, self.groups * width, self.head_dim)
-                mask = p.prefill_mask[:, :, None].expand(n, 1, self.groups, width, view)
-                out = attention.attend(grouped, keys, values, mask.reshape(n, 1, self.groups * width, view),
+                grouped = qp.reshape(n, keys.shape[1], self.groups * width, self.head_dim)
+                out = attention.attend(grouped, keys, values, p.prefill_bias,
                                        self.scaling).view(n, -1, width, self.head_dim)
             else:
                 out = F.scaled_dot_product_attention(qp, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
