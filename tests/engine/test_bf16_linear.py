@@ -58,7 +58,8 @@ def test_a_row_gets_the_same_bits_alone_among_longer_rows_and_in_a_prefill_chunk
             qb[0] = q[0]
             maskb = torch.ones(rows, 1, 3, wide, dtype=torch.bool)
             maskb[0, ..., length:] = False
-            assert torch.equal(attention.attend(qb, kb, vb, attention.block_bias(maskb), 0.125)[0], alone[0]), (length, extra, rows)
+            out = attention.attend(qb, kb, vb, attention.block_bias(maskb), 0.125)
+            assert torch.equal(out[0], alone[0]), (length, extra, rows)
 
 
 @needs_bf16

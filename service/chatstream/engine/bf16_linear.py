@@ -123,7 +123,8 @@ def attention_invariant() -> bool:
     qp[0, :, :, -1] = q[0]
     causal = torch.arange(wide)[None, :] <= torch.arange(length - width, length)[:, None]
     maskp = causal[None, None, None].expand(1, 1, groups, width, wide).reshape(1, 1, groups * width, wide)
-    out = attention.attend(qp.reshape(1, heads, groups * width, dim), kb[2:3], vb[2:3], attention.block_bias(maskp), 0.125)
+    grouped = qp.reshape(1, heads, groups * width, dim)
+    out = attention.attend(grouped, kb[2:3], vb[2:3], attention.block_bias(maskp), 0.125)
     return torch.equal(out.view(1, heads, groups, width, dim)[0, :, :, -1], alone)
 
 
