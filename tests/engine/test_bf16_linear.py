@@ -122,9 +122,11 @@ def test_bf16_answers_are_the_same_alone_in_a_batch_of_8_and_from_the_prefix_cac
         fresh_engine.stop()
 
 
-def test_auto_serves_bf16_only_where_the_check_passes(caplog):
+@pytest.mark.parametrize("cpu_linear,linear_dtype", [("auto", "auto"), ("bfloat16", "float32")])
+def test_auto_serves_bf16_only_where_the_check_passes(caplog, cpu_linear, linear_dtype):
+    # the engine's linear_dtype="auto", and the server's --cpu-linear bfloat16 that asks for the same
     model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
-    engine = Engine(model, tok, max_batch=2, linear_dtype="auto")
+    engine = Engine(model, tok, max_batch=2, cpu_linear=cpu_linear, linear_dtype=linear_dtype)
     with caplog.at_level(logging.INFO, logger="chatstream.engine"):
         engine.start()
     engine.stop()
