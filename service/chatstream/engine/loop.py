@@ -60,6 +60,9 @@ class Engine:
     keeping both the original and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights)
     packing in place grows the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
     ``engine.cpu_linear`` says which kernel serves, ``engine.linear_timings`` what was measured.
+    ``linear_dtype`` "bfloat16" runs a float32 model's products in bfloat16 with the batch-invariant
+    attention, "auto" (or ``cpu_linear="bfloat16"``) does so where this CPU passes bf16_linear.check;
+    ``engine.linear_dtype`` says which serves. float32 (the default) equals transformers' ``generate``.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
