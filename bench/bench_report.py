@@ -144,8 +144,10 @@ def memory_rows(results: dict, peers: list[str], labels: dict) -> list[list[str]
 
 
 # servers that are peers (not ablations of ours) and the vLLM thread settings among them
-PEER_KEYS = ("chatstream030", "transformers", "vllm", "vllm-2t")
-VLLM_KEYS = ("vllm", "vllm-2t")
+# vllm-2t-auto: vLLM in its default dtype (bfloat16 on x86), the peer its users run (issue 24)
+PEER_KEYS = ("chatstream030", "transformers", "vllm-2t-auto", "vllm", "vllm-2t")
+VLLM_KEYS = ("vllm-2t-auto", "vllm", "vllm-2t")
+OURS_KEYS = ("ours", "ours-bf16")  # goals are judged for each; ours-bf16's lines say so
 
 
 def best_of(results: dict, keys, c) -> tuple[str | None, dict | None]:
@@ -166,30 +168,35 @@ def goals(results: dict) -> list[dict]:
         out.append({"goal": name, "value": value, "target": target,
                     "met": None if ok is None else bool(ok), "detail": detail})
 
-    def tok_ratio_goal(c, peer_name, peer_key, p, need):
-        o = lvl("ours", c)
-        r = ratio(o and o["tok_s"], p and p["tok_s"])
-        add(f"tok/s at {c} clients >= {need:g}x {peer_name}", r, need, None if r is None else r >= need,
-            "n/a" if r is None else f"{o['tok_s']:.1f} vs {peer_key} {p['tok_s']:.1f} tok/s = {r:.2f}x")
+    for me in OURS_KEYS:
+        if me != "ours" and me not in results:
+            continue
+        prefix = "" if me == "ours" else f"{me}: "
 
-    for c in (8, 16, 32):
-        key, best = best_of(results, VLLM_KEYS, c)
-        tok_ratio_goal(c, "vLLM's best thread setting", key, best, 1.5)
-        tok_ratio_goal(c, "transformers", "transformers", lvl("transformers", c), 2.0)
-    for c in (16, 32):
-        tok_ratio_goal(c, "ChatStream 0.3.0", "chatstream030", lvl("chatstream030", c), 5.0)
-    key, best = best_of(results, PEER_KEYS, 1)
-    tok_ratio_goal(1, "the best peer", key, best, 1.3)
-    for c in (1, 8, 16, 32):
-        o = lvl("ours", c)
-        peers = [(k, lvl(k, c)) for k in PEER_KEYS if lvl(k, c) and lvl(k, c).get("ttft_p99_ms") is not None]
-        name = f"TTFT p99 at {c} clients below every peer's"
-        if o and o.get("ttft_p99_ms") is not None and peers:
-            k, p = min(peers, key=lambda x: x[1]["ttft_p99_ms"])
-            add(name, o["ttft_p99_ms"] / p["ttft_p99_ms"], 1.0, o["ttft_p99_ms"] < p["ttft_p99_ms"],
-                f"{o['ttft_p99_ms']:.0f} ms vs the lowest peer, {k}, {p['ttft_p99_ms']:.0f} ms")
-        elif o:
-            add(name, None, 1.0, None, "n/a")
+        def tok_ratio_goal(c, peer_name, peer_key, p, need):
+            o = lvl(me, c)
+            r = ratio(o and o["tok_s"], p and p["tok_s"])
+            add(f"{prefix}tok/s at {c} clients >= {need:g}x {peer_name}", r, need, None if r is None else r >= need,
+                "n/a" if r is None else f"{o['tok_s']:.1f} vs {peer_key} {p['tok_s']:.1f} tok/s = {r:.2f}x")
+
+        for c in (8, 16, 32):
+            key, best = best_of(results, VLLM_KEYS, c)
+            tok_ratio_goal(c, "vLLM's best setting", key, best, 1.5)
+            tok_ratio_goal(c, "transformers", "transformers", lvl("transformers", c), 2.0)
+        for c in (16, 32):
+            tok_ratio_goal(c, "ChatStream 0.3.0", "chatstream030", lvl("chatstream030", c), 5.0)
+        key, best = best_of(results, PEER_KEYS, 1)
+        tok_ratio_goal(1, "the best peer", key, best, 1.3)
+        for c in (1, 8, 16, 32):
+            o = lvl(me, c)
+            peers = [(k, lvl(k, c)) for k in PEER_KEYS if lvl(k, c) and lvl(k, c).get("ttft_p99_ms") is not None]
+            name = f"{prefix}TTFT p99 at {c} clients below every peer's"
+            if o and o.get("ttft_p99_ms") is not None and peers:
+                k, p = min(peers, key=lambda x: x[1]["ttft_p99_ms"])
+                add(name, o["ttft_p99_ms"] / p["ttft_p99_ms"], 1.0, o["ttft_p99_ms"] < p["ttft_p99_ms"],
+                    f"{o['ttft_p99_ms']:.0f} ms vs the lowest peer, {k}, {p['ttft_p99_ms']:.0f} ms")
+            elif o:
+                add(name, None, 1.0, None, "n/a")
     m = results.get("ours", {}).get("memory")
     for base, what in (("idle_warm_mb", "idle after warm-up"), ("idle_mb", "idle before its first request")):
         name = f"ours: peak RSS under load <= 1.5x RSS {what}"

@@ -22,7 +22,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PEERS_DIR = BENCH / ".peers"
 LOGS = PEERS_DIR / "logs"
-PROJECT_PY = ROOT / ".venv" / "bin" / "python"
+# the project venv; CHATSTREAM_BENCH_VENV names another (a git worktree without a venv of its own)
+PROJECT_VENV = Path(os.environ.get("CHATSTREAM_BENCH_VENV") or ROOT / ".venv")
+PROJECT_PY = PROJECT_VENV / "bin" / "python"
 CHATSTREAM030_PY = PEERS_DIR / "chatstream030" / "bin" / "python"
 TRANSFORMERS_PY = PEERS_DIR / "transformers" / "bin" / "python"
 VLLM_PY = PEERS_DIR / "vllm" / "bin" / "python"
@@ -40,7 +42,8 @@ class Peer:
     ready_path: str
     python: Path
     notes: list[str] = field(default_factory=list)
-    dtype: str = "float32"              # run.py --dtype, the same for every server
+    dtype: str = "float32"              # run.py --dtype, the same for every server...
+    own_dtype: bool = False             # ...except a peer that names its own (vLLM's default, ours in bfloat16)
 
     def command(self, model_dir: str, port: int, max_clients: int, new_tokens: int) -> list[str]:
         raise NotImplementedError
@@ -74,7 +77,7 @@ class Ours(Peer):
                       f"--max-new-tokens {new_tokens} --temperature 0 --device cpu --dtype {self.dtype} "
                       f"{' '.join(cache)}, driven through /v1/chat/completions stream=true with "
                       "stream_options.include_usage"]
-        return [str(ROOT / ".venv" / "bin" / "chatstream"), "serve", "--model", model_dir,
+        return [str(PROJECT_VENV / "bin" / "chatstream"), "serve", "--model", model_dir,
                 "--host", "127.0.0.1", "--port", str(port), "--max-concurrent", str(max_clients),
                 "--max-queue", str(4 * max_clients), "--max-new-tokens", str(new_tokens),
                 "--temperature", "0", "--device", "cpu", "--dtype", self.dtype, *cache]
@@ -89,6 +92,21 @@ class OursTorchLinear(Ours):
     def command(self, model_dir, port, max_clients, new_tokens):
         cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", "torch"]
         self.notes = [self.notes[0].replace("--dtype", "--cpu-linear torch --dtype")]
+        return cmd
+
+
+class OursBF16(Ours):
+    """Ours with a float32 model whose products run in bfloat16 (``--cpu-linear bfloat16``: where the CPU
+    passes the engine's check at start; batch-invariant attention, bf16_linear.py)."""
+
+    def __init__(self):
+        Peer.__init__(self, "ours-bf16", "this project, --cpu-linear bfloat16 (float32 model, bfloat16 products)",
+                      "openai", "/readyz", PROJECT_PY, own_dtype=True)
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        self.dtype = "float32"
+        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", "bfloat16"]
+        self.notes = [self.notes[0].replace("--dtype", "--cpu-linear bfloat16 --dtype")]
         return cmd
 
 
@@ -185,10 +203,12 @@ class VLLM(Peer):
     KV_CACHE_GIB = 2
     MAX_MODEL_LEN = 2048
 
-    def __init__(self, key: str, threads: str):
+    def __init__(self, key: str, threads: str, dtype: str | None = None):
         label = "vLLM CPU 0.32.0, " + ("default threads (auto bind)" if threads == "auto"
                                        else "OpenMP threads on every CPU")
-        super().__init__(key, label, "openai", "/health", VLLM_PY)
+        if dtype:  # vLLM as its users run it: --dtype auto is bfloat16 on x86 (CpuPlatform.supported_dtypes)
+            label += f", --dtype {dtype} (its default)"
+        super().__init__(key, label, "openai", "/health", VLLM_PY, dtype=dtype or "float32", own_dtype=bool(dtype))
         self.threads = threads
 
     def cpu_list(self) -> list[int]:
@@ -234,8 +254,8 @@ class VLLM(Peer):
         return None
 
 
-PEERS = {p.key: p for p in (Ours(), OursTorchLinear(), ChatStream030(), TransformersServe(),
-                            VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}
+PEERS = {p.key: p for p in (Ours(), OursBF16(), OursTorchLinear(), ChatStream030(), TransformersServe(),
+                            VLLM("vllm-2t-auto", "all", "auto"), VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}
 
 
 def free_port() -> int:

@@ -11,7 +11,8 @@ prefix cache), one dtype after the other, in one run:
    float32 answers (identical answers, and the tokens they share before they part);
 3. perplexity of a fixed English text (bench/data/quality_text.txt, written for this
    file) and of the float32 model's own answers, per dtype;
-4. invariance: in each dtype, the answers alone, in a batch of 8, and as a conversation's
+4. invariance: in each configuration (float32; bfloat16 linear layers, the engine's
+   ``--cpu-linear bfloat16``, with its batch-invariant attention; the whole model in bfloat16), the answers alone, in a batch of 8, and as a conversation's
    second turn read from the prefix cache against the same turn prefilled afresh. The
    project promises that batching and the cache never change a greedy answer;
 5. speed: decode tokens/s of one stream and of 8 streams, per dtype, with the ratio.
@@ -154,7 +155,8 @@ def decode_rate(engine, tok, streams: int, new_tokens: int = 64) -> float:
     return sum(c.end.completion_tokens for c in outs) / seconds
 
 
-def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None) -> dict:
+def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, linear: str = "float32") -> dict:
+    """``linear``: the engine's ``linear_dtype`` (bfloat16: a float32 model's products in bfloat16)."""
     import torch
 
     from chatstream import load_model
@@ -162,10 +164,11 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None) -
 
     model, tok = load_model(source, device="cpu", dtype=dtype)
     text_ids = tok(Path(HERE / "data" / "quality_text.txt").read_text())["input_ids"]
-    text_nll, text_n = nll(model, text_ids)
-    engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear="auto", prefix_cache_tokens=0)
+    engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear="auto", prefix_cache_tokens=0,
+                    linear_dtype=linear)
     engine.start()
-    out: dict = {"dtype": dtype, "cpu_linear": engine.cpu_linear}
+    text_nll, text_n = nll(model, text_ids)  # after start: through the layers the engine serves with
+    out: dict = {"dtype": engine.info["dtype"], "cpu_linear": engine.cpu_linear, "linear_dtype": engine.linear_dtype}
     try:
         fact_prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q, _ in FACTS]
         fact_answers = alone(engine, fact_prompts, 32)
@@ -183,7 +186,7 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None) -
                   for i, (q, a) in enumerate(zip(OPENERS[:8], answers[:8]))]
         fresh = alone(engine, second, new_tokens)
         cached_engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear="auto",
-                               prefix_cache_tokens=16384)
+                               prefix_cache_tokens=16384, linear_dtype=linear)
         cached_engine.start()
         try:
             alone(cached_engine, open_prompts[:8], new_tokens)  # turn 1 fills the cache
@@ -218,37 +221,72 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None) -
     return out
 
 
-def report(cpu: dict, f32: dict, bf16: dict, commit: str) -> str:
+# What `--cpu-linear bfloat16` must keep against float32 to be worth serving (printed with the tables).
+BOUND = {"perplexity": 0.01, "facts": 1}
+
+
+def verdict(f32: dict, other: dict) -> str:
+    """Whether ``other`` is within :data:`BOUND` of float32 and keeps the batch and cache promise."""
+    n = len(OPENERS[:8])
+    checks = [
+        (other["perplexity_text"] <= f32["perplexity_text"] * (1 + BOUND["perplexity"]),
+         f"perplexity within +{BOUND['perplexity']:.0%} of float32's"),
+        (sum(other["facts"]) >= sum(f32["facts"]) - BOUND["facts"], f"at most {BOUND['facts']} fact fewer"),
+        (other["batched_equal"] == n, f"answers alone = batched, {n} of {n}"),
+        (other["cache_equal"] == n, f"prefix cache = fresh, {n} of {n}"),
+    ]
+    failed = [what for ok, what in checks if not ok]
+    return ("PASSES: " + "; ".join(what for _, what in checks)) if not failed else "FAILS: " + "; ".join(failed)
+
+
+def report(cpu: dict, runs: dict[str, dict], commit: str) -> str:
+    """The tables for ``runs`` (label -> evaluate's result; the first is float32, the reference)."""
     n_open, n_facts = len(OPENERS), len(FACTS)
-    shared = bf16["shared_tokens_with_fp32"]
+    labels = list(runs)
+    f32 = runs[labels[0]]
+
+    def row(name, cell):
+        return f"| {name} | " + " | ".join(cell(runs[k], k == labels[0]) for k in labels) + " |"
+
+    def rel(key, fmt="{:.3f}"):
+        return lambda r, ref: fmt.format(r[key]) + ("" if ref else f" ({r[key] / f32[key] - 1:+.2%})")
+
+    def speed(key):
+        return lambda r, ref: f"{r[key]:.1f}" + ("" if ref else f" ({r[key] / f32[key]:.2f}x)")
+
+    def median_shared(r, ref):
+        shared = r.get("shared_tokens_with_fp32")
+        return "64" if ref or not shared else str(sorted(shared)[len(shared) // 2])
+
     lines = [
         f"# bfloat16 vs float32 on the CPU ({datetime.date.today()})",
         "",
-        f"CPU: {cpu['model']}, flags {' '.join(cpu['flags']) or '(none of the bf16/AMX ones)'}; "
-        f"commit {commit}; linear kernel chosen: float32 {f32['cpu_linear']}, bfloat16 {bf16['cpu_linear']}.",
+        f"CPU: {cpu['model']}, flags {' '.join(cpu['flags']) or '(none of the bf16/AMX ones)'}; commit {commit}; "
+        + "; ".join(f"{k}: served as {r['dtype']}, linear kernel {r['cpu_linear']}" for k, r in runs.items()) + ".",
         "",
-        "| measure | float32 | bfloat16 |",
-        "| --- | --- | --- |",
-        f"| facts answered right (of {n_facts}) | {sum(f32['facts'])} | {sum(bf16['facts'])} |",
-        f"| open answers identical to float32's (of {n_open}, 64 tokens) | {n_open} | {bf16['equal_to_fp32']} |",
-        f"| tokens shared with float32's answer before they part (median of {n_open}) | 64 | "
-        f"{sorted(shared)[len(shared) // 2]} |",
-        f"| perplexity of the fixed text ({f32['text_tokens']} tokens) | {f32['perplexity_text']:.3f} | "
-        f"{bf16['perplexity_text']:.3f} ({bf16['perplexity_text'] / f32['perplexity_text'] - 1:+.2%}) |",
-        f"| perplexity of float32's own answers ({f32['answer_tokens']} tokens) | "
-        f"{f32['perplexity_fp32_answers']:.3f} | {bf16['perplexity_fp32_answers']:.3f} "
-        f"({bf16['perplexity_fp32_answers'] / f32['perplexity_fp32_answers'] - 1:+.2%}) |",
-        f"| answers alone = in a batch of 8 (of 8) | {f32['batched_equal']} | {bf16['batched_equal']} |",
-        f"| second turn from the prefix cache = prefilled afresh (of 8) | {f32['cache_equal']} | "
-        f"{bf16['cache_equal']} |",
-        f"| decode tok/s, 1 stream | {f32['tok_s_1']:.1f} | {bf16['tok_s_1']:.1f} "
-        f"({bf16['tok_s_1'] / f32['tok_s_1']:.2f}x) |",
-        f"| decode tok/s, 8 streams | {f32['tok_s_8']:.1f} | {bf16['tok_s_8']:.1f} "
-        f"({bf16['tok_s_8'] / f32['tok_s_8']:.2f}x) |",
+        "| measure | " + " | ".join(labels) + " |",
+        "| --- |" + " --- |" * len(labels),
+        row(f"facts answered right (of {n_facts})", lambda r, ref: str(sum(r["facts"]))),
+        row(f"open answers identical to float32's (of {n_open}, 64 tokens)",
+            lambda r, ref: str(n_open if ref else r["equal_to_fp32"])),
+        row(f"tokens shared with float32's answer before they part (median of {n_open})", median_shared),
+        row(f"perplexity of the fixed text ({f32['text_tokens']} tokens)", rel("perplexity_text")),
+        row(f"perplexity of float32's own answers ({f32['answer_tokens']} tokens)", rel("perplexity_fp32_answers")),
+        row("answers alone = in a batch of 8 (of 8)", lambda r, ref: str(r["batched_equal"])),
+        row("second turn from the prefix cache = prefilled afresh (of 8)", lambda r, ref: str(r["cache_equal"])),
+        row("decode tok/s, 1 stream", speed("tok_s_1")),
+        row("decode tok/s, 8 streams", speed("tok_s_8")),
         "",
-        "Facts missed: float32 " + (", ".join(q for (q, _), ok in zip(FACTS, f32["facts"]) if not ok) or "none")
-        + "; bfloat16 " + (", ".join(q for (q, _), ok in zip(FACTS, bf16["facts"]) if not ok) or "none") + ".",
+        f"Bound for serving it (`--cpu-linear bfloat16`): perplexity of the fixed text within "
+        f"+{BOUND['perplexity']:.0%} of float32's, at most {BOUND['facts']} fact fewer, answers alone = batched "
+        "and prefix cache = fresh 8 of 8.",
+        "",
     ]
+    for k in labels[1:]:
+        lines.append(f"- {k}: {verdict(f32, runs[k])}")
+    lines += ["", "Facts missed: " + "; ".join(
+        f"{k} " + (", ".join(q for (q, _), ok in zip(FACTS, r["facts"]) if not ok) or "none")
+        for k, r in runs.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +295,7 @@ def main() -> None:
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--no-full-bf16", action="store_true", help="skip the whole model in bfloat16")
     args = ap.parse_args()
     import subprocess
 
@@ -264,15 +303,17 @@ def main() -> None:
                             cwd=HERE).stdout.strip()
     cpu = cpu_description()
     print(f"CPU: {cpu['model']} {cpu['flags']}", flush=True)
-    f32 = evaluate(args.model, "float32", args.new_tokens, None)
+    runs = {"float32": evaluate(args.model, "float32", args.new_tokens, None)}
     print("float32 done", flush=True)
-    bf16 = evaluate(args.model, "bfloat16", args.new_tokens, f32)
-    text = report(cpu, f32, bf16, commit)
+    runs["bfloat16 linear layers"] = evaluate(args.model, "float32", args.new_tokens, runs["float32"], "bfloat16")
+    print("bfloat16 linear layers done", flush=True)
+    if not args.no_full_bf16:
+        runs["bfloat16 model"] = evaluate(args.model, "bfloat16", args.new_tokens, runs["float32"])
+    text = report(cpu, runs, commit)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{datetime.date.today()}-dtype-quality"
-    stem.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "commit": commit, "float32": f32,
-                                                     "bfloat16": bf16}, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "commit": commit, **runs}, indent=1))
     stem.with_suffix(".md").write_text(text)
     print(f"wrote {stem}.md and .json")
 

@@ -37,12 +37,15 @@ from run import (RESULTS, ensure_peers, loadavg, log, machine, model_dir, note_b
 TARGETS = {
     "ours-v1": ("ours", "v1"),
     "ours-chat_stream": ("ours", "chat_stream"),
+    "ours-bf16-v1": ("ours-bf16", "v1"),
+    "ours-bf16-chat_stream": ("ours-bf16", "chat_stream"),
+    "vllm-2t-auto": ("vllm-2t-auto", "v1"),
     "vllm": ("vllm", "v1"),
     "vllm-2t": ("vllm-2t", "v1"),
     "transformers": ("transformers", "v1"),
 }
-OURS = ("ours-v1", "ours-chat_stream")
-VLLMS = ("vllm", "vllm-2t")
+OURS = ("ours-v1", "ours-chat_stream", "ours-bf16-v1", "ours-bf16-chat_stream")
+VLLMS = ("vllm-2t-auto", "vllm", "vllm-2t")  # the first: vLLM as its users run it (bfloat16 on x86)
 DEFAULT_TARGETS = ",".join(TARGETS)
 
 # (tokens served from cache, prompt tokens): the first pair a server exposes is used.
@@ -358,7 +361,7 @@ def main() -> None:
         if t not in TARGETS:
             sys.exit(f"unknown target {t!r}; choose from {DEFAULT_TARGETS}")
 
-    PEERS["ours"].prefix_cache_tokens = args.prefix_cache_tokens
+    PEERS["ours"].prefix_cache_tokens = PEERS["ours-bf16"].prefix_cache_tokens = args.prefix_cache_tokens
     ensure_peers(sorted({TARGETS[t][0] for t in targets}))
     model_path = model_dir(args.model)
     log(f"==> model {model_path}")

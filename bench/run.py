@@ -1,7 +1,7 @@
 """Benchmark: this project's server vs ChatStream 0.3.0 vs `transformers serve --continuous-batching` vs vLLM CPU.
 
     .venv/bin/python bench/run.py [--clients 1,8,16,32] [--new-tokens 64] [--duration 60]
-                                  [--peers ours,ours-torch-linear,chatstream030,transformers,vllm,vllm-2t] [--quick]
+                                  [--peers ours,ours-bf16,vllm-2t-auto,vllm-2t,...] [--quick]
 
 Starts each server in turn (never two at once) on a loopback port with the same model
 directory, warms it up, runs closed-loop streaming clients at each concurrency level,
@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_client import PROMPTS, PROTOCOLS, count_tokens, new_session, one_request, run_level  # noqa: E402
 from bench_report import (goal_lines, goals, level_stats, md_table, memory_rows,  # noqa: E402
                           results_table, text_table)
-from bench_servers import (BENCH, PEERS, ROOT, VLLM, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
+from bench_servers import (BENCH, PEERS, PROJECT_VENV, ROOT, VLLM, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
                            machine_busy_seconds, rss_mb)
 
-DEFAULT_PEERS = "ours,ours-torch-linear,chatstream030,transformers,vllm,vllm-2t"
+# vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
+DEFAULT_PEERS = "ours,ours-bf16,vllm-2t-auto,vllm-2t,ours-torch-linear,chatstream030,transformers,vllm"
 # CPU features that decide which kernels are fast; the report header names those present
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -101,7 +102,7 @@ def machine() -> dict:
 def model_dir(arg: str | None) -> str:
     if arg:
         return str(Path(arg).resolve())
-    out = sh([str(ROOT / ".venv" / "bin" / "chatstream"), "prepare-model"], timeout=1800)
+    out = sh([str(PROJECT_VENV / "bin" / "chatstream"), "prepare-model"], timeout=1800)
     path = out.splitlines()[-1].rpartition(" in ")[2].strip() if out else ""
     if not Path(path).is_dir():
         sys.exit(f"could not find the model directory from `chatstream prepare-model`: {out!r}")
@@ -318,7 +319,8 @@ def main() -> None:
     args.clients = [int(c) for c in args.clients.split(",")]
     PEERS["transformers"].cb_defaults = args.transformers_cb == "default"
     for peer in PEERS.values():
-        peer.dtype = args.dtype
+        if not peer.own_dtype:
+            peer.dtype = args.dtype
     keys = [k.strip() for k in args.peers.split(",") if k.strip()]
     for k in keys:
         if k not in PEERS:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import bf16_linear
 from .fused_linear import fuse_projections
 
 log = logging.getLogger("chatstream.engine")
@@ -54,12 +55,12 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=packed"
 
 
-REQUESTS = ("auto", "onednn", "torch")
+REQUESTS = ("auto", "onednn", "torch", "bfloat16")
 
 
 def check_request(request: str) -> None:
     if request not in REQUESTS:
-        raise ValueError(f"cpu_linear must be 'auto', 'onednn' or 'torch', not {request!r}")
+        raise ValueError(f"cpu_linear must be 'auto', 'onednn', 'torch' or 'bfloat16', not {request!r}")
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,10 @@ class KernelChoice:
     timings: dict[int, dict[str, float]] | None = None  # what :func:`measure` found (``auto`` only)
     packed: int = 0                                     # layers now holding prepacked weights
     fused: int = 0                                      # groups of sibling projections fused (fused_linear.py)
+    linear_dtype: str = "float32"                       # what the products run in: float32 or bfloat16
 
 
-def prepare_linears(model: torch.nn.Module, request: str = "auto") -> KernelChoice:
+def prepare_linears(model: torch.nn.Module, request: str = "auto", linear_dtype: str = "float32") -> KernelChoice:
     """Choose the linear kernel for ``model`` and prepare the model for it, in place.
 
     ``auto`` times PyTorch's kernel against oneDNN's prepacked one on the model's own layers
@@ -80,8 +82,31 @@ def prepare_linears(model: torch.nn.Module, request: str = "auto") -> KernelChoi
     leaves the model as it is. A model that cannot be packed (:func:`why_not_packable`) is served by
     PyTorch's kernel whatever was asked. Call it on the thread that will run the model (Engine._prepare_model
     says why).
+
+    ``linear_dtype`` "bfloat16" (asked for, or chosen by ``"auto"`` where :func:`bf16_linear.check`
+    passes) serves a float32 model's products in bfloat16 with oneDNN whatever ``request`` says.
     """
     check_request(request)
+    bf16_linear.check_request(linear_dtype)
+    if request == "bfloat16":  # the server's --cpu-linear bfloat16: bfloat16 where the check passes, else auto
+        request, linear_dtype = "auto", ("auto" if linear_dtype == "float32" else linear_dtype)
+    if linear_dtype != "float32":
+        reason = why_not_packable(model)
+        param = next(model.parameters(), None)
+        if reason is None and param.dtype != torch.float32:
+            reason = f"the model is {param.dtype}, not float32"
+        if reason is None and linear_dtype == "auto":
+            reason = bf16_linear.check(model)
+        if reason:
+            log.warning("linear layers serve in float32, not bfloat16 (linear_dtype=%s): %s", linear_dtype, reason)
+        else:
+            fused = fuse_projections(model)
+            packed = pack_linears(model, dtype=torch.bfloat16)
+            if packed:
+                log.info("linear layers serve in bfloat16 (oneDNN, inputs split at %d columns); "
+                         "attention is the batch-invariant one", bf16_linear.SPLIT)
+                return KernelChoice("onednn", None, packed, fused, "bfloat16")
+            log.warning("linear layers serve in float32: packing them in bfloat16 failed")
     choice, timings = request, None
     if choice == "auto":
         choice = "torch"
@@ -209,11 +234,12 @@ def choose(timings: dict[int, dict[str, float]], margin: float = 0.05) -> str:
 
 def packed_count(model: torch.nn.Module) -> int:
     """How many of the model's layers already hold oneDNN prepacked weights."""
-    return sum(isinstance(m, PackedLinear) for m in model.modules())
+    return sum(isinstance(m, (PackedLinear, bf16_linear.BF16Linear)) for m in model.modules())
 
 
-def pack_linears(model: torch.nn.Module, batch_hint: int = 32) -> int:
-    """Swap every ``nn.Linear`` of ``model`` for a :class:`PackedLinear`; return how many the model now has.
+def pack_linears(model: torch.nn.Module, batch_hint: int = 32, dtype: torch.dtype | None = None) -> int:
+    """Swap every ``nn.Linear`` of ``model`` for a :class:`PackedLinear` (a :class:`bf16_linear.BF16Linear`
+    with ``dtype=torch.bfloat16``); return how many the model now has.
 
     Packing a model twice (two engines over one model) is harmless: the second call finds nothing to swap.
     """
@@ -227,8 +253,11 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 32) -> int:
     with torch.inference_mode():
         for parent, name, linear in targets:
             try:
-                packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
-                replacement = PackedLinear(linear, packed)
+                if dtype == torch.bfloat16:
+                    replacement = bf16_linear.BF16Linear(linear, batch_hint)
+                else:
+                    packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+                    replacement = PackedLinear(linear, packed)
                 if not _agrees(linear, replacement):
                     log.warning("oneDNN disagrees with torch on %s; linear layers left as they are", name)
                     return 0
@@ -263,5 +292,5 @@ def _agrees(linear: torch.nn.Linear, packed: PackedLinear) -> bool:
     x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     want = torch.nn.functional.linear(x, weight, linear.bias).float()
     got = packed(x).float()
-    tolerance = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    tolerance = 1e-4 if weight.dtype == torch.float32 and not isinstance(packed, bf16_linear.BF16Linear) else 2e-2
     return bool(torch.allclose(got, want, rtol=tolerance, atol=tolerance * (1 + want.abs().max().item())))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.llama.modeling_llama import rotate_half
 
+from . import attention
 from .kv_cache import Plan
 
 
@@ -70,23 +71,37 @@ class Pass:
     chunks: tuple[int, int] = (0, 0)      # (n, width): the last n * width tokens, one chunk per row
     prefill_mask: torch.Tensor | None = None   # [n, 1, width, view]
     prefill_plan: Plan | None = None
+    decode_bias: torch.Tensor | None = None    # the masks for attention.attend (invariant attention only)
+    prefill_bias: torch.Tensor | None = None
 
 
 class LlamaForward:
     """``forward(pass_, cache)``: the logits of the pass's ``last`` tokens ([len(last), vocab])."""
 
-    def __init__(self, model):
+    def __init__(self, model, invariant: bool = False):
         self.model = model
         attn = model.model.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
+        # attention.attend instead of SDPA: a row's bits do not depend on its batch (bfloat16 linear
+        # layers need it); the runner then hands it whole cache rows (ModelRunner._view).
+        self.invariant = invariant
 
     def __call__(self, p: Pass, cache) -> torch.Tensor:
         inner = self.model.model  # read at each call: the engine packs and fuses the modules after building this
         hidden = inner.embed_tokens(p.ids[None])
         cos, sin = inner.rotary_emb(hidden, position_ids=p.positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, head_dim], against [T, heads, head_dim]
+        if self.invariant:  # the masks in attention.attend's form, once a pass
+            groups = self.groups
+            if p.decode:
+                mask = p.decode_mask
+                p.decode_bias = attention.block_bias(mask.expand(mask.shape[0], 1, groups, mask.shape[-1]))
+            if p.chunks[0]:
+                (n, width), view = p.chunks, p.prefill_mask.shape[-1]
+                mask = p.prefill_mask[:, :, None].expand(n, 1, groups, width, view)
+                p.prefill_bias = attention.block_bias(mask.reshape(n, 1, groups * width, view))
         for index, layer in enumerate(inner.layers):
             hidden = hidden + self._attention(index, layer.self_attn, layer.input_layernorm(hidden),
                                               cos, sin, p, cache)
@@ -105,16 +120,25 @@ class LlamaForward:
         if d:
             keys, values = cache.update(k[:d, :, None], v[:d, :, None], index, plan=p.decode_plan)
             # One query per row: its heads attend to their key/value head as one block of queries.
-            out = F.scaled_dot_product_attention(q[:d].reshape(d, -1, self.groups, self.head_dim), keys, values,
-                                                 attn_mask=p.decode_mask, scale=self.scaling)
+            qd = q[:d].reshape(d, -1, self.groups, self.head_dim)
+            if self.invariant:
+                out = attention.attend(qd, keys, values, p.decode_bias, self.scaling)
+            else:
+                out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=p.decode_mask, scale=self.scaling)
             parts.append(out.reshape(d, -1))
         n, width = p.chunks
         if n:
             # [n, heads, width, head_dim], as transformers lays out a batch
             qp, kp, vp = (t[d:].view(n, width, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
             keys, values = cache.update(kp, vp, index, plan=p.prefill_plan)
-            out = F.scaled_dot_product_attention(qp, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
-                                                 attn_mask=p.prefill_mask, scale=self.scaling)
+            if self.invariant:
+                # each key/value head's queries as one block: [n, kv_heads, groups * width, head_dim]
+                grouped = qp.reshape(n, keys.shape[1], self.groups * width, self.head_dim)
+                out = attention.attend(grouped, keys, values, p.prefill_bias,
+                                       self.scaling).view(n, -1, width, self.head_dim)
+            else:
+                out = F.scaled_dot_product_attention(qp, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
+                                                     attn_mask=p.prefill_mask, scale=self.scaling)
             parts.append(out.transpose(1, 2).reshape(n * width, -1))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return attn.o_proj(out[None])

@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from . import bf16_linear
 from . import cpu_linear as linear_kernels
 from .events import Failed, Finished
 from .output import OutputProcessor
@@ -59,13 +60,20 @@ class Engine:
     keeping both the original and the packed weights: on SmolLM2-135M in float32 (513 MiB of weights)
     packing in place grows the resident size by 110 MiB (the tied embedding), packing a clone by 620 MiB.
     ``engine.cpu_linear`` says which kernel serves, ``engine.linear_timings`` what was measured.
+    ``linear_dtype`` "bfloat16" runs a float32 model's products in bfloat16 with the batch-invariant
+    attention, "auto" (or ``cpu_linear="bfloat16"``) does so where this CPU passes bf16_linear.check;
+    ``engine.linear_dtype`` says which serves. float32 (the default) equals transformers' ``generate``.
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
                  prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
                  cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0,
-                 runner: ModelRunner | None = None):
+                 runner: ModelRunner | None = None, linear_dtype: str = "float32"):
         linear_kernels.check_request(cpu_linear)
+        bf16_linear.check_request(linear_dtype)
+        # "bfloat16" / "auto": products in bfloat16 with batch-invariant attention (bf16_linear.py)
+        self.linear_dtype_request = linear_dtype
+        self.linear_dtype = "float32"
         # Measuring and packing happen on the engine's own thread when it starts (_prepare_model says why).
         self.cpu_linear_request = cpu_linear
         self.cpu_linear: str | None = None
@@ -100,6 +108,8 @@ class Engine:
         """How the model is served, for /metrics: device, dtype and the linear kernel."""
         param = next(self.runner.model.parameters(), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
+        if self.linear_dtype == "bfloat16":
+            dtype += "/bfloat16-linear"  # float32 model, bfloat16 products (bf16_linear.py)
         device = self.runner.device.type
         return {"device": device, "dtype": dtype, "cpu_linear": self.cpu_linear if device == "cpu" else "n/a"}
 
@@ -159,9 +169,21 @@ class Engine:
         used) and run by another decoded at one row in 64-101 ms a step, packed and run by the
         same thread in 42-43 ms (best of 60 steps, three runs each).
         """
-        choice = linear_kernels.prepare_linears(self.runner.model, self.cpu_linear_request)
+        request, linear_dtype = self.cpu_linear_request, self.linear_dtype_request
+        if request == "bfloat16":  # --cpu-linear bfloat16: checked on this CPU at start (bf16_linear.check)
+            request, linear_dtype = "auto", ("auto" if linear_dtype == "float32" else linear_dtype)
+        native = getattr(self.runner, "_native", None)
+        if linear_dtype != "float32" and (native is None or native() is None):
+            # transformers' own pass has no batch-invariant attention
+            log.warning("linear layers serve in float32, not bfloat16 (linear_dtype=%s): the engine's own Llama "
+                        "pass does not serve this model", linear_dtype)
+            linear_dtype = "float32"
+        choice = linear_kernels.prepare_linears(self.runner.model, request, linear_dtype)
         self.cpu_linear, self.linear_timings = choice.kernel, choice.timings
         self.packed_linears, self.fused_projections = choice.packed, choice.fused
+        self.linear_dtype = choice.linear_dtype
+        if self.linear_dtype == "bfloat16":
+            self.runner.invariant = True
 
     def _run(self) -> None:
         try:

@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from . import llama_forward
+from . import attention, llama_forward
 from .architectures import FULL, attention_windows
 from .kv_cache import SlotKVCache
 from .prefix_cache import Drop, Save
@@ -31,6 +31,9 @@ class ModelRunner:
         # Llama models run through llama_forward.py (same arithmetic, less Python); others through transformers.
         self.native = native
         self._native_for = self._native_forward = None
+        # Batch-invariant attention (attention.py) in the engine's own Llama pass, with views padded to
+        # whole blocks: set when the linear layers serve in bfloat16 (Engine._prepare_model).
+        self.invariant = self._native_forward_invariant = False
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache(max_batch)
         self.kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefix cache entries, per layer
@@ -107,12 +110,13 @@ class ModelRunner:
 
     def _native(self) -> llama_forward.LlamaForward | None:
         model = self.model
-        if self._native_for is not model:  # built per model: tests swap in another one
-            self._native_for = model
+        if self._native_for is not model or self._native_forward_invariant != self.invariant:
+            # built per model (tests swap in another one) and per attention
+            self._native_for, self._native_forward_invariant = model, self.invariant
             reason = llama_forward.unsupported(model) if self.native else "turned off"
             if self.windows != {FULL: None}:
                 reason = reason or "the model has a sliding window"
-            self._native_forward = None if reason else llama_forward.LlamaForward(model)
+            self._native_forward = None if reason else llama_forward.LlamaForward(model, self.invariant)
         return self._native_forward
 
     def _pass(self, chunks: list[Chunk], batch: list[Sequence]) -> llama_forward.Pass:
@@ -136,7 +140,7 @@ class ModelRunner:
     def _decode_inputs(self, batch: list[Sequence]):
         """Token ids and positions (``[n, 1]``), the attention mask and the cache plan of a decode pass."""
         lengths = torch.tensor([s.length for s in batch])
-        view_len = int(lengths.max()) + 1
+        view_len = self._view(int(lengths.max()) + 1)
         ids = torch.tensor([[s.next_token] for s in batch], dtype=torch.long)
         mask = self._masks(lengths[:, None], view_len)
         lengths = lengths.to(self.device)
@@ -150,7 +154,7 @@ class ModelRunner:
         first position, attends to column 0 only (so its softmax is defined), and its key is never written.
         """
         n, width = len(chunks), max(c.count for c in chunks)
-        view_len = max(c.start + c.count for c in chunks)
+        view_len = self._view(max(c.start + c.count for c in chunks))
         ids = torch.zeros((n, width), dtype=torch.long)
         pos = torch.zeros((n, width), dtype=torch.long)
         absolute = torch.full((n, width), -1, dtype=torch.long)
@@ -163,6 +167,16 @@ class ModelRunner:
         mask = self._masks(absolute, view_len)
         plan = self.cache.plan_prefill(chunks[0].seq.row, [(c.start, c.count) for c in chunks], view_len)
         return ids.to(self.device), pos.to(self.device), mask, plan
+
+    def _view(self, view_len: int) -> int:
+        """The positions a pass's queries attend over. The invariant attention reads whole rows of the
+        cache (its capacity, a multiple of its blocks): a shorter view of a row is not contiguous, and
+        PyTorch's matmul copies the keys and values of every layer to fold it (a quarter of a step at 8
+        rows, bench/step_profile.py); the positions past a row's own add exact zeros there."""
+        if not self.invariant:
+            return view_len
+        self.cache.ensure_capacity(view_len)
+        return self.cache.capacity
 
     def _masks(self, queries: torch.Tensor, view_len: int):
         """The boolean masks (``[n, 1, q, view_len]``) of queries at absolute positions ``queries`` (``[n, q]``;

@@ -1,0 +1,102 @@
+"""Where a decode step's time goes, float32 against bfloat16 linear layers (``--cpu-linear bfloat16``).
+
+    PYTHONPATH=service .venv/bin/python bench/step_profile.py [--rows 1,8,16] [--context 300] [--steps 20]
+
+Runs the engine's own runner (packed, fused, as the engine serves) on ``rows`` sequences with
+``context`` cached positions each, times decode steps, and sorts the time of the profiled steps by
+operator (torch.profiler, CPU): the products (oneDNN), the attention (SDPA in float32; the
+batch-invariant attention's matmul / exp / cumsum in bfloat16 mode), and the rest. Prints the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import types
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from dtype_quality import cpu_description  # noqa: E402
+
+BUCKETS = [  # (bucket, substrings of an operator name), the first that matches wins
+    ("products (oneDNN linear)", ["_linear_pointwise"]),
+    ("attention: SDPA", ["scaled_dot_product", "flash_attention"]),
+    ("attention: matmul/bmm", ["aten::bmm", "aten::matmul"]),
+    ("attention: softmax parts", ["aten::exp", "aten::cumsum", "aten::amax", "aten::masked_fill", "aten::sum",
+                                  "aten::div"]),
+    ("casts and copies", ["aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous", "aten::cat",
+                          "aten::clone"]),
+    ("KV cache writes", ["aten::index_put", "aten::index"]),
+]
+
+
+def bucket(name: str) -> str:
+    for label, keys in BUCKETS:
+        if any(k in name for k in keys):
+            return label
+    return "other (norms, rotary, adds, embedding)"
+
+
+def runner_for(linear_dtype: str, rows: int):
+    from chatstream import load_model
+    from chatstream.engine import cpu_linear
+    from chatstream.engine.runner import ModelRunner
+    model, _ = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    choice = cpu_linear.prepare_linears(model, "onednn", linear_dtype)
+    runner = ModelRunner(model, rows)
+    runner.invariant = choice.linear_dtype == "bfloat16"
+    return runner
+
+
+def profile(linear_dtype: str, rows: int, context: int, steps: int) -> tuple[float, dict[str, float]]:
+    from chatstream.engine.scheduler import Chunk
+    runner = runner_for(linear_dtype, rows)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [types.SimpleNamespace(prompt_ids=torch.randint(100, 20000, (context,), generator=gen).tolist(), row=r,
+                                  length=0, next_token=None) for r in range(rows)]
+    with torch.inference_mode():
+        runner.reserve(context + 2 * steps + 8)
+        for s in seqs:
+            runner.prefill([Chunk(s, 0, context)])
+            s.length, s.next_token = context, 1
+        for _ in range(3):  # warm
+            runner.decode(seqs)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.decode(seqs)
+        per_step = (time.perf_counter() - t0) / steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                runner.decode(seqs)
+    shares: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        shares[bucket(e.key)] += e.self_cpu_time_total
+    total = sum(shares.values())
+    return per_step, {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,8,16")
+    ap.add_argument("--context", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}), {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}; {args.context} cached positions per row, {args.steps} decode steps")
+    for rows in (int(r) for r in args.rows.split(",")):
+        for linear_dtype in ("float32", "bfloat16"):
+            per_step, shares = profile(linear_dtype, rows, args.context, args.steps)
+            print(f"\n{rows} rows, {linear_dtype} products: {per_step * 1e3:.1f} ms a step "
+                  f"({rows / per_step:.1f} tok/s)")
+            for k, v in shares.items():
+                print(f"  {v:6.1%}  {k}")
+
+
+if __name__ == "__main__":
+    main()

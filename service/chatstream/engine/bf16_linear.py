@@ -1,0 +1,146 @@
+"""bfloat16 linear layers with float32 everywhere else, and the check that decides whether they serve.
+
+Why: a decode step on the CPU is a pass over every weight, and bfloat16 halves the bytes; on CPUs
+with AVX-512 BF16 or AMX oneDNN also multiplies twice as fast. On the 2-core AMD EPYC of
+bench/results a pass over SmolLM2-135M's linear layers is 1.4-1.8x faster and a one-client step
+1.35-1.53x (2026-12-04-bf16-linear.md). vLLM's CPU build serves bfloat16 by default for the same
+reason. Only the products run in bfloat16: the residual stream, norms, rotary embedding, attention
+and the logits stay float32, so the model's quality is within a hair of float32's
+(bench/dtype_quality.py measures it).
+
+The engine promises that a greedy answer does not depend on the batch or on the prefix cache. That
+needs every product to give a row the same bits whatever the number of rows. oneDNN's bfloat16
+kernel does so for inputs up to 576 wide but changes its reduction for wider ones (down_proj, 1536
+wide, from 13 rows on); so each layer's input is cut into pieces no wider than :data:`SPLIT`, each
+piece multiplied on its own and the pieces summed in float32, in order. Attention must be
+batch-invariant too (attention.py): the engine's own Llama pass uses it whenever these layers serve.
+
+:func:`check` is what ``linear_dtype="auto"`` runs at start: the CPU must multiply bfloat16 natively,
+and on this CPU and torch each layer's rows and the invariant attention must give the same bits
+alone as among other rows. Where anything fails the engine serves float32 and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import attention
+
+log = logging.getLogger("chatstream.engine")
+
+SPLIT = 576  # widest input piece oneDNN's bfloat16 kernel reduces the same way at every row count
+DTYPES = ("float32", "bfloat16", "auto")
+
+
+def check_request(linear_dtype: str) -> None:
+    if linear_dtype not in DTYPES:
+        raise ValueError(f"linear_dtype must be 'float32', 'bfloat16' or 'auto', not {linear_dtype!r}")
+
+
+class BF16Linear(torch.nn.Module):
+    """``nn.Linear`` computed in bfloat16 by oneDNN (weight prepacked), float32 in and out."""
+
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 32):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().to(torch.bfloat16)
+        pieces = -(-self.in_features // SPLIT)
+        size = -(-self.in_features // pieces)
+        self.parts = [(start, min(start + size, self.in_features),
+                       torch.ops.mkldnn._reorder_linear_weight(weight[:, start:start + size].contiguous(), batch_hint))
+                      for start in range(0, self.in_features, size)]
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xb, out = x.to(torch.bfloat16), None
+        for start, stop, packed in self.parts:
+            piece = xb if len(self.parts) == 1 else xb[..., start:stop].contiguous()
+            y = torch.ops.mkldnn._linear_pointwise(piece, packed, None, "none", [], "").float()
+            out = y if out is None else out + y
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn=bfloat16x{len(self.parts)}"
+
+
+def cpu_multiplies_bf16() -> str | None:
+    """None when this CPU has native bfloat16 products (AVX-512 BF16 or AMX), else why not."""
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "the CPU's flags are unreadable (/proc/cpuinfo)"
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        return "the CPU has neither AVX-512 BF16 nor AMX (bfloat16 would be emulated, not faster)"
+    return None
+
+
+# Row counts the invariance check compares against one row alone: a decode batch, a busy one, a prefill.
+CHECKED_ROWS = (2, 5, 13, 33, 300, 700)
+
+
+def rows_invariant(layer: torch.nn.Module, in_features: int, rows=CHECKED_ROWS) -> bool:
+    """Whether each checked row of ``layer``'s output has the same bits as that row computed alone."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(max(rows), in_features, generator=gen)
+    for n in rows:
+        out = layer(x[:n])
+        for r in {0, n // 2, n - 1}:
+            if not torch.equal(layer(x[r:r + 1]), out[r:r + 1]):
+                return False
+    return True
+
+
+def attention_invariant() -> bool:
+    """Whether :func:`attention.attend` gives a decoding row's query the same bits alone, among longer
+    rows, and as the last query of a prefill chunk (the three ways the engine computes it)."""
+    gen = torch.Generator().manual_seed(2)
+    heads, groups, dim, length, width = 3, 3, 64, 100, 7
+    view = attention.padded_view(length)
+    k, v = (torch.randn(1, heads, view, dim, generator=gen) for _ in range(2))
+    q = torch.randn(1, heads, groups, dim, generator=gen)
+    mask = torch.zeros(1, 1, groups, view, dtype=torch.bool)
+    mask[..., :length] = True
+    alone = attention.attend(q, k, v, attention.block_bias(mask), 0.125)[0]
+    wide = attention.padded_view(length + 150)
+    kb, vb = (torch.randn(4, heads, wide, dim, generator=gen) for _ in range(2))
+    kb[2, :, :view], vb[2, :, :view] = k[0], v[0]
+    qb = torch.randn(4, heads, groups, dim, generator=gen)
+    qb[2] = q[0]
+    maskb = torch.ones(4, 1, groups, wide, dtype=torch.bool)
+    maskb[2, ..., length:] = False
+    if not torch.equal(attention.attend(qb, kb, vb, attention.block_bias(maskb), 0.125)[2], alone):
+        return False
+    qp = torch.randn(1, heads, groups, width, dim, generator=gen)
+    qp[0, :, :, -1] = q[0]
+    causal = torch.arange(wide)[None, :] <= torch.arange(length - width, length)[:, None]
+    maskp = causal[None, None, None].expand(1, 1, groups, width, wide).reshape(1, 1, groups * width, wide)
+    grouped = qp.reshape(1, heads, groups * width, dim)
+    out = attention.attend(grouped, kb[2:3], vb[2:3], attention.block_bias(maskp), 0.125)
+    return torch.equal(out.view(1, heads, groups, width, dim)[0, :, :, -1], alone)
+
+
+def check(model: torch.nn.Module) -> str | None:
+    """None when bfloat16 linear layers keep the engine's promise for ``model`` on this machine, else why not."""
+    reason = cpu_multiplies_bf16()
+    if reason:
+        return reason
+    shapes = {(m.out_features, m.in_features) for m in model.modules() if type(m) is torch.nn.Linear}
+    with torch.inference_mode():
+        for out_features, in_features in sorted(shapes):
+            layer = BF16Linear(torch.nn.Linear(in_features, out_features, bias=False, device="cpu"))
+            # lm_head-sized layers see one row per sequence, never a prefill's hundreds
+            rows = CHECKED_ROWS if out_features * in_features < 2**24 else CHECKED_ROWS[:4]
+            if not rows_invariant(layer, in_features, rows):
+                return f"oneDNN's bfloat16 product {out_features}x{in_features} gives a row other bits among other rows"
+        if not attention_invariant():
+            return "the batch-invariant attention gives a row other bits among other rows on this CPU"
+    return None
