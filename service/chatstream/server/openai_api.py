@@ -18,11 +18,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ..errors import ChatStreamError, bad_request, describe
-from ..lifecycle import Formatter, Stream
-from ..lifecycle import StreamResponse
+from ..lifecycle import Stream
 from ..render import ControlTextError, encode_chat
 from ..request_body import read_json
 from ..window import too_long
+from .responses import Formatter, StreamResponse
 
 # field -> the values meaning "not used"; anything else is refused. As vLLM without a tool parser: no tools, an
 # empty list of them (some clients send one with no tools bound), and tool_choice "none" are served; a tool to

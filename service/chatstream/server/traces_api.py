@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse
 
 from ..errors import ChatStreamError
 from ..telemetry import OUTCOME
+from .responses import error_response
 
 PAGE = Path(__file__).parent / "static" / "traces.html"
 
@@ -58,7 +59,7 @@ def build_router(get_chat_stream) -> APIRouter:
             if len(out) >= limit:
                 break
         if trace_id and not out:
-            return ChatStreamError(404, f"no trace {trace_id} in memory", "not_found").response()
+            return error_response(ChatStreamError(404, f"no trace {trace_id} in memory", "not_found"))
         return {"traces": out}
 
     @router.get("/traces")
