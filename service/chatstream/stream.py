@@ -154,8 +154,14 @@ class ChatStreamCore:
         return prompt
 
     def prompt_budget(self) -> int:
-        """Prompt tokens allowed: the context less room for an answer (at most half the context)."""
+        """Prompt tokens a session's conversation may fill: the context less room for an answer (at most half
+        the context); its oldest turns are left out beyond it (window.py)."""
         return self.context_len - min(self.max_new_tokens, self.context_len // 2)
+
+    def prompt_limit(self) -> int:
+        """Prompt tokens a client-owned history (``/v1``) may have: all but one position of the context (the
+        engine's own limit); nothing is left out of it."""
+        return self.context_len - 1
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a rendered prompt (its control tokens parsed; render.py says when not to)."""

@@ -88,7 +88,9 @@ class StreamResponse(Response):
         self.status_code = 200
         self.media_type = self.formatter.media_type
         self.background = background
-        self.init_headers({**STREAM_HEADERS, **(headers or {})})  # no body attribute: no content-length
+        # The content type as the formatter says it (no charset added to text/event-stream); no body attribute,
+        # so no content-length.
+        self.init_headers({"content-type": self.media_type, **STREAM_HEADERS, **(headers or {})})
 
     async def __call__(self, scope, receive, send):
         stream, fmt = self.stream, self.formatter
