@@ -138,14 +138,15 @@ class SessionManager:
         self._on_close.append(fn)
 
     def close(self) -> None:
-        """The request is over (the middleware calls this): later saves persist in the background."""
-        self._closed = True
+        """The request is over (the middleware calls this, then persists): run the close hooks; later saves
+        persist in the background."""
         hooks, self._on_close = self._on_close, []
         for fn in hooks:
             try:
                 fn()
             except Exception:
                 log.exception("a session close hook failed")
+        self._closed = True
 
     async def _persist_quietly(self, retry_seconds: float = 0.0) -> None:
         """Persist; while the store fails, try again for ``retry_seconds``; then log what was not saved."""
