@@ -25,7 +25,7 @@ from . import activation, resources
 
 ROUTER_PORT = 8000          # what clients call: the same port as the pods
 MONITOR_PORT = 8404         # the router's own /healthz and /metrics
-COOKIE = "chatstream_session"   # service/chatstream/sessions.py COOKIE_NAME
+COOKIE = "chatstream_session"   # service/chatstream/sessions/middleware.py COOKIE_NAME
 DEFAULT_SESSION_HEADER = "X-Session-Id"
 SERVED_BY_HEADER = "X-Served-By"
 CONFIG_KEY = "haproxy.cfg"

@@ -9,11 +9,11 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ChatStream": ".stream",
+    "ChatStream": ".server.library",
     "ChatPrompt": ".prompt",
     "AbstractChatPrompt": ".prompt",
-    "load_model": ".engine.loader",
-    "ModelLoadError": ".engine.loader",
+    "load_model": ".loader",
+    "ModelLoadError": ".loader",
     "SamplingParams": ".engine.sampling",
     "Engine": ".engine.loop",
 }

@@ -32,6 +32,7 @@ import os
 import threading
 
 from .errors import ChatStreamError
+from .server.responses import error_response
 
 log = logging.getLogger("chatstream.auth")
 
@@ -154,4 +155,4 @@ class ApiKeyMiddleware:
         presented = bearer(scope)
         if self.keys.allows(presented):
             return await self.app(scope, receive, send)
-        await unauthorized(presented).response()(scope, receive, send)
+        await error_response(unauthorized(presented))(scope, receive, send)

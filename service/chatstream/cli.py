@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare-model":
         if args.model.startswith("hf:"):
             return _fill_hub_cache(args)  # before chatstream.engine, which imports torch
-        from .engine.loader import ModelLoadError, parse_source, prepare_builtin
+        from .loader import ModelLoadError, parse_source, prepare_builtin
         try:
             source = parse_source(args.model)
             if source.kind != "builtin":
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .threads import set_wait_policy
     set_wait_policy(settings.threads)  # before torch loads OpenMP, which reads it once: threads.py says why
-    from .engine.loader import ModelLoadError, parse_source
+    from .loader import ModelLoadError, parse_source
     try:
         parse_source(settings.model, settings.revision)
     except ModelLoadError as exc:

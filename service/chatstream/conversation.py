@@ -41,12 +41,24 @@ class Turn:
     session_mgr: object
     undo: Callable[[], None]
     release: Callable[[], None]
+    kept: bool = False
+    settled: bool = False
 
     @property
     def prompt_ids(self) -> list[int]:
         return self.window.ids
 
+    def keep(self, text: str) -> None:
+        """The whole answer is in, its end not yet sent: the conversation holds it (the session then saves it)."""
+        if not self.kept:
+            self.kept = True
+            self.chat_prompt.set_responder_last_msg(text)
+
     def settle(self, summary: Summary) -> None:
+        """The stream ended: keep an answer that reached the client (fully or in part), take back the rest."""
+        if self.settled:
+            return
+        self.settled = True
         try:
             if summary.outcome in (SUCCESS, DISCONNECTED_WHILE_STREAMING) or summary.streamed:
                 self.chat_prompt.set_responder_last_msg(summary.text)

@@ -1,19 +1,14 @@
-"""One error type, one JSON shape, one place that turns exceptions into responses.
+"""One error type, carrying its status, its code and the fields of the one JSON shape; no HTTP here.
 
 Every error the service answers has the OpenAI shape
 ``{"error": {"message", "type", "param", "code"}}``: a client mistake is a 4xx
 ``ChatStreamError``, a refusal to queue is ``Rejected`` (503/429 with
 ``Retry-After``), and anything else is a 500 that never echoes internals
-beyond the exception's message.
+beyond the exception's message. Only ``server/responses.py`` turns them into
+responses (``error_response``, and the handlers ``install`` adds to an app).
 """
 
 from __future__ import annotations
-
-import logging
-
-from starlette.responses import JSONResponse
-
-log = logging.getLogger("chatstream")
 
 
 class ChatStreamError(Exception):
@@ -31,9 +26,6 @@ class ChatStreamError(Exception):
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 class Rejected(ChatStreamError):
@@ -61,27 +53,3 @@ def from_exception(exc: BaseException) -> ChatStreamError:
         return exc
     return ChatStreamError(500, f"internal error: {exc}" if str(exc) else "internal error", "internal_error")
 
-
-def install(app) -> None:
-    """Make ``app`` answer every error, its own and the framework's (404, 405, validation), in the one shape."""
-    from fastapi.exceptions import RequestValidationError
-    from starlette.exceptions import HTTPException
-
-    async def own(request, exc: ChatStreamError):
-        return exc.response()
-
-    async def http(request, exc: HTTPException):
-        kind = {404: "not_found", 405: "method_not_allowed", 503: "unavailable"}.get(exc.status_code, "http_error")
-        return ChatStreamError(exc.status_code, str(exc.detail), kind, headers=exc.headers).response()
-
-    async def validation(request, exc: RequestValidationError):
-        return bad_request(describe(exc.errors())).response()
-
-    async def unexpected(request, exc: Exception):
-        log.exception("unhandled error on %s", request.url.path)
-        return from_exception(exc).response()
-
-    app.add_exception_handler(ChatStreamError, own)
-    app.add_exception_handler(HTTPException, http)
-    app.add_exception_handler(RequestValidationError, validation)
-    app.add_exception_handler(Exception, unexpected)

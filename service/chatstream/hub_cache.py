@@ -113,7 +113,7 @@ def fill(source: str, revision: str | None, ready_file: str | None) -> dict:
 
 
 def parse_hub_source(source: str, revision: str | None) -> tuple[str, str]:
-    """(ORG/NAME, revision) of hf:ORG/NAME[@revision], as engine.loader.parse_source reads it."""
+    """(ORG/NAME, revision) of hf:ORG/NAME[@revision], as loader.parse_source reads it."""
     if not source.startswith("hf:"):
         raise FillError(f"only hf: sources are downloaded into a hub cache, not {source!r}", final=True)
     repo, _, at = source.removeprefix("hf:").partition("@")

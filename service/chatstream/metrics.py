@@ -100,10 +100,9 @@ class Metrics:
         self.o_tokens.record(t.prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
         self.completion_tokens.inc(t.completion_tokens)
         self.o_tokens.record(t.completion_tokens, {**attrs, "gen_ai.token.type": "output"})
-        if t.first_token_at is not None:
-            ttft = t.first_token_at - t.arrived_at
-            self.ttft.observe(ttft)
-            self.o_ttft.record(ttft, attrs)
+        if t.ttft is not None:
+            self.ttft.observe(t.ttft)
+            self.o_ttft.record(t.ttft, attrs)
             if t.completion_tokens > 1:
                 tpot = (t.last_token_at - t.first_token_at) / (t.completion_tokens - 1)
                 self.tpot.observe(tpot)

@@ -1,11 +1,11 @@
-"""ChatStream: the library's facade.
+"""The library's facade, without HTTP: ``ChatStreamCore``.
 
-The public surface is the original library's: ``ChatStream(...)``,
-``handle_chat_stream_request(request, request_body=None, callback=None)``,
-``append_middlewares``, ``append_apis``, ``start_queue_worker``. Underneath,
-a request goes one way: this facade validates it and builds the prompt
-(conversation.py), the engine client streams it (engine/client.py), the
-lifecycle decides its outcome (lifecycle.py), and the facade hands the
+The public class is ``chatstream.ChatStream`` (server/library.py), this core
+plus the original library's HTTP methods (``handle_chat_stream_request``,
+``append_middlewares``, ``append_apis``), so that this module never imports
+the server. A request goes one way: the core validates it and builds the
+prompt (conversation.py), the engine client streams it (engine_client.py),
+the lifecycle decides its outcome (lifecycle.py), and the core hands the
 summary to the observers: the session, metrics, tracing, the user's callback.
 docs/architecture.md says what changed from the original and why.
 """
@@ -17,25 +17,24 @@ import inspect
 import logging
 
 import anyio
-from starlette.requests import Request
 
 from .admission import Admission
 from .conversation import Turn, Turns
-from .engine.client import EngineClient, Timeline
 from .engine.loop import Engine
 from .engine.sampling import SamplingParams
+from .engine_client import EngineClient
 from .errors import ChatStreamError, Rejected, bad_request
-from .lifecycle import Formatter, Stream, StreamResponse, Summary
+from .lifecycle import DISCONNECTED_BEFORE_STREAMING, Stream, Summary
 from .metrics import Metrics
 from .prompt import ChatPrompt
 from .render import encode_text
-from .request_body import read_json
 from .settings import library_default as _default
 from .telemetry import Telemetry
+from .timeline import Timeline
 from . import threads
 
 
-class ChatStream:
+class ChatStreamCore:
     def __init__(self, name: str = "node:0", model=None, tokenizer=None, device=None,
                  num_of_concurrent_executions: int = _default("num_of_concurrent_executions"),
                  max_queue_size: int = _default("max_queue_size"),
@@ -85,23 +84,6 @@ class ChatStream:
         """Accepted for compatibility: the engine starts with the ChatStream."""
         self.engine.start()
 
-    def append_middlewares(self, app, opts: dict | None = None):
-        from .sessions import SessionMiddleware
-        opts = opts or {}
-        session_opts = opts.get("session", opts.get("fast_session", {})) or {}
-        store = session_opts.get("store")
-        if hasattr(store, "allow"):  # a shared store rebuilds only the prompt classes it is told about
-            store.allow(self.chat_prompt_clazz)
-        app.add_middleware(SessionMiddleware, secret_key=session_opts.get("secret_key"),
-                           store=store, https_only=session_opts.get("https_only", False))
-        self.telemetry.instrument(app)
-
-    def append_apis(self, app, opts: dict | None = None):
-        from .server.companion_api import add_companion_routes
-        from .server.traces_api import build_router
-        add_companion_routes(app, lambda: self)
-        app.include_router(build_router(lambda: self))
-
     def shutdown(self):
         self.engine.stop()
         self.telemetry.shutdown()
@@ -115,35 +97,42 @@ class ChatStream:
         self.client.draining = value
 
     # -- the main entry point --------------------------------------------------------------
-    async def handle_chat_stream_request(self, request: Request, request_body=None, callback=None):
-        try:
-            user_input, regenerate = parse_chat_body(await read_json(request, request_body))
-            session_mgr = getattr(request.state, "session", None)
-            session = session_mgr.get_session() if session_mgr is not None else {}
-            if hasattr(session_mgr, "reserve"):  # a new session gets its place in the store before the stream
-                await session_mgr.reserve()
-            turn = await self.turns.begin(session_mgr, user_input, regenerate)
-        except ChatStreamError as err:
-            return err.response()
+    async def chat_turn(self, data, session_mgr=None, request=None, callback=None) -> tuple[Stream, dict]:
+        """The stream answering one ``/chat_stream`` body in ``session_mgr``'s session, and the response
+        headers; a refusal raises ``ChatStreamError`` (the server answers it)."""
+        user_input, regenerate = parse_chat_body(data)
+        session = session_mgr.get_session() if session_mgr is not None else {}
+        if hasattr(session_mgr, "reserve"):  # a new session gets its place in the store before the stream
+            await session_mgr.reserve()
+        turn = await self.turns.begin(session_mgr, user_input, regenerate)
         try:
             params = self.sampling_params(session.get("generation_params"), stop=turn.stop)
-        except ChatStreamError as err:
+        except ChatStreamError:
             turn.undo()
             turn.release()
-            return err.response()
+            raise
 
         def on_end(summary: Summary) -> None:
             turn.settle(summary)
             self.observe(summary, request, callback, turn.window)
 
-        stream = self.open_stream(turn.prompt_ids, params, "/chat_stream", turn.messages, on_end)
-        return StreamResponse(stream, Formatter(), {"X-ChatStream-Last-Generated-Message-Id": turn.message_id})
+        async def on_complete(text: str) -> None:  # before the last message goes out: the turn is stored
+            turn.keep(text)
+            save = getattr(session_mgr, "save", None)
+            if save is not None:
+                await save()
 
-    def open_stream(self, prompt_ids: list[int], params: SamplingParams, endpoint: str, messages, on_end) -> Stream:
+        stream = self.open_stream(turn.prompt_ids, params, "/chat_stream", turn.messages, on_end, on_complete)
+        if hasattr(session_mgr, "on_close"):  # a response never sent still ends its stream (turn, lock)
+            session_mgr.on_close(lambda: stream.end(DISCONNECTED_BEFORE_STREAMING))
+        return stream, {"X-ChatStream-Last-Generated-Message-Id": turn.message_id}
+
+    def open_stream(self, prompt_ids: list[int], params: SamplingParams, endpoint: str, messages, on_end,
+                    on_complete=None) -> Stream:
         """A stream for the engine client's generator; it starts (and takes a queue place) when it is sent."""
         timeline = Timeline(len(prompt_ids))
         chunks = self.client.generate(prompt_ids, params, timeline)
-        return Stream(chunks, timeline, endpoint, params, messages, on_end)
+        return Stream(chunks, timeline, endpoint, params, messages, on_end, on_complete)
 
     def observe(self, summary: Summary, request=None, callback=None, window=None) -> None:
         """Tell metrics, tracing and the user's callback (off the critical path) how a stream ended
@@ -165,8 +154,14 @@ class ChatStream:
         return prompt
 
     def prompt_budget(self) -> int:
-        """Prompt tokens allowed: the context less room for an answer (at most half the context)."""
+        """Prompt tokens a session's conversation may fill: the context less room for an answer (at most half
+        the context); its oldest turns are left out beyond it (window.py)."""
         return self.context_len - min(self.max_new_tokens, self.context_len // 2)
+
+    def prompt_limit(self) -> int:
+        """Prompt tokens a client-owned history (``/v1``) may have: all but one position of the context (the
+        engine's own limit); nothing is left out of it."""
+        return self.context_len - 1
 
     def encode(self, text: str) -> list[int]:
         """Token ids of a rendered prompt (its control tokens parsed; render.py says when not to)."""
@@ -236,4 +231,4 @@ def parse_chat_body(data) -> tuple[str | None, bool]:
     return user_input, False
 
 
-__all__ = ["ChatStream", "Turn", "parse_chat_body"]
+__all__ = ["ChatStreamCore", "Turn", "parse_chat_body"]

@@ -38,6 +38,7 @@ from .lifecycle import UNKNOWN_ERROR
 log = logging.getLogger("chatstream.telemetry")
 
 OUTCOME = "chatstream.outcome"
+TTFT = "chatstream.time_to_first_token"  # seconds, Timeline.ttft: the traces page shows it
 
 
 def _truthy(value: str | None) -> bool:
@@ -227,6 +228,8 @@ class StreamTrace:
             attributes["gen_ai.request.seed"] = params.seed
         if params.stop:
             attributes["gen_ai.request.stop_sequences"] = list(params.stop)
+        if t.ttft is not None:
+            attributes[TTFT] = t.ttft
         if t.finish_reason is not None:
             attributes["gen_ai.response.finish_reasons"] = [t.finish_reason]
         if telemetry.record_content:

@@ -46,10 +46,7 @@ def fit(render: Callable[[int], list[int]], turns: int, budget: int, keep: float
     ``context_length_exceeded`` when even the newest turn alone does not fit ``budget``.
     """
     if turns < 1:
-        ids = render(0)
-        if len(ids) > budget:
-            raise too_long(len(ids), budget)
-        return Window(ids, 0, turns, False)
+        return Window(check_fits(render(0), budget), 0, turns, False)
     if not 0 <= start < turns:  # the history was cleared or cut since the start was saved
         start = 0
     ids = render(start)
@@ -64,8 +61,8 @@ def fit(render: Callable[[int], list[int]], turns: int, budget: int, keep: float
             rendered[s] = render(s)
         return len(rendered[s])
 
-    if length(newest) > budget:
-        raise too_long(length(newest), budget)
+    length(newest)
+    check_fits(rendered[newest], budget)
     # The prompt shrinks as turns are left out: the first start (after the saved one) within the target.
     lo, hi = start + 1, newest
     while lo < hi:
@@ -81,7 +78,15 @@ def fit(render: Callable[[int], list[int]], turns: int, budget: int, keep: float
     return Window(rendered[lo], lo, turns, True)
 
 
+def check_fits(ids: list[int], limit: int, param: str = "user_input") -> list[int]:
+    """The one decision whether a prompt fits, on both APIs: at most ``limit`` tokens (``ChatStreamCore``
+    says which limit), else the 400 ``context_length_exceeded``. Returns ``ids``."""
+    if len(ids) > limit:
+        raise too_long(len(ids), limit, param)
+    return ids
+
+
 def too_long(tokens: int, limit: int, param: str = "user_input") -> ChatStreamError:
-    """The one refusal of a prompt that cannot fit, on both APIs."""
+    """The refusal of a prompt that cannot fit."""
     return bad_request(f"the input is too long for this model's context: {tokens} tokens, the limit is {limit}", param,
                        "context_length_exceeded")

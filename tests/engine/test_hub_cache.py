@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from chatstream.engine.loader import prepare_builtin
+from chatstream.loader import prepare_builtin
 from chatstream_operator import model_cache
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ TOKEN = "hf_chatstream_test_token"
 ANSWER = """
 import sys
 import torch
-from chatstream.engine.loader import load_model
+from chatstream.loader import load_model
 model, tok = load_model(sys.argv[1], device="cpu")
 ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                               add_generation_prompt=True, tokenize=True, return_dict=True,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from chatstream.engine.loader import ModelLoadError, builtin_gguf, load_model, parse_source, prepare_builtin
+from chatstream.loader import ModelLoadError, builtin_gguf, load_model, parse_source, prepare_builtin
 
 
 @pytest.fixture(scope="module")

@@ -124,7 +124,7 @@ def bare_answer() -> str:
     pod starts, so that it takes no CPU from them."""
     import torch
 
-    from chatstream.engine.loader import load_model
+    from chatstream.loader import load_model
     model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu", dtype="float32")
     ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                   tokenize=True, return_dict=True, return_tensors="pt")["input_ids"]

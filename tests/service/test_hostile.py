@@ -342,7 +342,8 @@ def test_in_flight_counts_pending_callbacks(model_and_tokenizer, live_server):
     wait_until(lambda: chat_stream.in_flight == 0, 10)
 
 
-def test_ttft_metric_counts_time_in_the_queue(model_and_tokenizer, live_server):
+def test_ttft_counts_time_in_the_queue_in_the_metric_and_on_the_traces_page(model_and_tokenizer, live_server):
+    """One definition (Timeline.ttft): the metric and the traces page agree, the queue included."""
     app, chat_stream, _ = make_app(*model_and_tokenizer, num_of_concurrent_executions=1, max_new_tokens=60)
     server = live_server(app)
     busy = threading.Thread(target=lambda: httpx.post(server.url + "/chat_stream", json={"user_input": LONG},
@@ -354,6 +355,11 @@ def test_ttft_metric_counts_time_in_the_queue(model_and_tokenizer, live_server):
     text = chat_stream.metrics.render().decode()
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
     assert values["chatstream_time_to_first_token_seconds_sum"] >= values["chatstream_queue_wait_seconds_sum"] > 0.2
+    wait_until(lambda: len(httpx.get(server.url + "/api/traces").json()["traces"]) == 2, 10)
+    shown = [t["summary"] for t in httpx.get(server.url + "/api/traces").json()["traces"]]
+    assert max(s["ttft_ms"] for s in shown) > max(s["queue_wait_ms"] for s in shown) > 200, shown
+    assert sum(s["ttft_ms"] for s in shown) == pytest.approx(
+        values["chatstream_time_to_first_token_seconds_sum"] * 1000, rel=1e-6)
 
 
 # -- every bad input: a 4xx in the one shape, and the server still chats -------------------------------

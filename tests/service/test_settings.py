@@ -36,7 +36,7 @@ def test_flags_win_over_variables_and_ranges_are_checked():
 
 
 def test_library_defaults_come_from_the_table():
-    from chatstream.stream import ChatStream
+    from chatstream import ChatStream
     signature = inspect.signature(ChatStream.__init__).parameters
     for setting in TABLE:
         if setting.library:

@@ -22,7 +22,10 @@ a 200 is worse than one that does not start.
 
 from __future__ import annotations
 
-from .loader import ModelLoadError
+
+class ModelLoadError(Exception):
+    """A model source could not be resolved or loaded, or the engine cannot serve it; the message says why."""
+
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from .. import errors
 from ..errors import ChatStreamError
 from ..settings import Settings
 from .companion_api import add_companion_routes
 from .openai_api import build_router
+from .responses import install as install_error_handlers
 from .traces_api import build_router as build_traces_router
 
 log = logging.getLogger("chatstream.server")
@@ -45,8 +45,8 @@ class ServerState:
 
 
 def build_chat_stream(settings: Settings, telemetry=None):
-    from ..engine.loader import load_model
-    from ..stream import ChatStream
+    from ..loader import load_model
+    from .library import ChatStream
     model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype,
                                   revision=settings.revision)
     return ChatStream(model=model, tokenizer=tokenizer, num_of_concurrent_executions=settings.max_concurrent,
@@ -109,7 +109,7 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
     if keys is not None:  # added last, so it runs first
         app.add_middleware(ApiKeyMiddleware, keys=keys)
 
-    errors.install(app)
+    install_error_handlers(app)
 
     add_companion_routes(app, state.require)
     app.include_router(build_router(state.require))

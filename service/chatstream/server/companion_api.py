@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 
 from ..errors import ChatStreamError, bad_request
 from ..request_body import read_json
+from .responses import error_response
 
 LIMITS = {"temperature": (0.0, 2.0), "top_k_value": (0, 500), "top_p_value": (0.0, 1.0)}
 
@@ -65,7 +66,7 @@ def add_companion_routes(app: FastAPI, get_chat_stream) -> None:
         try:
             params = _check_params(await read_json(request))
         except ChatStreamError as err:
-            return err.response()
+            return error_response(err)
         session = _session(request)
         if session is None:
             return {"success": False, "message": "no session", "generation_params": None}

@@ -18,11 +18,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from ..errors import ChatStreamError, bad_request, describe
-from ..lifecycle import Formatter, Stream
-from ..lifecycle import StreamResponse
+from ..lifecycle import Stream
 from ..render import ControlTextError, encode_chat
 from ..request_body import read_json
-from ..window import too_long
+from ..window import check_fits
+from .responses import Formatter, StreamResponse
 
 # field -> the values meaning "not used"; anything else is refused. As vLLM without a tool parser: no tools, an
 # empty list of them (some clients send one with no tools bound), and tool_choice "none" are served; a tool to
@@ -197,8 +197,7 @@ def build_router(get_chat_stream) -> APIRouter:
                               "messages") from None
         # The client owns this history: nothing is left out of it (docs/sessions.md says why); the answer
         # may use what the prompt leaves of the context.
-        if len(prompt_ids) > cs.context_len - 1:
-            raise too_long(len(prompt_ids), cs.context_len - 1, "messages")
+        check_fits(prompt_ids, cs.prompt_limit(), "messages")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
         params = cs.sampling_params({"temperature": body.temperature, "top_p_value": body.top_p, "seed": body.seed},
                                     max_new_tokens=body.max_completion_tokens or body.max_tokens, stop=stop)

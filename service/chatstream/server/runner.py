@@ -36,7 +36,6 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.grace_seconds = grace_seconds
-        self.draining = False
         state.on_load_failed = self._load_failed
 
     def _load_failed(self, message: str) -> None:
@@ -45,9 +44,8 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         cs = self.state.chat_stream
-        if self.draining or cs is None:
+        if self.state.leaving or cs is None:  # the one "SIGTERM came" flag; cs.draining: refusing new requests
             return super().handle_exit(sig, frame)
-        self.draining = True
         self.state.leaving = True
         log.info("draining: %d streams in flight, up to %.0fs", cs.in_flight, self.grace_seconds)
         threading.Thread(target=self._drain, args=(cs,), daemon=True).start()

