@@ -11,7 +11,9 @@ import time
 
 import httpx
 import pytest
-from image_helpers import ROOT, free_port, have_podman, podman
+from image_helpers import ROOT
+from support.net import free_port
+from support.podman import have_podman, podman
 
 from chatstream import envvars
 from chatstream_operator import resources

@@ -1,24 +1,18 @@
-"""Helpers for the tests on the real node: kubectl, polling, timings."""
+"""Helpers for the tests on the real node: what lands there, its figures, scripts in the
+background. kubectl and polling: support.kube."""
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import subprocess
 import threading
 import time
 
 import pytest
 import yaml
+from support.kube import CLUSTER_DIR, ROOT, apply, get, get_list
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CLUSTER_DIR = ROOT / ".cluster"
-CACHE = pathlib.Path(os.environ.get("CHATSTREAM_K8S_CACHE", pathlib.Path.home() / ".cache/chatstream-k8s"))
-BIN = CACHE / "bin"
 NODE_NAME = "chatstream-node"
 TAINT_KEY = "chatstream.io/real-node"
-RELEASE, RELEASE_NS = "chatstream", "chatstream-system"
 OPERATOR_IMAGE = "localhost/chatstream-operator:0.1.0"
 SERVICE_IMAGE = "localhost/chatstream:0.1.0"
 ROUTER_IMAGE = "localhost/chatstream-router:0.1.0"
@@ -81,75 +75,10 @@ class Background:
             self.proc.kill()
 
 
-def env() -> dict:
-    e = dict(os.environ)
-    e["PATH"] = f"{BIN}:{e['PATH']}"
-    e["KUBECONFIG"] = str(CLUSTER_DIR / "kubeconfig")
-    return e
-
-
-def run(*args: str, input: str | None = None, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, input=input, capture_output=True, text=True, env=env(), timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def kubectl(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run(str(BIN / "kubectl"), *args, **kw)
-
-
-def get(kind: str, name: str, namespace: str | None = None) -> dict | None:
-    args = ["get", kind, name, "-o", "json"] + (["-n", namespace] if namespace else [])
-    proc = kubectl(*args, check=False)
-    if proc.returncode != 0:
-        if "NotFound" in proc.stderr:
-            return None
-        raise AssertionError(proc.stderr)
-    return json.loads(proc.stdout)
-
-
-def get_list(kind: str, namespace: str, selector: str = "") -> list[dict]:
-    args = ["get", kind, "-n", namespace, "-o", "json"] + (["-l", selector] if selector else [])
-    return json.loads(kubectl(*args).stdout)["items"]
-
-
 def model_pods(name: str, namespace: str) -> list[dict]:
     """The resource's model pods: its router's pods share the instance label, not the name label."""
     from chatstream_operator import resources
     return get_list("pods", namespace, resources.selector(name))
-
-
-def apply(manifest: dict | str, namespace: str) -> subprocess.CompletedProcess:
-    text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
-    return kubectl("apply", "-n", namespace, "-f", "-", input=text)
-
-
-def wait_for(what: str, fn, timeout: float = 60, interval: float = 0.5):
-    """Poll fn until it returns something truthy; fail with `what` if it never does."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except (AssertionError, OSError) as err:  # a call failed; keep trying
-            last = err
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def condition(obj: dict | None, type_: str) -> dict:
-    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_:
-            return c
-    return {}
-
-
-def pod_ready(pod: dict) -> bool:
-    return condition(pod, "Ready").get("status") == "True"
 
 
 def example(name: str, replicas: int, cpu: str = "100m", **spec) -> dict:

@@ -11,9 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-from node_helpers import (
-    QUESTION, apply, condition, example, get, kubectl, model_pods, pod_ready, record, service_url, wait_for,
-)
+from node_helpers import QUESTION, example, model_pods, record, service_url
+from support.kube import apply, condition, get, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 

@@ -17,10 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import (
-    NODE_NAME, apply, condition, example, get, kubectl, model_pods, pod_ready, record, report, service_url, wait_for,
-)
+from node_helpers import NODE_NAME, example, model_pods, record, report, service_url
 from streams import Load
+from support.kube import apply, condition, get, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 

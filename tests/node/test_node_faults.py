@@ -26,12 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import (
-    RELEASE_NS, apply, condition, example, get, get_list, kubectl, model_pods, pod_ready, record, redis, report,
-    service_url, wait_for,
-)
+from node_helpers import example, model_pods, record, redis, report, service_url
 from streams import Load, stream_once
 from test_node_sessions import answered
+from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 from chatstream_operator import resources, router
 

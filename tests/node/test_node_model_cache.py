@@ -32,10 +32,8 @@ import time
 
 import httpx
 import pytest
-from node_helpers import (
-    CACHE, NODE_NAME, ON_REAL_NODE, QUESTION, RELEASE_NS, ROOT, SERVICE_IMAGE, apply, condition, example, get,
-    get_list, kubectl, model_pods, pod_ready, record, report, wait_for,
-)
+from node_helpers import NODE_NAME, ON_REAL_NODE, QUESTION, SERVICE_IMAGE, example, model_pods, record, report
+from support.kube import CACHE, RELEASE_NS, ROOT, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 

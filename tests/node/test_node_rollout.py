@@ -7,10 +7,9 @@ import time
 
 import httpx
 import pytest
-from node_helpers import (
-    apply, condition, example, get, kubectl, model_pods, record, report, service_url, wait_for,
-)
+from node_helpers import example, model_pods, record, report, service_url
 from streams import Load, stream_once
+from support.kube import apply, condition, get, kubectl, wait_for
 
 pytestmark = pytest.mark.node
 

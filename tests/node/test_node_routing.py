@@ -20,10 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import (
-    CLUSTER_DIR, ROOT, apply, condition, example, get, kubectl, model_pods, pod_ready, record, redis, report, service_url,
-    wait_for,
-)
+from node_helpers import example, model_pods, record, redis, report, service_url
+from support.kube import CLUSTER_DIR, ROOT, apply, condition, get, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 

@@ -9,9 +9,8 @@ import time
 
 import httpx
 import pytest
-from node_helpers import (
-    apply, condition, example, get, get_list, kubectl, model_pods, pod_ready, redis, service_url, wait_for,
-)
+from node_helpers import example, model_pods, redis, service_url
+from support.kube import apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 

@@ -7,8 +7,9 @@ import subprocess
 import socket
 
 import pytest
+from support.net import free_port
 
-from .harness import DNSMASQ, HAPROXY, REDIS, Dns, Pod, Router, free_port, wait_until
+from .harness import DNSMASQ, HAPROXY, REDIS, Dns, Pod, Router, wait_until
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+from support.net import free_port
 
 from chatstream_operator import router
 
@@ -25,12 +26,6 @@ DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/us
 REDIS = shutil.which("redis-server")
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 48
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))  # free on every address
-        return s.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str) -> None:

@@ -19,11 +19,12 @@ import time
 
 import httpx
 import pytest
+from support.net import free_port
 
 from chatstream import envvars
 from chatstream_operator import router, scaler
 
-from .harness import HAPROXY, ROOT, Pod, Router, free_port, wait_until
+from .harness import HAPROXY, ROOT, Pod, Router, wait_until
 
 MODEL = "smollm2-135m-instruct"
 POD_START_SECONDS = 1.5   # how long the fake Deployment takes to have its pod up

@@ -17,6 +17,8 @@ from chatstream.auth import ApiKeyMiddleware, ApiKeys, ApiKeysError
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
 
+from support.net import LiveServer
+
 from .apps import make_app
 from .test_hostile import is_error_shape
 from .test_outcomes import wait_until
@@ -47,24 +49,24 @@ def kubelet_secret_dir(path, keys: list[str], version: int) -> str:
     return str(path / "keys")
 
 
-def keyed_server(live_server_class, model_and_tokenizer, secret_dir):
+def keyed_server(model_and_tokenizer, secret_dir):
     key_file = kubelet_secret_dir(secret_dir, ["# the team's keys", KEY, ""], 1)
     _, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=16)
-    srv = live_server_class(create_app(Settings(api_keys_file=key_file), chat_stream=chat_stream))
+    srv = LiveServer(create_app(Settings(api_keys_file=key_file), chat_stream=chat_stream))
     srv.chat_stream, srv.secret_dir = chat_stream, secret_dir
     return srv
 
 
 @pytest.fixture(scope="module")
-def keyed(live_server_class, model_and_tokenizer, tmp_path_factory):
-    with keyed_server(live_server_class, model_and_tokenizer, tmp_path_factory.mktemp("secret")) as srv:
+def keyed(model_and_tokenizer, tmp_path_factory):
+    with keyed_server(model_and_tokenizer, tmp_path_factory.mktemp("secret")) as srv:
         yield srv
 
 
 @pytest.fixture
-def rotating(live_server_class, model_and_tokenizer, tmp_path):
+def rotating(model_and_tokenizer, tmp_path):
     """A server of its own: its test changes the keys."""
-    with keyed_server(live_server_class, model_and_tokenizer, tmp_path) as srv:
+    with keyed_server(model_and_tokenizer, tmp_path) as srv:
         yield srv
 
 

@@ -8,17 +8,10 @@ import subprocess
 import sys
 import time
 
-import socket
-
 import httpx
+from support.net import free_port
 
 from chatstream.server.runner import ADMIT_AFTER_SIGTERM_SECONDS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_drains_streams_in_flight(tmp_path):
