@@ -28,6 +28,7 @@ import httpx
 import pytest
 from node_helpers import example, model_pods, record, redis, report, service_url
 from streams import Load, stream_once
+from support.client import ChatEvents
 from test_node_sessions import answered
 from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
@@ -111,26 +112,22 @@ def test_router_force_deleted_mid_stream(faulty):
 
         victim = router_pod(NAME, ns)
         body = {"model": MODEL, "stream": True, "max_tokens": 256, "messages": [{"role": "user", "content": STORY}]}
-        pieces, done, error, t_deleted = 0, False, None, None
+        stream, error, t_deleted = ChatEvents(), None, None
         try:
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
                               timeout=httpx.Timeout(60, read=60)) as r:
                 assert r.status_code == 200
                 for line in r.iter_lines():
-                    if line == "data: [DONE]":
-                        done = True
-                    elif line.startswith("data: "):
-                        pieces += 1
-                        if pieces == 3:
-                            kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns,
-                                    "--grace-period=0", "--force")
-                            t_deleted = time.monotonic()
+                    if stream.feed(line) and stream.events == 3:
+                        kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns,
+                                "--grace-period=0", "--force")
+                        t_deleted = time.monotonic()
         except httpx.HTTPError as err:
             error = err
         assert t_deleted is not None, "the stream ended before the router could be deleted"
         ended = time.monotonic() - t_deleted
-        seen = f"{pieces} pieces, then {type(error).__name__ if error else 'EOF without [DONE]'}"
-        assert not done, "a clean [DONE] although the router carrying the stream was killed"
+        seen = f"{stream.events} pieces, then {type(error).__name__ if error else 'EOF without [DONE]'}"
+        assert not stream.done, "a clean [DONE] although the router carrying the stream was killed"
         assert ended < 30, f"the client waited {ended:.0f}s: a hang, not a clear end"
 
         new = wait_for("a new router pod Ready", lambda: (p := router_pod(NAME, ns)) and
@@ -436,15 +433,13 @@ def paced(url: str, clients: int = 2, streams: int = 2, max_tokens: int = 48) ->
         for s in range(streams):
             body = {"model": MODEL, "stream": True, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": f"{STORY} ({u}.{s})"}]}
-            t0, arrivals = time.monotonic(), []
+            stream = ChatEvents()
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120,
                               headers={"X-Session-Id": f"paced-{u}"}) as r:
                 assert r.status_code == 200, r.read()
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                        arrivals.append(time.monotonic())  # a token (not the opening chunk naming the role)
-            firsts.append(arrivals[0] - t0)
-            gaps += [b - a for a, b in zip(arrivals, arrivals[1:])]
+                stream.read(r.iter_lines())
+            firsts.append(stream.first_token)
+            gaps += stream.gaps
         return gaps, firsts
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(user, range(clients)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import re
 import socket
 import statistics
 import subprocess
@@ -21,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from node_helpers import example, model_pods, record, redis, report, service_url
+from support import metrics
+from support.client import ChatEvents
 from support.kube import CLUSTER_DIR, ROOT, apply, condition, get, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
@@ -43,13 +44,10 @@ def pod_metrics(ip: str) -> dict[str, float]:
 
 
 def server_metrics(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    out = {}
-    for name in ("chatstream_prompt_tokens_total", "chatstream_prompt_tokens_cached_total",
-                 "chatstream_completion_tokens_total"):
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
-        out[name] = float(m.group(1)) if m else 0.0
-    return out
+    text = metrics.scrape(base)
+    return {name: metrics.total(text, name, default=0.0)
+            for name in ("chatstream_prompt_tokens_total", "chatstream_prompt_tokens_cached_total",
+                         "chatstream_completion_tokens_total")}
 
 
 def conversation(base: str, user: int) -> list[dict]:
@@ -59,19 +57,14 @@ def conversation(base: str, user: int) -> list[dict]:
         messages.append({"role": "user", "content": OPENERS[user] if t == 0 else FOLLOW_UPS[(user + t) % 5]})
         body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0}
         t0 = time.monotonic()
-        first, text, arrivals = None, [], []
+        stream = ChatEvents(t0)
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as r:
             assert r.status_code == 200, r.read()
             served = r.headers.get("x-served-by")
-            for line in r.iter_lines():
-                if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
-                    arrivals.append(time.monotonic())
-                    if first is None:
-                        first = arrivals[0] - t0
-                    text.append(httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"].get("content", ""))
-        messages.append({"role": "assistant", "content": "".join(text)})
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-        turns.append({"turn": t, "ttft": first, "seconds": time.monotonic() - t0, "served": served, "gaps": gaps})
+            stream.read(r.iter_lines())
+        messages.append({"role": "assistant", "content": stream.text})
+        turns.append({"turn": t, "ttft": stream.first_token, "seconds": time.monotonic() - t0, "served": served,
+                      "gaps": stream.gaps})
     return turns
 
 

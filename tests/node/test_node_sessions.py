@@ -4,12 +4,12 @@ whichever pod answers each turn."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
 import pytest
 from node_helpers import example, model_pods, redis, service_url
+from support import metrics
 from support.kube import apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
@@ -23,8 +23,7 @@ def service_endpoints(name: str, ns: str) -> set[str]:
 
 def answered(pod_ip: str) -> int:
     """Streams this pod has finished (its own /metrics)."""
-    text = httpx.get(f"http://{pod_ip}:8000/metrics", timeout=10).text
-    return int(sum(float(v) for v in re.findall(r'^chatstream_outcomes_total\{[^}]*\} (\S+)$', text, re.M)))
+    return int(metrics.total(metrics.scrape(f"http://{pod_ip}:8000"), "chatstream_outcomes_total", default=0))
 
 
 def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redis_image, namespace):

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+from support import metrics
 from support.net import free_port
 
 from chatstream_operator import router
@@ -87,12 +88,7 @@ class Pod:
 
     def outcomes(self) -> dict[str, float]:
         """chatstream_outcomes_total by outcome, from the pod's /metrics."""
-        out = {}
-        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
-            if line.startswith("chatstream_outcomes_total{"):
-                label, value = line.rsplit(" ", 1)
-                out[label.split('"')[1]] = float(value)
-        return out
+        return metrics.by_label(metrics.scrape(self.url, timeout=5), "chatstream_outcomes_total", "outcome")
 
 
 class Router:

@@ -19,10 +19,7 @@ from chatstream.settings import Settings
 
 from support.net import LiveServer
 
-from .apps import make_app
-from .test_hostile import is_error_shape
-from .test_outcomes import wait_until
-from .test_traces import stream_traces
+from .apps import is_error_shape, make_app, stream_traces, wait_until
 
 KEY = "cs-test-7f3a9c2e5b1d4f60"
 OTHER_KEY = "cs-test-rotated-0c8e2a41"

@@ -13,14 +13,14 @@ import time
 import httpx
 import openai
 import pytest
+from support.metrics import total
 from fastapi import Request
 
 from chatstream.render import encode_chat
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
 
-from .apps import make_app
-from .test_outcomes import BrokenModel, wait_until
+from .apps import BrokenModel, is_error_shape, make_app, wait_until
 
 QUESTION = "What is the capital of France?"
 LONG = "Write a very long story about a dragon who learns to bake bread."
@@ -39,12 +39,6 @@ def srv(model_and_tokenizer, live_server):
 
 def chat(client: httpx.Client, text: str = QUESTION, **extra) -> httpx.Response:
     return client.post("/chat_stream", json={"user_input": text, **extra}, timeout=120)
-
-
-def is_error_shape(r: httpx.Response) -> bool:
-    body = r.json()
-    return set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"} and \
-        isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
 def turns(client: httpx.Client) -> list[str]:
@@ -352,8 +346,8 @@ def test_ttft_metric_counts_time_in_the_queue(model_and_tokenizer, live_server):
     httpx.post(server.url + "/chat_stream", json={"user_input": "Hi"}, timeout=120)
     busy.join()
     text = chat_stream.metrics.render().decode()
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
-    assert values["chatstream_time_to_first_token_seconds_sum"] >= values["chatstream_queue_wait_seconds_sum"] > 0.2
+    ttft, queued = (total(text, f"chatstream_{m}_seconds_sum") for m in ("time_to_first_token", "queue_wait"))
+    assert ttft >= queued > 0.2
 
 
 # -- every bad input: a 4xx in the one shape, and the server still chats -------------------------------

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support.net import raw_request
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from chatstream.server.app import create_app
 from chatstream.telemetry import Telemetry
 
-from .apps import make_app
-from .test_outcomes import BrokenModel, one_slot, raw_request, wait_until  # noqa: F401 (fixture)
+from .apps import BrokenModel, make_app, stream_traces, wait_until
 
 LONG = "Write a very long story about a dragon who learns to bake bread."
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -27,15 +27,6 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 @pytest.fixture
 def srv(one_slot):
     return one_slot
-
-
-def stream_traces(chat_stream, outcome=None):
-    out = []
-    for trace in chat_stream.telemetry.store.traces():
-        chat = [s for s in trace["spans"] if s["attributes"].get("gen_ai.operation.name") == "chat"]
-        if chat and (outcome is None or chat[0]["attributes"].get("chatstream.outcome") == outcome):
-            out.append((trace, chat[0]))
-    return out
 
 
 def wait_trace(chat_stream, outcome, children=("chatstream.queue", "chatstream.callback")):

@@ -36,3 +36,11 @@ class LiveServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def raw_request(port: int, path: str, body: bytes) -> socket.socket:
+    """Send a request on a plain socket and leave it open; closing the socket is a client disconnect."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
