@@ -9,6 +9,7 @@ import time
 
 import pytest
 import yaml
+from support import metrics
 from support.kube import CLUSTER_DIR, ROOT, apply, get, get_list
 
 NODE_NAME = "chatstream-node"
@@ -121,3 +122,8 @@ def redis(ns: str, image: str) -> None:
            "spec": {"selector": labels, "ports": [{"port": 6379}]}}, ns)
     apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sessions"},
            "stringData": {"url": f"redis://redis.{ns}.svc:6379/0"}}, ns)
+
+
+def answered(pod_ip: str) -> int:
+    """Streams this pod has finished (its own /metrics)."""
+    return int(metrics.total(metrics.scrape(f"http://{pod_ip}:8000"), "chatstream_outcomes_total", default=0))

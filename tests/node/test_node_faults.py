@@ -26,10 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import example, model_pods, record, redis, report, service_url
+from node_helpers import answered, example, model_pods, record, redis, report, service_url
 from streams import Load, stream_once
 from support.client import ChatEvents
-from test_node_sessions import answered
 from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 from chatstream_operator import resources, router

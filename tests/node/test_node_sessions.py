@@ -8,8 +8,7 @@ import time
 
 import httpx
 import pytest
-from node_helpers import example, model_pods, redis, service_url
-from support import metrics
+from node_helpers import answered, example, model_pods, redis, service_url
 from support.kube import apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
@@ -19,11 +18,6 @@ def service_endpoints(name: str, ns: str) -> set[str]:
     slices = get_list("endpointslices", ns, f"kubernetes.io/service-name={name}")
     return {a for s in slices for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready")
             for a in e["addresses"]}
-
-
-def answered(pod_ip: str) -> int:
-    """Streams this pod has finished (its own /metrics)."""
-    return int(metrics.total(metrics.scrape(f"http://{pod_ip}:8000"), "chatstream_outcomes_total", default=0))
 
 
 def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redis_image, namespace):
