@@ -13,6 +13,13 @@ from . import resources
 _APPLY = "application/apply-patch+yaml"
 _MERGE = "application/merge-patch+json"
 _JSON_PATCH = "application/json-patch+json"
+# What apply() can write: kind -> (the client's API class, its server-side apply call).
+_PATCH = {
+    "Deployment": ("AppsV1Api", "patch_namespaced_deployment"),
+    "Service": ("CoreV1Api", "patch_namespaced_service"),
+    "ConfigMap": ("CoreV1Api", "patch_namespaced_config_map"),
+    "PersistentVolumeClaim": ("CoreV1Api", "patch_namespaced_persistent_volume_claim"),
+}
 
 
 def login() -> None:
@@ -29,22 +36,12 @@ def apply(manifest: dict) -> dict:
     already there writes nothing, so repeated reconciles (a restart, a
     timer) leave resourceVersions alone."""
     meta = manifest["metadata"]
-    kw = dict(field_manager=resources.MANAGER, force=True, _content_type=_APPLY, _preload_content=False)
-    if manifest["kind"] == "Deployment":
-        api = kubernetes.client.AppsV1Api()
-        resp = api.patch_namespaced_deployment(meta["name"], meta["namespace"], manifest, **kw)
-    elif manifest["kind"] == "Service":
-        api = kubernetes.client.CoreV1Api()
-        resp = api.patch_namespaced_service(meta["name"], meta["namespace"], manifest, **kw)
-    elif manifest["kind"] == "ConfigMap":
-        api = kubernetes.client.CoreV1Api()
-        resp = api.patch_namespaced_config_map(meta["name"], meta["namespace"], manifest, **kw)
-    elif manifest["kind"] == "PersistentVolumeClaim":
-        api = kubernetes.client.CoreV1Api()
-        resp = api.patch_namespaced_persistent_volume_claim(meta["name"], meta["namespace"], manifest, **kw)
-    else:
+    if manifest["kind"] not in _PATCH:
         raise ValueError(f"cannot apply a {manifest['kind']}")
-    return _json(resp)
+    api, method = _PATCH[manifest["kind"]]
+    patch = getattr(getattr(kubernetes.client, api)(), method)
+    return _json(patch(meta["name"], meta["namespace"], manifest, field_manager=resources.MANAGER, force=True,
+                       _content_type=_APPLY, _preload_content=False))
 
 
 def create(manifest: dict) -> None:
