@@ -7,9 +7,9 @@ import subprocess
 import socket
 
 import pytest
-from support.net import free_port
+from support.net import free_port, wait_until
 
-from .harness import DNSMASQ, HAPROXY, REDIS, Dns, Pod, Router, wait_until
+from .harness import DNSMASQ, HAPROXY, REDIS, Dns, Pod, Router
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 from support import metrics
-from support.net import free_port
+from support.net import free_port, wait_ready, wait_until
 
 from chatstream_operator import router
 
@@ -27,19 +25,6 @@ DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/us
 REDIS = shutil.which("redis-server")
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 48
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (httpx.TransportError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s")
-        time.sleep(0.1)
 
 
 class Pod:
@@ -66,10 +51,9 @@ class Pod:
                                          stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> None:
-        def ready():
+        def alive():
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-        wait_until(ready, timeout, f"{self.name} became ready")
+        wait_ready(self.url, timeout, alive, interval=0.1)
 
     def stop(self) -> None:
         """SIGTERM, as the kubelet stops a pod; SIGKILL if it has not exited 15 s later."""

@@ -14,10 +14,10 @@ import time
 import uuid
 
 import httpx
+from support.net import wait_until
 
 from chatstream_operator import router
 
-from .harness import wait_until
 
 MODEL = "smollm2-135m-instruct"
 SERVED_BY = router.SERVED_BY_HEADER

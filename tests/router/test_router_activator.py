@@ -20,12 +20,12 @@ import httpx
 import pytest
 from support import metrics
 from support.client import ChatEvents
-from support.net import free_port
+from support.net import free_port, wait_until
 
 from chatstream import envvars
 from chatstream_operator import router, scaler
 
-from .harness import HAPROXY, ROOT, Pod, Router, wait_until
+from .harness import HAPROXY, ROOT, Pod, Router
 
 MODEL = "smollm2-135m-instruct"
 POD_START_SECONDS = 1.5   # how long the fake Deployment takes to have its pod up

@@ -1,4 +1,4 @@
-"""Loopback ports and servers for tests that speak real HTTP."""
+"""Loopback ports and servers for tests that speak real HTTP, and waiting for them."""
 
 from __future__ import annotations
 
@@ -6,12 +6,38 @@ import socket
 import threading
 import time
 
+import httpx
+
 
 def free_port() -> int:
     """A TCP port free now on every address (so on any loopback address too); the OS picks it."""
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll `check` until it is true; a connection refused or cut counts as not yet. An
+    AssertionError from `check` (the server died) fails at once."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (httpx.TransportError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout}s")
+        time.sleep(interval)
+
+
+def wait_ready(url: str, timeout: float, alive=lambda: None, path: str = "/readyz", interval: float = 0.3) -> None:
+    """Until GET url+path answers 200; `alive()`, called before each try, fails the test with the
+    server's output when it has exited."""
+    def ready() -> bool:
+        alive()
+        return httpx.get(url + path, timeout=2).status_code == 200
+    wait_until(ready, timeout, f"{url}{path} answering 200", interval)
 
 
 class LiveServer:
