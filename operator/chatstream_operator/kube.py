@@ -31,6 +31,16 @@ def _json(response) -> dict:
     return json.loads(response.data)
 
 
+def _unless_absent(call, *args, **kw):
+    """call(*args, **kw), or None when what it reads does not exist (404)."""
+    try:
+        return call(*args, **kw)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
 def apply(manifest: dict) -> dict:
     """Server-side apply as the operator's field manager. Applying what is
     already there writes nothing, so repeated reconciles (a restart, a
@@ -76,12 +86,10 @@ def ensure_job(manifest: dict) -> dict:
 def secret_value(namespace: str, name: str, key: str) -> str | None:
     """The decoded value under `key`, or None when the Secret (or the key)
     does not exist or is being deleted."""
-    try:
-        resp = kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace, _preload_content=False)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    resp = _unless_absent(kubernetes.client.CoreV1Api().read_namespaced_secret, name, namespace,
+                          _preload_content=False)
+    if resp is None:
+        return None
     secret = _json(resp)
     if secret["metadata"].get("deletionTimestamp"):
         return None
@@ -95,15 +103,8 @@ def list_pods(namespace: str, selector: str) -> list[dict]:
 
 
 def get_resource(namespace: str, name: str) -> dict | None:
-    api = kubernetes.client.CustomObjectsApi()
-    try:
-        return api.get_namespaced_custom_object(
-            resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name
-        )
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    return _unless_absent(kubernetes.client.CustomObjectsApi().get_namespaced_custom_object,
+                          resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name)
 
 
 def replicas_patch(replicas: int, autoscaling: dict) -> list[dict]:
