@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 from support import metrics
-from support.kube import CLUSTER_DIR, ROOT, apply, get, get_list
+from support.kube import CLUSTER_DIR, ROOT, apply, condition, get, get_list
 
 NODE_NAME = "chatstream-node"
 TAINT_KEY = "chatstream.io/real-node"
@@ -26,6 +26,9 @@ ON_REAL_NODE = {
     "nodeSelector": {"kubernetes.io/hostname": NODE_NAME},
     "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
 }
+
+# spec.sessions of a resource whose sessions live in the Redis of redis()
+REDIS_SESSIONS = {"store": "redis", "redisURLSecretRef": {"name": "sessions"}}
 
 TIMINGS: list[str] = []
 
@@ -102,26 +105,40 @@ def service_url(name: str, namespace: str) -> str:
     return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
 
 
+def on_node(ns: str, name: str, port: int, container: dict, **pod) -> None:
+    """One pod of `container` (named `name`, serving `port`) on the real node, and a Service
+    `name` in front of it; `pod`: more of the pod's spec (volumes)."""
+    labels = {"app": name}
+    apply({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {**ON_REAL_NODE, **pod,
+                     "containers": [{"name": name, "ports": [{"containerPort": port}], **container}]},
+        }},
+    }, ns)
+    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+           "spec": {"selector": labels, "ports": [{"port": port}]}}, ns)
+
+
 def redis(ns: str, image: str) -> None:
     """A real Redis as a pod (Debian's redis-server, tests/node/images), its URL
     in the Secret `sessions` (key `url`), as a user would give it to
-    spec.sessions.redisURLSecretRef."""
-    labels = {"app": "redis"}
-    apply({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redis"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
-            "metadata": {"labels": labels},
-            "spec": {**ON_REAL_NODE, "containers": [{
-                "name": "redis", "image": image, "ports": [{"containerPort": 6379}],
-                "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}},
-                "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 2},
-            }]},
-        }},
-    }, ns)
-    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "redis"},
-           "spec": {"selector": labels, "ports": [{"port": 6379}]}}, ns)
+    spec.sessions.redisURLSecretRef (REDIS_SESSIONS)."""
+    on_node(ns, "redis", 6379, {"image": image, "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}},
+                                "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 2}})
     apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sessions"},
            "stringData": {"url": f"redis://redis.{ns}.svc:6379/0"}}, ns)
+
+
+def csd_ready(name: str, ns: str, generation: int | None = None) -> bool:
+    """Ready with its router; with `generation`, that generation rolled out (Progressing False)."""
+    csd = get("csd", name, ns)
+    ready = condition(csd, "Ready")
+    return (ready.get("status") == "True" and condition(csd, "RouterReady").get("status") == "True"
+            and (generation is None or (ready.get("observedGeneration") == generation
+                                        and csd["status"].get("observedGeneration") == generation
+                                        and condition(csd, "Progressing").get("status") == "False")))
 
 
 def answered(pod_ip: str) -> int:

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import answered, example, model_pods, record, redis, report, service_url
+from node_helpers import REDIS_SESSIONS, answered, csd_ready, example, model_pods, record, redis, report, service_url
 from streams import Load, stream_once
 from support.client import ChatEvents
 from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
@@ -42,15 +42,6 @@ FRESH = httpx.Limits(max_keepalive_connections=0)  # a new connection per reques
 REDIS_OUTAGE_SECONDS = 20
 SLOW_CONNECTIONS = 1000
 GRACE = 300  # as tests/node/test_node_rollout.py: a drain on 2 oversubscribed cores can take minutes
-
-
-def csd_ready(name: str, ns: str, generation: int | None = None) -> bool:
-    csd = get("csd", name, ns)
-    ready = condition(csd, "Ready")
-    return (ready.get("status") == "True" and condition(csd, "RouterReady").get("status") == "True"
-            and (generation is None or (ready.get("observedGeneration") == generation
-                                        and csd["status"].get("observedGeneration") == generation
-                                        and condition(csd, "Progressing").get("status") == "False")))
 
 
 def ready_ips(name: str, ns: str) -> list[str]:
@@ -88,7 +79,7 @@ def user_turns(client: httpx.Client) -> list[str]:
 def faulty(operator_pod, redis_image, module_namespace):
     ns = module_namespace
     redis(ns, redis_image)
-    apply(example(NAME, replicas=2, sessions={"store": "redis", "redisURLSecretRef": {"name": "sessions"}},
+    apply(example(NAME, replicas=2, sessions=REDIS_SESSIONS,
                   generation={"maxNewTokens": 64, "contextLength": 2048}, shutdownGraceSeconds=GRACE), ns)
     wait_for(f"{NAME} Ready with its router", lambda: csd_ready(NAME, ns), timeout=600, interval=1)
     url = service_url(router.router_name(NAME), ns)

@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import example, model_pods, record, redis, report, service_url
+from node_helpers import REDIS_SESSIONS, csd_ready, example, model_pods, record, redis, report, service_url
 from support import metrics
 from support.client import ChatEvents
-from support.kube import CLUSTER_DIR, ROOT, apply, condition, get, kubectl, pod_ready, wait_for
+from support.kube import CLUSTER_DIR, ROOT, apply, get, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -103,14 +103,10 @@ def show(label: str, w: dict) -> str:
 def routed(operator_pod, redis_image, module_namespace):
     ns = module_namespace
     redis(ns, redis_image)
-    apply(example(NAME, replicas=2, sessions={"store": "redis", "redisURLSecretRef": {"name": "sessions"}},
+    apply(example(NAME, replicas=2, sessions=REDIS_SESSIONS,
                   generation={"maxNewTokens": 64, "contextLength": 2048}), ns)
 
-    def ready():
-        csd = get("csd", NAME, ns)
-        return condition(csd, "Ready").get("status") == "True" and condition(csd, "RouterReady").get("status") == "True"
-
-    wait_for(f"{NAME} Ready with its router", ready, timeout=600, interval=1)
+    wait_for(f"{NAME} Ready with its router", lambda: csd_ready(NAME, ns), timeout=600, interval=1)
     csd = get("csd", NAME, ns)
     assert csd["status"]["routingEndpoint"] == f"http://{NAME}-router.{ns}.svc:8000"
     router = service_url(f"{NAME}-router", ns)

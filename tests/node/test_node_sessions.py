@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from node_helpers import answered, example, model_pods, redis, service_url
+from node_helpers import REDIS_SESSIONS, answered, example, model_pods, redis, service_url
 from support.kube import apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
@@ -23,7 +23,7 @@ def service_endpoints(name: str, ns: str) -> set[str]:
 def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redis_image, namespace):
     ns, name = namespace, "shared"
     redis(ns, redis_image)
-    apply(example(name, replicas=2, sessions={"store": "redis", "redisURLSecretRef": {"name": "sessions"}},
+    apply(example(name, replicas=2, sessions=REDIS_SESSIONS,
                   generation={"maxNewTokens": 48, "contextLength": 2048}), ns)
     wait_for(f"{name} Ready", lambda: condition(get("csd", name, ns), "Ready").get("status") == "True",
              timeout=600, interval=1)
