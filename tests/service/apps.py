@@ -122,3 +122,16 @@ class BrokenModel:
         if self.calls > self.fail_after:
             raise RuntimeError("CUDA out of memory (injected)")
         return self.model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def broken_model(chat_stream: ChatStream, fail_after_calls: int):
+    """The engine's model failing after `fail_after_calls` forward passes, for the block; the
+    healthy one back after it."""
+    runner = chat_stream.engine.runner
+    healthy = runner.model
+    runner.model = BrokenModel(healthy, fail_after_calls)
+    try:
+        yield
+    finally:
+        runner.model = healthy

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from support.net import raw_request
 
-from .apps import BrokenModel, make_app, wait_until
+from .apps import broken_model, make_app, wait_until
 
 LONG = "Write a very long story about a dragon who learns to bake bread."
 
@@ -65,10 +65,7 @@ def test_disconnect_while_queued(one_slot):
 def test_unknown_error(one_slot, fail_after, status):
     """Before the first byte a failure is a 500 JSON error; after it, the body is cut short (no clean end),
     so that a client never takes a truncated answer for a whole one."""
-    engine = one_slot.chat_stream.engine
-    healthy = engine.runner.model
-    engine.runner.model = BrokenModel(healthy, fail_after)
-    try:
+    with broken_model(one_slot.chat_stream, fail_after):
         with httpx.Client(base_url=one_slot.url) as client:
             with client.stream("POST", "/chat_stream_callback", json={"user_input": LONG}, timeout=120) as r:
                 assert r.status_code == status
@@ -80,8 +77,6 @@ def test_unknown_error(one_slot, fail_after, status):
                         r.read()
         calls = one_slot.log.wait_for(1)
         assert [c[1] for c in calls] == ["unknown_error_occurred"]
-    finally:
-        engine.runner.model = healthy
     wait_until(lambda: load(one_slot) == (0, 0))
     with httpx.Client(base_url=one_slot.url) as client:  # and the server keeps serving
         assert "Paris" in client.post("/chat_stream", json={"user_input": "What is the capital of France?"},

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from chatstream.server.app import create_app
 from chatstream.telemetry import Telemetry
 
-from .apps import BrokenModel, make_app, stream_traces, wait_until
+from .apps import broken_model, make_app, stream_traces, wait_until
 
 LONG = "Write a very long story about a dragon who learns to bake bread."
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -102,14 +102,8 @@ def test_disconnect_before_streaming_trace(srv):
 
 
 def test_unknown_error_trace_and_raising_callback(srv):
-    engine = srv.chat_stream.engine
-    healthy = engine.runner.model
-    engine.runner.model = BrokenModel(healthy, 0)
-    try:
-        with httpx.Client(base_url=srv.url) as client:
-            assert client.post("/chat_stream_raising_callback", json={"user_input": "hi"}, timeout=60).status_code == 500
-    finally:
-        engine.runner.model = healthy
+    with broken_model(srv.chat_stream, 0), httpx.Client(base_url=srv.url) as client:
+        assert client.post("/chat_stream_raising_callback", json={"user_input": "hi"}, timeout=60).status_code == 500
     trace, chat = wait_trace(srv.chat_stream, "unknown_error_occurred")
     children = check_nesting(trace, chat, ["chatstream.queue", "chatstream.prefill", "chatstream.callback"])
     assert chat["status"] == "ERROR"
