@@ -22,7 +22,6 @@ from chatstream_operator import router
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
-REDIS = shutil.which("redis-server")
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 48
 

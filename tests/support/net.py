@@ -1,12 +1,20 @@
-"""Loopback ports and servers for tests that speak real HTTP, and waiting for them."""
+"""Loopback ports and servers for tests that speak real HTTP (and a real Redis), and waiting
+for them."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import signal
 import socket
+import subprocess
 import threading
 import time
 
 import httpx
+import pytest
+
+REDIS = shutil.which("redis-server")
 
 
 def free_port() -> int:
@@ -38,6 +46,24 @@ def wait_ready(url: str, timeout: float, alive=lambda: None, path: str = "/ready
         alive()
         return httpx.get(url + path, timeout=2).status_code == 200
     wait_until(ready, timeout, f"{url}{path} answering 200", interval)
+
+
+@contextlib.contextmanager
+def redis_server(workdir, *flags: str):
+    """A real redis-server on a free loopback port that keeps nothing on disk: (its URL, its process)."""
+    if REDIS is None:
+        pytest.fail("redis-server is not installed (scripts/system-deps.sh installs it)")
+    port = free_port()
+    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir), *flags], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None, 10,
+                   "redis-server started", interval=0.05)
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.send_signal(signal.SIGCONT)  # a test may have paused it
+        proc.terminate()
+        proc.wait(10)
 
 
 class LiveServer:
