@@ -118,6 +118,11 @@ SYSTEM = ("You are a careful assistant. Answer in one short sentence, plainly, w
 QUESTIONS = ["What is the capital of France?", "What is 2+2?", "Name a color.", "Who wrote Hamlet?"]
 
 
+def system_prompts(tok) -> list[list[int]]:
+    """Each of QUESTIONS after the one long SYSTEM prompt they share."""
+    return [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]) for q in QUESTIONS]
+
+
 def render(tok, turns):
     return tok(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True),
                add_special_tokens=False)["input_ids"]
@@ -193,8 +198,7 @@ def test_next_turn_hits_and_answers_as_without_cache(model_and_tokenizer, plain)
 
 def test_concurrent_hits_on_one_prefix_answer_as_without_cache(model_and_tokenizer, plain):
     _, tok = model_and_tokenizer
-    prompts = [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
-               for q in QUESTIONS]
+    prompts = system_prompts(tok)
     eng = cached_engine(model_and_tokenizer, 4096)
     try:
         warm = ask(eng, [prompts[0]])
@@ -207,8 +211,7 @@ def test_concurrent_hits_on_one_prefix_answer_as_without_cache(model_and_tokeniz
 
 def test_eviction_keeps_the_budget_and_never_changes_an_answer(model_and_tokenizer, plain):
     _, tok = model_and_tokenizer
-    prompts = [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
-               for q in QUESTIONS]
+    prompts = system_prompts(tok)
     budget = len(prompts[0]) + 30   # room for about one finished sequence: each end evicts the previous one
     eng = cached_engine(model_and_tokenizer, budget)
     held = []
