@@ -1,6 +1,6 @@
 """The prefix cache (issue 12): kept KV of finished sequences serves the prompts that start with it.
 
-Without a model first (the engine's real step around the fake runner of test_scheduler: every row must hold
+Without a model first (the engine's real step around the fake runner of helpers.py: every row must hold
 exactly its sequence's tokens, loaded or prefilled), then on the real model: greedy output with a
 cache hit equals the output without the cache, alone, under concurrency and under eviction.
 """
@@ -14,8 +14,7 @@ import pytest
 from chatstream.engine import Engine, SamplingParams
 from chatstream.engine.prefix_cache import Drop, PrefixIndex, Save
 
-from .test_engine import Collector
-from .test_scheduler import Driver, FakeRunner
+from .helpers import Collector, Driver, FakeRunner
 
 
 class KeepingRunner(FakeRunner):
