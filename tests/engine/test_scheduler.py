@@ -1,10 +1,10 @@
 """The scheduler and the engine's real step, without a model: admission order, prefill budgets, chunking, row moves.
 
-A fake runner (helpers.py) stands in for the model runner inside a real :class:`Engine` (its real scheduler,
-step and output processor; a fake tokenizer): each cache row is a list of token ids, a pass writes each chunk's prompt tokens at
-their positions and each decoding row's last token, and row moves are applied as the real cache applies them.
-Before every pass and after every step each running sequence must find exactly its own tokens in its row, which
-is what keeps batched output equal to unbatched output.
+A fake runner (helpers.py) stands in for the model runner inside a real :class:`Engine` (its real scheduler, step
+and output processor; a fake tokenizer): each cache row is a list of token ids, a pass writes each chunk's prompt
+tokens at their positions and each decoding row's last token, and row moves are applied as the real cache applies
+them. Before every pass and after every step each running sequence must find exactly its own tokens in its row,
+which is what keeps batched output equal to unbatched output.
 """
 
 from __future__ import annotations
