@@ -18,7 +18,7 @@ import pytest
 import yaml
 from support import kube
 from support.kube import CLUSTER_DIR, RELEASE, RELEASE_NS, ROOT, SERVICE_ACCOUNT, kubectl, wait_for
-from support.net import free_port
+from support.net import free_port, stop
 
 
 class Operator:
@@ -56,13 +56,7 @@ class Operator:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc, 30)
         self.log.close()
 
     def lines(self) -> list[str]:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from support import metrics
-from support.net import free_port, wait_ready, wait_until
+from support.net import free_port, stop, wait_ready, wait_until
 
 from chatstream_operator import router
 
@@ -56,12 +56,7 @@ class Pod:
 
     def stop(self) -> None:
         """SIGTERM, as the kubelet stops a pod; SIGKILL if it has not exited 15 s later."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop(self.proc, 15)
 
     def kill(self) -> None:
         """SIGKILL: the pod vanishes mid-life, as a node failure would have it."""
@@ -110,9 +105,7 @@ class Router:
         return self
 
     def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop(self.proc)
 
     def admin(self, command: str) -> str:
         with socket.socket(socket.AF_UNIX) as s:
@@ -182,6 +175,4 @@ class Dns:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop(self.proc)

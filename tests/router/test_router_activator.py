@@ -20,7 +20,7 @@ import httpx
 import pytest
 from support import metrics
 from support.client import ChatEvents
-from support.net import free_port, wait_until
+from support.net import free_port, stop, wait_until
 
 from chatstream import envvars
 from chatstream_operator import router, scaler
@@ -41,8 +41,7 @@ def pod(redis_url, tmp_path_factory):
         p.wait_ready()
         yield p
     finally:
-        p.proc.terminate()
-        p.proc.wait(15)
+        p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +79,7 @@ class Activator:
         return any(f[0] == "activator" and f[1] == "activator" and f[17].startswith("UP") for f in rows if len(f) > 17)
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(10)
+        stop(self.proc)
 
     def signal(self) -> dict:
         return httpx.get(self.control + "/signal", timeout=5).json()

@@ -48,6 +48,18 @@ def wait_ready(url: str, timeout: float, alive=lambda: None, path: str = "/ready
     wait_until(ready, timeout, f"{url}{path} answering 200", interval)
 
 
+def stop(proc: subprocess.Popen | None, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited `grace` seconds later."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def redis_server(workdir, *flags: str):
     """A real redis-server on a free loopback port that keeps nothing on disk: (its URL, its process)."""
@@ -62,8 +74,7 @@ def redis_server(workdir, *flags: str):
         yield f"redis://127.0.0.1:{port}/0", proc
     finally:
         proc.send_signal(signal.SIGCONT)  # a test may have paused it
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 class LiveServer:
