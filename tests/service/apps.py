@@ -6,11 +6,10 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 
 import httpx
-
 from fastapi import FastAPI, Request
+from support import net
 
 from chatstream import ChatStream
 
@@ -84,11 +83,8 @@ def make_app(model, tokenizer, **options) -> tuple[FastAPI, ChatStream, Callback
 
 
 def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
+    """support.net.wait_until, polling every 20 ms (the service tests wait on in-process state)."""
+    net.wait_until(predicate, timeout, "the condition", interval=0.02)
 
 
 def is_error_shape(r: httpx.Response) -> bool:
