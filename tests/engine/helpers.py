@@ -134,6 +134,18 @@ class Collector:
             self.done.set()
 
 
+def ask(engine, prompts: list[list[int]], timeout: float = 180, **params) -> list[Collector]:
+    """Every prompt submitted at once (greedy, 20 new tokens unless `params` say otherwise), all awaited."""
+    outs = []
+    for ids in prompts:
+        c = Collector()
+        engine.submit(ids, SamplingParams(**{"max_new_tokens": 20, "temperature": 0, **params}), c)
+        outs.append(c)
+    for c in outs:
+        assert c.done.wait(timeout)
+    return outs
+
+
 def prompt(tok, text):
     return tok(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]

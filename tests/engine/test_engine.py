@@ -8,7 +8,7 @@ import pytest
 
 from chatstream.engine import Engine, Failed, Finished, SamplingParams
 
-from .helpers import QUESTIONS, Collector, prompt
+from .helpers import QUESTIONS, Collector, ask, prompt
 
 
 @pytest.fixture
@@ -22,14 +22,7 @@ def engine(model_and_tokenizer):
 
 
 def run_all(engine, tok, questions, **params):
-    outs = []
-    for q in questions:
-        c = Collector()
-        engine.submit(prompt(tok, q), SamplingParams(**{"max_new_tokens": 20, "temperature": 0, **params}), c)
-        outs.append(c)
-    for c in outs:
-        assert c.done.wait(120)
-    return outs
+    return ask(engine, [prompt(tok, q) for q in questions], timeout=120, **params)
 
 
 def test_greedy_output_is_the_same_alone_and_in_a_batch(engine, model_and_tokenizer):

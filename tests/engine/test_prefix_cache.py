@@ -11,10 +11,10 @@ import random
 
 import pytest
 
-from chatstream.engine import Engine, SamplingParams
+from chatstream.engine import Engine
 from chatstream.engine.prefix_cache import Drop, PrefixIndex, Save
 
-from .helpers import Collector, Driver, FakeRunner
+from .helpers import Driver, FakeRunner, ask
 
 
 class KeepingRunner(FakeRunner):
@@ -127,17 +127,6 @@ def render(tok, turns):
                add_special_tokens=False)["input_ids"]
 
 
-def ask(engine, prompts, max_new_tokens=20):
-    outs = []
-    for ids in prompts:
-        c = Collector()
-        engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), c)
-        outs.append(c)
-    for c in outs:
-        assert c.done.wait(180)
-    return outs
-
-
 @pytest.fixture(scope="module")
 def plain(model_and_tokenizer):
     """Answers computed without a prefix cache, for any list of prompts."""
@@ -179,7 +168,8 @@ def test_next_turn_hits_and_answers_as_without_cache(model_and_tokenizer, plain)
         first = ask(eng, [first_ids])[0]
         assert first.end.cached_prompt_tokens == 0
         # Another request takes the same cache row meanwhile: the kept copy must serve the next turn.
-        other = ask(eng, [render(tok, [{"role": "user", "content": "Write a haiku about the sea."}])], 40)[0]
+        haiku = render(tok, [{"role": "user", "content": "Write a haiku about the sea."}])
+        other = ask(eng, [haiku], max_new_tokens=40)[0]
         assert other.end.cached_prompt_tokens < 10
         turns += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
         second_ids = render(tok, turns)
