@@ -20,11 +20,17 @@ from chatstream.engine.sequence import Sequence, State
 from .helpers import Driver
 
 
+def queued(sched: Scheduler, n: int) -> list[Sequence]:
+    """`n` sequences of four prompt tokens each, added to the scheduler in order."""
+    seqs = [Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(n)]
+    for s in seqs:
+        sched.add(s)
+    return seqs
+
+
 def test_admission_is_first_come_first_served_within_the_rows():
     sched = Scheduler(max_batch=2)
-    a, b, c, d = (Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(4))
-    for s in (a, b, c, d):
-        sched.add(s)
+    a, b, c, d = queued(sched, 4)
     assert sched.schedule().admitted == [a, b]
     assert (a.row, b.row, a.state, c.state) == (0, 1, State.PREFILL, State.WAITING)
     assert sched.schedule().admitted == [] and sched.active == 2
@@ -35,9 +41,7 @@ def test_admission_is_first_come_first_served_within_the_rows():
 
 def test_a_sequence_whose_preparation_raises_is_refused_and_its_row_stays_free_for_the_step():
     sched = Scheduler(max_batch=3)
-    a, b, c, d = (Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(4))
-    for s in (a, b, c, d):
-        sched.add(s)
+    a, b, c, d = queued(sched, 4)
 
     def prepare(seq):
         if seq is b:
