@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from node_helpers import REDIS_SESSIONS, csd_ready, example, model_pods, record,
 from support import metrics
 from support.client import ChatEvents
 from support.kube import CLUSTER_DIR, ROOT, apply, get, kubectl, pod_ready, wait_for
+from support.net import free_port
 
 pytestmark = pytest.mark.node
 
@@ -119,9 +119,7 @@ def routed(operator_pod, redis_image, module_namespace):
 def bare_process():
     """One `chatstream serve` on the host with the pods' settings and every core: what this
     machine serves without Kubernetes, measured in the same run as the pods."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "service"), "CHATSTREAM_PORT": str(port),
            "CHATSTREAM_MAX_CONCURRENT": "4", "CHATSTREAM_MAX_QUEUE": "16", "CHATSTREAM_MAX_NEW_TOKENS": "64",
            "CHATSTREAM_CONTEXT_LENGTH": "2048", "CHATSTREAM_DTYPE": "float32", "CHATSTREAM_DEVICE": "cpu",

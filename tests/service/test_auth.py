@@ -11,13 +11,12 @@ import sys
 import httpx
 import openai
 import pytest
+from support.net import LiveServer
 
 from chatstream import envvars
 from chatstream.auth import ApiKeyMiddleware, ApiKeys, ApiKeysError
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
-
-from support.net import LiveServer
 
 from .apps import is_error_shape, make_app, stream_traces, wait_until
 

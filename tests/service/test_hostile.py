@@ -13,8 +13,9 @@ import time
 import httpx
 import openai
 import pytest
-from support.metrics import total
 from fastapi import Request
+from support.metrics import total
+from support.net import free_port
 
 from chatstream.render import encode_chat
 from chatstream.server.app import create_app
@@ -285,9 +286,7 @@ def test_model_that_cannot_load_exits_with_its_message(tmp_path):
     import subprocess
     import sys
     log = tmp_path / "termination-log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "CHATSTREAM_TERMINATION_LOG": str(log), "CHATSTREAM_PORT": str(port),
            "CHATSTREAM_MODEL": str(tmp_path / "no-such-model"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "chatstream", "serve"], env=env, capture_output=True, text=True,

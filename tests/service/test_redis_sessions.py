@@ -13,8 +13,8 @@ import time
 import httpx
 import pytest
 import redis
-from support.net import redis_server as real_redis
 from fastapi import FastAPI, Request
+from support.net import redis_server as real_redis
 
 from chatstream import ChatPrompt, ChatStream
 from chatstream.redis_store import RedisStore

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import http.server
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from support.net import raw_request
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from support.net import free_port, raw_request
 
 from chatstream.server.app import create_app
 from chatstream.telemetry import Telemetry
@@ -162,9 +161,7 @@ class OTLPReceiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_spans_are_exported_over_otlp_http(model_and_tokenizer, live_server, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", port), OTLPReceiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
