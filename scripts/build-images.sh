@@ -15,7 +15,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CACHE="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 TAG="${TAG:-0.1.0}"
 LOCAL_BASE="localhost/debian-base:bookworm"
 BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"
@@ -30,9 +31,8 @@ for arg in "$@"; do
 done
 
 say() { printf '[build-images %s] %s\n' "$(date +%T)" "$*" >&2; }
-# crun fails on this kernel's cgroups: use runc. Host networking for builds
-# and runs (no bridge networking in the sandbox).
-podman() { command podman --runtime /usr/sbin/runc "$@"; }
+# podman (scripts/lib.sh) with host networking for builds and runs (no bridge
+# networking in the sandbox).
 
 setup_podman() {
   "$ROOT/scripts/system-deps-cluster.sh" images

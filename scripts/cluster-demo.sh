@@ -10,8 +10,8 @@
 # `make cluster-down` stops it all.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
-BIN="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/bin"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 export KUBECONFIG="$CLUSTER_DIR/kubeconfig" PATH="$BIN:$PATH"
 CPU="${DEMO_CPU:-250m}"
 TRACES="${DEMO_TRACES:-1}"

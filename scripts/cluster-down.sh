@@ -5,8 +5,8 @@
 # images stay. Only processes named by PID files under CLUSTER_DIR are stopped.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
-RUN="$CLUSTER_DIR/run"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 if ! CLUSTER_DIR="$CLUSTER_DIR" bash "$ROOT/scripts/node-down.sh"; then
   echo "[cluster-down] the node did not stop cleanly; its PID files stay in $RUN" >&2
@@ -15,15 +15,7 @@ fi
 
 # Reverse start order, so that nothing logs errors about what went first.
 for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
-  pidfile="$RUN/$name.pid"
-  [ -f "$pidfile" ] || continue
-  pid="$(cat "$pidfile")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid"
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  fi
-  rm -f "$pidfile"
+  stop "$name"
 done
 rm -rf "$CLUSTER_DIR/etcd"
 [ -n "${node_left:-}" ] || rm -rf "$CLUSTER_DIR/logs" "$RUN"

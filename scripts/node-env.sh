@@ -1,18 +1,14 @@
 # Sourced by scripts/node-up.sh and scripts/node-down.sh: where the real node
 # keeps its files, its fixed addresses, and process helpers keyed by PID files.
 # shellcheck shell=bash
-CACHE="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}"
-BIN="$CACHE/bin"
+CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
+CLUSTER_DIR="$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)"  # absolute: the node's owner file names it
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 NODE_DIR="$CACHE/node"
 CTR_DIR="$NODE_DIR/containerd"
 CTR_SOCK="$CTR_DIR/containerd.sock"
 KUBELET_DIR="$NODE_DIR/kubelet"
-CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
-CLUSTER_DIR="$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)"
-KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"
-PKI="$CLUSTER_DIR/pki"
-LOGS="$CLUSTER_DIR/logs"
-RUN="$CLUSTER_DIR/run"
 export PATH="$BIN:/usr/local/go/bin:/usr/sbin:$PATH" KUBECONFIG="$KUBECONFIG_FILE"
 
 NODE_NAME="chatstream-node"
@@ -29,6 +25,7 @@ KUBE_PROXY_HEALTHZ_PORT=10256
 KUBE_PROXY_METRICS_PORT=10249
 COREDNS_READY_PORT=18181
 NODE_PROCESSES=(coredns kube-proxy kubelet containerd)  # stop order
+WAIT_LOGS="containerd kubelet kube-proxy coredns"  # what wait_for shows when the node does not come up
 
 running() {  # running NAME: its PID file names a live process
   [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null
@@ -48,27 +45,4 @@ start() {  # start NAME ARGS...: a session of its own, logs in $LOGS/NAME.log
   shift
   setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
   echo $! >"$RUN/$name.pid"
-}
-
-stop() {  # stop NAME: SIGTERM, then SIGKILL after 10 s
-  local pid
-  pid="$(cat "$RUN/$1.pid" 2>/dev/null)" || return 0
-  if kill -0 "$pid" 2>/dev/null; then
-    kill "$pid"
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
-  fi
-  rm -f "$RUN/$1.pid"
-}
-
-wait_for() {  # wait_for WHAT SECONDS COMMAND...
-  local what="$1" limit="$2" i
-  shift 2
-  for ((i = 0; i < limit * 4; i++)); do
-    "$@" >/dev/null 2>&1 && return 0
-    sleep 0.25
-  done
-  say "$what did not come up in ${limit}s; logs are in $LOGS"
-  tail -n 20 "$LOGS"/{containerd,kubelet,kube-proxy,coredns}.log 2>/dev/null >&2 || true
-  exit 1
 }

@@ -116,21 +116,20 @@ start_containerd() {
 
 # --- images -----------------------------------------------------------------
 
-podman_() { command podman --runtime /usr/sbin/runc "$@"; }
 
 # import IMAGE: podman's image into containerd, only when its ID changed since
 # the last import (a stamp per image under $NODE_DIR/images) or containerd
 # lost it. The old content is garbage-collected by containerd, so one copy stays.
 import_image() {
   local image="$1" id stamp t0=$SECONDS size bytes
-  id="$(podman_ image inspect --format '{{.Id}}' "$image" 2>/dev/null)" ||
+  id="$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null)" ||
     { say "no podman image $image (scripts/build-images.sh builds it)"; return 1; }
   stamp="$NODE_DIR/images/$(echo "$image" | tr '/:' '__').id"
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$id" ] && [ -n "$(ctr_ images ls -q "name==$image" 2>/dev/null)" ]; then
     say "$image: already imported (${id:0:12})"
     return 0
   fi
-  bytes="$(podman_ image inspect --format '{{.Size}}' "$image")"
+  bytes="$(podman image inspect --format '{{.Size}}' "$image")"
   size="$(awk -v b="$bytes" 'BEGIN {printf "%.2f GB", b/1e9}')"
   say "importing $image (${id:0:12}, $size) into containerd; a 7 GB image takes 2-4 min"
   mkdir -p "$NODE_DIR/images"
@@ -138,7 +137,7 @@ import_image() {
   # podman save writes a docker-archive, which keeps the image's name; dd
   # shows progress. podman first writes the archive to a temporary file: in
   # memory when there is room, so that the disk holds no third copy.
-  TMPDIR="$(big_tmpdir "$bytes")" podman_ save "$image" |
+  TMPDIR="$(big_tmpdir "$bytes")" podman save "$image" |
     dd bs=4M iflag=fullblock status=progress 2> >(tr '\r' '\n' | awk '/copied/ { printf "\r[node-up import] %-70.70s", $0 } END { print "" }' >&2) |
     ctr_ images import - >/dev/null
   echo "$id" >"$stamp"
@@ -159,31 +158,19 @@ big_tmpdir() {  # big_tmpdir BYTES: /dev/shm if it and free memory have room, el
 pause_image() {
   local dir="$NODE_DIR/pause" want
   want="$(cat "$ROOT/hack/pause/pause.c" "$ROOT/hack/pause/Containerfile" | sha256sum | cut -d' ' -f1)"
-  if ! podman_ image exists "$PAUSE_IMAGE" || [ "$(cat "$dir/.sha256" 2>/dev/null)" != "$want" ]; then
+  if ! podman image exists "$PAUSE_IMAGE" || [ "$(cat "$dir/.sha256" 2>/dev/null)" != "$want" ]; then
     say "building the pause image $PAUSE_IMAGE (static C, FROM scratch)"
     mkdir -p "$dir"
     gcc -Os -static -o "$dir/pause" "$ROOT/hack/pause/pause.c"
     strip "$dir/pause"
     cp "$ROOT/hack/pause/Containerfile" "$dir/"
-    podman_ build --network none -q -t "$PAUSE_IMAGE" "$dir" >/dev/null
+    podman build --network none -q -t "$PAUSE_IMAGE" "$dir" >/dev/null
     echo "$want" >"$dir/.sha256"
   fi
   import_image "$PAUSE_IMAGE"
 }
 
 # --- certificates and kubeconfigs ------------------------------------------
-
-cert() {  # cert NAME SUBJECT [SANS]
-  local name="$1" subj="$2" sans="${3:-}" ext="$PKI/$1.ext"
-  [ -f "$PKI/$name.crt" ] && return 0
-  openssl ecparam -name prime256v1 -genkey -noout -out "$PKI/$name.key" 2>/dev/null
-  openssl req -new -key "$PKI/$name.key" -subj "$subj" -out "$PKI/$name.csr" 2>/dev/null
-  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n' >"$ext"
-  [ -n "$sans" ] && echo "subjectAltName=$sans" >>"$ext"
-  openssl x509 -req -in "$PKI/$name.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
-    -days 3650 -extfile "$ext" -out "$PKI/$name.crt" 2>/dev/null
-  rm -f "$PKI/$name.csr" "$ext"
-}
 
 kubeconfig() {  # kubeconfig NAME: a kubeconfig for the client cert NAME
   local name="$1" server

@@ -11,7 +11,8 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CACHE="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}"
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"  # the module's tag; cmd/jaeger is the v2 binary
 MODULE="github.com/jaegertracing/jaeger"
 DIR="$CACHE/jaeger/$JAEGER_VERSION"
@@ -19,7 +20,6 @@ IMAGE="localhost/jaeger:$JAEGER_VERSION"
 BASE_IMAGE="${BASE_IMAGE:-localhost/debian-base:bookworm}"
 
 say() { printf '[trace-backend %s] %s\n' "$(date +%T)" "$*" >&2; }
-podman() { command podman --runtime /usr/sbin/runc "$@"; }
 
 build() {
   [ -x "$DIR/jaeger" ] && return 0

@@ -21,7 +21,7 @@ dropping a held request.
 
 from __future__ import annotations
 
-from . import autoscale
+from . import autoscale, security
 
 PROXY_PORT = 8081          # the activator, for HAProxy only (127.0.0.1)
 CONTROL_PORT = 8405        # the activator's /signal, /metrics, /healthz (the operator reads /signal)
@@ -104,12 +104,7 @@ def container(spec: dict, image: str, run_volume: str = "run", socket: str = "/r
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "livenessProbe": {"httpGet": {"path": "/healthz", "port": "activator"}, "periodSeconds": 10,
                           "failureThreshold": 3},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": security.locked_down(),
         "volumeMounts": [{"name": run_volume, "mountPath": "/run/haproxy"}],
     }
 

@@ -194,18 +194,12 @@ class Activator:
         out, again = None, False
         while True:
             if len(self.waiting) >= self.max_held:
-                self.m_rejected.labels("too_many_held").inc()
-                message = f"{self.max_held} requests are already waiting for a model pod to start"
-                if out is None:
-                    return unavailable(message, "too_many_held_requests")
-                return await self._fail_stream(out, message, "too_many_held_requests")
+                return await self._refuse(out, "too_many_held", "too_many_held_requests",
+                                          f"{self.max_held} requests are already waiting for a model pod to start")
             out, released = await self._hold(request, out, stream, deadline, again)
             if not released:
-                self.m_rejected.labels("timeout").inc()
-                message = f"no model pod was ready within {self.hold_timeout:g}s; it may be starting: retry"
-                if out is None:
-                    return unavailable(message, "no_ready_pod")
-                return await self._fail_stream(out, message, "no_ready_pod")
+                return await self._refuse(out, "timeout", "no_ready_pod", f"no model pod was ready within "
+                                          f"{self.hold_timeout:g}s; it may be starting: retry")
             again = True
             upstream = await self._send(request, headers, body)
             if upstream is not None and upstream.status == 503 and SERVED_BY not in upstream.headers:
@@ -251,6 +245,14 @@ class Activator:
             await out.write(chunk)
         await out.write_eof()
         return out
+
+    async def _refuse(self, out: web.StreamResponse | None, reason: str, code: str, message: str):
+        """A held request that will not be sent on: a 503 if nothing was answered yet, else the error
+        event at the end of the progress stream; counted by `reason`."""
+        self.m_rejected.labels(reason).inc()
+        if out is None:
+            return unavailable(message, code)
+        return await self._fail_stream(out, message, code)
 
     async def _fail_stream(self, out: web.StreamResponse, message: str, code: str) -> web.StreamResponse:
         await out.write(f"retry: {RETRY_AFTER_SECONDS * 1000}\ndata: {json.dumps(error_body(message, code))}\n\n"

@@ -13,6 +13,13 @@ from . import resources
 _APPLY = "application/apply-patch+yaml"
 _MERGE = "application/merge-patch+json"
 _JSON_PATCH = "application/json-patch+json"
+# What apply() can write: kind -> (the client's API class, its server-side apply call).
+_PATCH = {
+    "Deployment": ("AppsV1Api", "patch_namespaced_deployment"),
+    "Service": ("CoreV1Api", "patch_namespaced_service"),
+    "ConfigMap": ("CoreV1Api", "patch_namespaced_config_map"),
+    "PersistentVolumeClaim": ("CoreV1Api", "patch_namespaced_persistent_volume_claim"),
+}
 
 
 def login() -> None:
@@ -24,27 +31,27 @@ def _json(response) -> dict:
     return json.loads(response.data)
 
 
+def _unless_absent(call, *args, **kw):
+    """call(*args, **kw), or None when what it reads does not exist (404)."""
+    try:
+        return call(*args, **kw)
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
 def apply(manifest: dict) -> dict:
     """Server-side apply as the operator's field manager. Applying what is
     already there writes nothing, so repeated reconciles (a restart, a
     timer) leave resourceVersions alone."""
     meta = manifest["metadata"]
-    kw = dict(field_manager=resources.MANAGER, force=True, _content_type=_APPLY, _preload_content=False)
-    if manifest["kind"] == "Deployment":
-        api = kubernetes.client.AppsV1Api()
-        resp = api.patch_namespaced_deployment(meta["name"], meta["namespace"], manifest, **kw)
-    elif manifest["kind"] == "Service":
-        api = kubernetes.client.CoreV1Api()
-        resp = api.patch_namespaced_service(meta["name"], meta["namespace"], manifest, **kw)
-    elif manifest["kind"] == "ConfigMap":
-        api = kubernetes.client.CoreV1Api()
-        resp = api.patch_namespaced_config_map(meta["name"], meta["namespace"], manifest, **kw)
-    elif manifest["kind"] == "PersistentVolumeClaim":
-        api = kubernetes.client.CoreV1Api()
-        resp = api.patch_namespaced_persistent_volume_claim(meta["name"], meta["namespace"], manifest, **kw)
-    else:
+    if manifest["kind"] not in _PATCH:
         raise ValueError(f"cannot apply a {manifest['kind']}")
-    return _json(resp)
+    api, method = _PATCH[manifest["kind"]]
+    patch = getattr(getattr(kubernetes.client, api)(), method)
+    return _json(patch(meta["name"], meta["namespace"], manifest, field_manager=resources.MANAGER, force=True,
+                       _content_type=_APPLY, _preload_content=False))
 
 
 def create(manifest: dict) -> None:
@@ -79,12 +86,10 @@ def ensure_job(manifest: dict) -> dict:
 def secret_value(namespace: str, name: str, key: str) -> str | None:
     """The decoded value under `key`, or None when the Secret (or the key)
     does not exist or is being deleted."""
-    try:
-        resp = kubernetes.client.CoreV1Api().read_namespaced_secret(name, namespace, _preload_content=False)
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    resp = _unless_absent(kubernetes.client.CoreV1Api().read_namespaced_secret, name, namespace,
+                          _preload_content=False)
+    if resp is None:
+        return None
     secret = _json(resp)
     if secret["metadata"].get("deletionTimestamp"):
         return None
@@ -98,15 +103,8 @@ def list_pods(namespace: str, selector: str) -> list[dict]:
 
 
 def get_resource(namespace: str, name: str) -> dict | None:
-    api = kubernetes.client.CustomObjectsApi()
-    try:
-        return api.get_namespaced_custom_object(
-            resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name
-        )
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
+    return _unless_absent(kubernetes.client.CustomObjectsApi().get_namespaced_custom_object,
+                          resources.GROUP, resources.VERSION, namespace, resources.PLURAL, name)
 
 
 def replicas_patch(replicas: int, autoscaling: dict) -> list[dict]:

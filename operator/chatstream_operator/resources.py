@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from chatstream import envvars
 
-from . import model_cache
+from . import model_cache, security
 from .model_cache import BAKED_MODELS_DIR, CACHE_DIR  # noqa: F401 (where they were first defined)
 
 GROUP = "chatstream.io"
@@ -249,12 +249,7 @@ def _container(body: dict, images: Images) -> dict:
         # lastState.terminated.message (the end of the log when the file is
         # empty) and the operator reports it as Degraded (status.py).
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": security.locked_down(),
         "volumeMounts": [
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},

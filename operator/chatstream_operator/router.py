@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from . import activation, resources
+from . import activation, resources, security
 
 ROUTER_PORT = 8000          # what clients call: the same port as the pods
 MONITOR_PORT = 8404         # the router's own /healthz and /metrics
@@ -303,12 +303,7 @@ def deployment(body: dict, image: str, activator_image: str = resources.Images.a
         "readinessProbe": probe,
         # Alive while the process answers at all, pods up or not.
         "livenessProbe": {"tcpSocket": {"port": "monitor"}, "periodSeconds": 10, "failureThreshold": 3},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": security.locked_down(),
         "volumeMounts": [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
                          {"name": "run", "mountPath": "/run/haproxy"}],
     }

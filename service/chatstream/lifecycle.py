@@ -33,7 +33,6 @@ DISCONNECTED_WHILE_STREAMING = "client_disconnected_while_streaming"
 DISCONNECTED_BEFORE_STREAMING = "client_disconnected_before_streaming"
 UNKNOWN_ERROR = "unknown_error_occurred"
 REJECTED = "rejected"
-CALLBACK_OUTCOMES = (SUCCESS, DISCONNECTED_WHILE_STREAMING, DISCONNECTED_BEFORE_STREAMING, UNKNOWN_ERROR)
 
 
 @dataclass(frozen=True)

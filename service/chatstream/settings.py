@@ -167,11 +167,6 @@ class Settings:
             out.append(f"the redis session store needs a URL ({envvars.REDIS_URL})")
         return out
 
-    def validate(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise SystemExit("invalid settings: " + "; ".join(problems))
-
 
 def library_default(name: str):
     """The default ``ChatStream(...)`` uses for a keyword (the original library's where it had one)."""

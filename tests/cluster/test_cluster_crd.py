@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from kube_helpers import ROOT, apply, kubectl
+from support.kube import ROOT, apply, kubectl
 
 pytestmark = pytest.mark.cluster
 

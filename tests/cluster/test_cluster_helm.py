@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from kube_helpers import BIN, RELEASE, RELEASE_NS, ROOT, apply, get, kubectl, run
+from support.kube import BIN, RELEASE, RELEASE_NS, ROOT, apply, get, kubectl, run
 
 pytestmark = pytest.mark.cluster
 

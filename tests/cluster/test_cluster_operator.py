@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from kube_helpers import RELEASE_NS, ROOT, SERVICE_ACCOUNT, apply, get, get_list, kubectl, wait_for
+from support.kube import RELEASE_NS, ROOT, SERVICE_ACCOUNT, apply, get, get_list, kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 

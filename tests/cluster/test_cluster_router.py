@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from kube_helpers import apply, get, kubectl, wait_for
+from support.kube import apply, get, kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import threading
 import pytest
 import torch
 import transformers
+from support.net import free_port
 
 from chatstream.engine import Engine, Failed, Finished, ModelLoadError, SamplingParams
 from chatstream.engine.architectures import FULL, SLIDING, SUPPORTED, attention_windows
@@ -192,9 +192,7 @@ def test_the_server_refuses_it_at_load_and_says_why_in_the_termination_log(tok, 
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny-opt")
     tok.save_pretrained(tmp_path / "tiny-opt")
     log = tmp_path / "termination-log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "CHATSTREAM_TERMINATION_LOG": str(log), "CHATSTREAM_PORT": str(port), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "chatstream", "serve", "--model", str(tmp_path / "tiny-opt")],
                           env=env, capture_output=True, text=True, timeout=180)

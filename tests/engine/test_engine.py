@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from chatstream.engine import Delta, Engine, Failed, Finished, SamplingParams
+from chatstream.engine import Engine, Failed, Finished, SamplingParams
 
-
-class Collector:
-    def __init__(self):
-        self.text, self.end, self.done = "", None, threading.Event()
-
-    def __call__(self, event):
-        if isinstance(event, Delta):
-            self.text += event.text
-        else:
-            self.end = event
-            self.done.set()
-
-
-def prompt(tok, text):
-    return tok(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-
-
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 2+2?",
-             "Name three colors.", "Who wrote Hamlet?", "What is the largest planet?"]
+from .helpers import QUESTIONS, Collector, ask, prompt
 
 
 @pytest.fixture
@@ -42,14 +22,7 @@ def engine(model_and_tokenizer):
 
 
 def run_all(engine, tok, questions, **params):
-    outs = []
-    for q in questions:
-        c = Collector()
-        engine.submit(prompt(tok, q), SamplingParams(**{"max_new_tokens": 20, "temperature": 0, **params}), c)
-        outs.append(c)
-    for c in outs:
-        assert c.done.wait(120)
-    return outs
+    return ask(engine, [prompt(tok, q) for q in questions], timeout=120, **params)
 
 
 def test_greedy_output_is_the_same_alone_and_in_a_batch(engine, model_and_tokenizer):

@@ -8,7 +8,7 @@ import pytest
 from chatstream.engine import Delta, Engine, Failed, SamplingParams
 from chatstream.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 
-from .test_engine import QUESTIONS, Collector, prompt
+from .helpers import QUESTIONS, Collector, prompt
 
 HEALTHY = QUESTIONS[:3]
 

@@ -1,6 +1,6 @@
 """The prefix cache (issue 12): kept KV of finished sequences serves the prompts that start with it.
 
-Without a model first (the engine's real step around the fake runner of test_scheduler: every row must hold
+Without a model first (the engine's real step around the fake runner of helpers.py: every row must hold
 exactly its sequence's tokens, loaded or prefilled), then on the real model: greedy output with a
 cache hit equals the output without the cache, alone, under concurrency and under eviction.
 """
@@ -11,11 +11,10 @@ import random
 
 import pytest
 
-from chatstream.engine import Engine, SamplingParams
+from chatstream.engine import Engine
 from chatstream.engine.prefix_cache import Drop, PrefixIndex, Save
 
-from .test_engine import Collector
-from .test_scheduler import Driver, FakeRunner
+from .helpers import Driver, FakeRunner, ask
 
 
 class KeepingRunner(FakeRunner):
@@ -118,20 +117,14 @@ SYSTEM = ("You are a careful assistant. Answer in one short sentence, plainly, w
 QUESTIONS = ["What is the capital of France?", "What is 2+2?", "Name a color.", "Who wrote Hamlet?"]
 
 
+def system_prompts(tok) -> list[list[int]]:
+    """Each of QUESTIONS after the one long SYSTEM prompt they share."""
+    return [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}]) for q in QUESTIONS]
+
+
 def render(tok, turns):
     return tok(tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True),
                add_special_tokens=False)["input_ids"]
-
-
-def ask(engine, prompts, max_new_tokens=20):
-    outs = []
-    for ids in prompts:
-        c = Collector()
-        engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), c)
-        outs.append(c)
-    for c in outs:
-        assert c.done.wait(180)
-    return outs
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +168,8 @@ def test_next_turn_hits_and_answers_as_without_cache(model_and_tokenizer, plain)
         first = ask(eng, [first_ids])[0]
         assert first.end.cached_prompt_tokens == 0
         # Another request takes the same cache row meanwhile: the kept copy must serve the next turn.
-        other = ask(eng, [render(tok, [{"role": "user", "content": "Write a haiku about the sea."}])], 40)[0]
+        haiku = render(tok, [{"role": "user", "content": "Write a haiku about the sea."}])
+        other = ask(eng, [haiku], max_new_tokens=40)[0]
         assert other.end.cached_prompt_tokens < 10
         turns += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Italy?"}]
         second_ids = render(tok, turns)
@@ -193,8 +187,7 @@ def test_next_turn_hits_and_answers_as_without_cache(model_and_tokenizer, plain)
 
 def test_concurrent_hits_on_one_prefix_answer_as_without_cache(model_and_tokenizer, plain):
     _, tok = model_and_tokenizer
-    prompts = [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
-               for q in QUESTIONS]
+    prompts = system_prompts(tok)
     eng = cached_engine(model_and_tokenizer, 4096)
     try:
         warm = ask(eng, [prompts[0]])
@@ -207,8 +200,7 @@ def test_concurrent_hits_on_one_prefix_answer_as_without_cache(model_and_tokeniz
 
 def test_eviction_keeps_the_budget_and_never_changes_an_answer(model_and_tokenizer, plain):
     _, tok = model_and_tokenizer
-    prompts = [render(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
-               for q in QUESTIONS]
+    prompts = system_prompts(tok)
     budget = len(prompts[0]) + 30   # room for about one finished sequence: each end evicts the previous one
     eng = cached_engine(model_and_tokenizer, budget)
     held = []

@@ -1,10 +1,10 @@
 """The scheduler and the engine's real step, without a model: admission order, prefill budgets, chunking, row moves.
 
-A fake runner stands in for the model runner inside a real :class:`Engine` (its real scheduler, step and output
-processor; a fake tokenizer): each cache row is a list of token ids, a pass writes each chunk's prompt tokens at
-their positions and each decoding row's last token, and row moves are applied as the real cache applies them.
-Before every pass and after every step each running sequence must find exactly its own tokens in its row, which
-is what keeps batched output equal to unbatched output.
+A fake runner (helpers.py) stands in for the model runner inside a real :class:`Engine` (its real scheduler, step
+and output processor; a fake tokenizer): each cache row is a list of token ids, a pass writes each chunk's prompt
+tokens at their positions and each decoding row's last token, and row moves are applied as the real cache applies
+them. Before every pass and after every step each running sequence must find exactly its own tokens in its row,
+which is what keeps batched output equal to unbatched output.
 """
 
 from __future__ import annotations
@@ -13,125 +13,24 @@ import random
 
 import pytest
 
-from chatstream.engine import Engine, Failed, Finished, SamplingParams
+from chatstream.engine import Failed, Finished, SamplingParams
 from chatstream.engine.scheduler import Chunk, Move, Scheduler, StepPlan
 from chatstream.engine.sequence import Sequence, State
 
-
-class FakeTokenizer:
-    def decode(self, ids, **_):
-        return "".join(f"<{i}>" for i in ids)
+from .helpers import Driver
 
 
-class FakeRunner:
-    """Rows of token ids in place of keys and values; checks the layout rules the real cache relies on.
-
-    The token sampled for a sequence is :func:`token_for` it; a sequence in ``poisoned`` gets an exception
-    instead (its sampling failed)."""
-
-    def __init__(self, max_batch: int):
-        self.rows: list[list[int | None]] = [[] for _ in range(max_batch)]
-        self.prefill_passes: list[list[tuple[Sequence, int, int]]] = []
-        self.poisoned: set[int] = set()
-        self.scheduler: Scheduler | None = None  # set by Driver, for the checks
-
-    def _write(self, row: int, pos: int, token: int) -> None:
-        cells = self.rows[row]
-        cells.extend([None] * (pos + 1 - len(cells)))
-        cells[pos] = token
-
-    # -- what the engine calls -------------------------------------------------------------------
-    def reserve(self, length: int) -> None:
-        pass
-
-    def new_generator(self, seed):
-        return None
-
-    def shrink(self) -> None:
-        pass
-
-    def execute(self, plan: StepPlan) -> list[int | Exception]:
-        self.check()  # the rows were moved right before this pass
-        assert plan.chunks or plan.decode
-        assert [s.row for s in plan.decode] == list(range(len(plan.decode))), "a decode batch is rows [0, n)"
-        for s in plan.decode:
-            assert s.state is State.DECODE
-            self._write(s.row, s.length, s.next_token)
-        if plan.chunks:
-            rows = [c.seq.row for c in plan.chunks]
-            assert rows == list(range(rows[0], rows[0] + len(rows))), "a prefill batch is a contiguous run of rows"
-            assert rows[0] == len(plan.decode), "the prompt chunks come right after the decoding rows"
-        for c in plan.chunks:
-            assert c.seq.state is State.PREFILL and c.start == c.seq.length and c.count > 0
-            for p in range(c.start, c.start + c.count):
-                self._write(c.seq.row, p, c.seq.prompt_ids[p])
-        if plan.chunks:
-            self.prefill_passes.append([(c.seq, c.start, c.count) for c in plan.chunks])
-        return [RuntimeError("poisoned") if id(s) in self.poisoned else token_for(s) for s in plan.sampled]
-
-    def apply(self, moves: list[Move]) -> None:
-        for m in moves:
-            src, dst = self.rows[m.src][:m.length], self.rows[m.dst][:m.length]
-            self.rows[m.dst][:m.length] = src
-            if m.swap:
-                self.rows[m.src][:m.length] = dst
-
-    def check(self) -> None:
-        sched = self.scheduler
-        running = sched.decoding + sched.prefilling
-        assert sorted(s.row for s in running) == list(range(len(running)))
-        assert [s.row for s in sched.decoding] == list(range(len(sched.decoding)))
-        for s in running:
-            want = (s.prompt_ids + s.generated)[:s.length]
-            assert self.rows[s.row][:s.length] == want, f"row {s.row} lost its sequence's cache"
-
-
-def token_for(s: Sequence) -> int:
-    return 10_000 + 100 * s.prompt_ids[0] + len(s.generated)
-
-
-class Driver:
-    """A real engine (never started) around a fake runner: submit, step, and the sequences that ended."""
-
-    def __init__(self, max_batch: int, prefill_tokens: int = 512, prefill_tokens_decoding: int = 128,
-                 prefix_cache_tokens: int = 0, runner: FakeRunner | None = None):
-        self.runner = runner or FakeRunner(max_batch)
-        self.engine = Engine(None, FakeTokenizer(), max_batch=max_batch, max_context=4096,
-                             prefill_tokens=prefill_tokens, prefill_tokens_decoding=prefill_tokens_decoding,
-                             eos_token_ids=[], prefix_cache_tokens=prefix_cache_tokens, runner=self.runner)
-        self.scheduler = self.runner.scheduler = self.engine.scheduler
-        self.finished: list[Sequence] = []
-        self.ends: dict[int, object] = {}
-
-    def submit(self, n_prompt: int = 4, max_new: int = 5, base: int = 0, prompt: list[int] | None = None) -> Sequence:
-        box: list[Sequence] = []
-
-        def on_event(event):
-            if isinstance(event, (Finished, Failed)):
-                assert id(box[0]) not in self.ends, "a sequence ended twice"
-                self.ends[id(box[0])] = event
-                self.finished.append(box[0])
-        ids = prompt if prompt is not None else [base + i for i in range(n_prompt)]
-        box.append(self.engine.submit(ids, SamplingParams(max_new_tokens=max_new), on_event))
-        return box[0]
-
-    def step(self) -> bool:
-        ran = self.engine.step()
-        self.runner.check()
-        return ran
-
-    def run_out(self, limit: int = 10_000) -> None:
-        for _ in range(limit):
-            if not self.step():
-                return
-        raise AssertionError("the engine never ran out of work")
+def queued(sched: Scheduler, n: int) -> list[Sequence]:
+    """`n` sequences of four prompt tokens each, added to the scheduler in order."""
+    seqs = [Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(n)]
+    for s in seqs:
+        sched.add(s)
+    return seqs
 
 
 def test_admission_is_first_come_first_served_within_the_rows():
     sched = Scheduler(max_batch=2)
-    a, b, c, d = (Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(4))
-    for s in (a, b, c, d):
-        sched.add(s)
+    a, b, c, d = queued(sched, 4)
     assert sched.schedule().admitted == [a, b]
     assert (a.row, b.row, a.state, c.state) == (0, 1, State.PREFILL, State.WAITING)
     assert sched.schedule().admitted == [] and sched.active == 2
@@ -142,9 +41,7 @@ def test_admission_is_first_come_first_served_within_the_rows():
 
 def test_a_sequence_whose_preparation_raises_is_refused_and_its_row_stays_free_for_the_step():
     sched = Scheduler(max_batch=3)
-    a, b, c, d = (Sequence([i * 10 + j for j in range(4)], SamplingParams(), lambda e: None) for i in range(4))
-    for s in (a, b, c, d):
-        sched.add(s)
+    a, b, c, d = queued(sched, 4)
 
     def prepare(seq):
         if seq is b:

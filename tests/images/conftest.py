@@ -8,7 +8,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from image_helpers import OPERATOR_IMAGE, ROOT, SERVICE_IMAGE, image_exists
+from image_helpers import OPERATOR_IMAGE, ROOT, SERVICE_IMAGE
+from support.podman import image_exists
 
 
 @pytest.fixture(scope="session")

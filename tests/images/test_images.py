@@ -7,11 +7,12 @@ import shutil
 import secrets
 import subprocess
 import tempfile
-import time
 
 import httpx
 import pytest
-from image_helpers import ROOT, free_port, have_podman, podman
+from image_helpers import ROOT
+from support.net import free_port, wait_ready
+from support.podman import have_podman, podman
 
 from chatstream import envvars
 from chatstream_operator import resources
@@ -61,17 +62,12 @@ def server(images):
            images["service"], *command, "--temperature", "0")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            running = podman("ps", "-q", "--filter", f"name={name}", check=False).stdout.strip()
-            assert running, "server container exited:\n" + podman("logs", name, check=False).stderr
-            assert time.monotonic() < deadline, "server not ready in 180s:\n" + podman("logs", name, check=False).stderr
-            time.sleep(1)
+        def alive():
+            assert podman("ps", "-q", "--filter", f"name={name}", check=False).stdout.strip(), "server container exited"
+        try:
+            wait_ready(url, 180, alive, interval=1)
+        except AssertionError as err:  # it exited, or never became ready: its logs say why
+            raise AssertionError(f"{err}:\n" + podman("logs", name, check=False).stderr) from None
         yield url, name, cache
     finally:
         podman("stop", "--time=5", name, check=False)

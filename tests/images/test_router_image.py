@@ -11,7 +11,9 @@ import time
 
 import httpx
 import pytest
-from image_helpers import TAG, free_port, have_podman, image_exists, podman
+from image_helpers import TAG
+from support.net import free_port
+from support.podman import have_podman, image_exists, podman
 
 from chatstream_operator import router
 

@@ -15,16 +15,15 @@ not share the cluster's resources.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
-import uuid
 
 import pytest
 from node_helpers import (
-    BIN, Background, CLUSTER_DIR, NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, REDIS_IMAGE, RELEASE, RELEASE_NS, ROOT, ROUTER_IMAGE, SERVICE_IMAGE,
-    TIMINGS, get, get_list, kubectl, pod_ready, record, run, wait_for,
+    NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, REDIS_IMAGE, ROUTER_IMAGE, SERVICE_IMAGE, TIMINGS, Background, record,
 )
+from support import kube
+from support.kube import BIN, RELEASE, RELEASE_NS, ROOT, get, get_list, pod_ready, run, wait_for
+from support.podman import podman
 
 
 # The first node test's setup may build the binaries, the images and import
@@ -47,12 +46,6 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
-def _cluster_is_up() -> bool:
-    if not (CLUSTER_DIR / "kubeconfig").exists() or not (BIN / "kubectl").exists():
-        return False
-    return kubectl("get", "--raw", "/readyz", check=False).returncode == 0
-
-
 @pytest.fixture(scope="session")
 def image_build():
     """scripts/build-images.sh (incremental), started before the cluster so
@@ -66,19 +59,14 @@ def image_build():
 
 @pytest.fixture(scope="session")
 def node(image_build):
-    """The cluster with its real node Ready: reused when already up (make
-    cluster); otherwise started here and stopped after the session
-    (CHATSTREAM_KEEP_CLUSTER=1 keeps it)."""
-    started = not _cluster_is_up()
+    """The cluster (support.kube.cluster) with its real node Ready."""
     t0 = time.monotonic()
-    subprocess.run([str(ROOT / "scripts/cluster-up.sh")], check=True, timeout=3600)
-    record("cluster-up (control plane and real node)", time.monotonic() - t0)
-    if get("node", NODE_NAME) is None:
-        pytest.skip("no real node: another cluster directory on this machine holds it (scripts/node-up.sh)")
-    wait_for("the real node Ready", lambda: pod_ready(get("node", NODE_NAME)), timeout=60)
-    yield NODE_NAME
-    if started and os.environ.get("CHATSTREAM_KEEP_CLUSTER") != "1":
-        subprocess.run([str(ROOT / "scripts/cluster-down.sh")], check=False, timeout=300)
+    with kube.cluster(down_timeout=300):
+        record("cluster-up (control plane and real node)", time.monotonic() - t0)
+        if get("node", NODE_NAME) is None:
+            pytest.skip("no real node: another cluster directory on this machine holds it (scripts/node-up.sh)")
+        wait_for("the real node Ready", lambda: pod_ready(get("node", NODE_NAME)), timeout=60)
+        yield NODE_NAME
 
 
 @pytest.fixture(scope="session")
@@ -108,11 +96,8 @@ def node_images(node, image_build, trace_backend_build):
 @pytest.fixture(scope="session")
 def redis_image(node_images):
     """Debian's redis-server in an image built here, in the node's containerd."""
-    subprocess.run(
-        ["podman", "--runtime", "/usr/sbin/runc", "build", "--network", "host", "--layers", "-q",
-         "-f", str(ROOT / "tests/node/images/redis.Containerfile"), "-t", REDIS_IMAGE, str(ROOT / "tests/node/images")],
-        check=True, capture_output=True, timeout=900,
-    )
+    podman("build", "--network", "host", "--layers", "-q", "-f", str(ROOT / "tests/node/images/redis.Containerfile"),
+           "-t", REDIS_IMAGE, str(ROOT / "tests/node/images"), timeout=900)
     run(str(ROOT / "scripts/node-up.sh"), "import", REDIS_IMAGE, timeout=600)
     return REDIS_IMAGE
 
@@ -122,14 +107,9 @@ def operator_pod(node_images) -> dict:
     """`helm install` of the chart, its operator pinned to the real node.
     Uninstalled after the package (the CRD stays, as the chart keeps it)."""
     t0 = time.monotonic()
-    run(
-        str(BIN / "helm"), "upgrade", "--install", RELEASE, str(ROOT / "charts/chatstream"),
-        "--namespace", RELEASE_NS, "--create-namespace",
-        "--set-json", f"nodeSelector={json.dumps(ON_REAL_NODE['nodeSelector'])}",
-        "--set-json", f"tolerations={json.dumps(ON_REAL_NODE['tolerations'])}",
-        "--wait", "--timeout", "180s", timeout=240,
-    )
-    kubectl("wait", "--for=condition=Established", "crd/chatstreamdeployments.chatstream.io", "--timeout=60s")
+    kube.install_chart("--set-json", f"nodeSelector={json.dumps(ON_REAL_NODE['nodeSelector'])}",
+                       "--set-json", f"tolerations={json.dumps(ON_REAL_NODE['tolerations'])}",
+                       wait="180s", timeout=240)
 
     def running_pod():
         pods = get_list("pods", RELEASE_NS, "app.kubernetes.io/name=chatstream-operator")
@@ -143,22 +123,13 @@ def operator_pod(node_images) -> dict:
         check=False, timeout=180)
 
 
-def _namespace() -> str:
-    name = f"node-{uuid.uuid4().hex[:8]}"
-    kubectl("create", "namespace", name)
-    wait_for("the default ServiceAccount", lambda: get("serviceaccount", "default", name))
-    return name
-
-
 @pytest.fixture(scope="module")
 def module_namespace(node):
-    name = _namespace()
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with kube.namespace("node") as name:
+        yield name
 
 
 @pytest.fixture
 def namespace(node):
-    name = _namespace()
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    with kube.namespace("node") as name:
+        yield name

@@ -1,24 +1,19 @@
-"""Helpers for the tests on the real node: kubectl, polling, timings."""
+"""Helpers for the tests on the real node: what lands there, its figures, scripts in the
+background. kubectl and polling: support.kube."""
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 import subprocess
 import threading
 import time
 
 import pytest
 import yaml
+from support import metrics
+from support.kube import CLUSTER_DIR, ROOT, apply, condition, get, get_list
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-CLUSTER_DIR = ROOT / ".cluster"
-CACHE = pathlib.Path(os.environ.get("CHATSTREAM_K8S_CACHE", pathlib.Path.home() / ".cache/chatstream-k8s"))
-BIN = CACHE / "bin"
 NODE_NAME = "chatstream-node"
 TAINT_KEY = "chatstream.io/real-node"
-RELEASE, RELEASE_NS = "chatstream", "chatstream-system"
 OPERATOR_IMAGE = "localhost/chatstream-operator:0.1.0"
 SERVICE_IMAGE = "localhost/chatstream:0.1.0"
 ROUTER_IMAGE = "localhost/chatstream-router:0.1.0"
@@ -31,6 +26,9 @@ ON_REAL_NODE = {
     "nodeSelector": {"kubernetes.io/hostname": NODE_NAME},
     "tolerations": [{"key": TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"}],
 }
+
+# spec.sessions of a resource whose sessions live in the Redis of redis()
+REDIS_SESSIONS = {"store": "redis", "redisURLSecretRef": {"name": "sessions"}}
 
 TIMINGS: list[str] = []
 
@@ -81,75 +79,10 @@ class Background:
             self.proc.kill()
 
 
-def env() -> dict:
-    e = dict(os.environ)
-    e["PATH"] = f"{BIN}:{e['PATH']}"
-    e["KUBECONFIG"] = str(CLUSTER_DIR / "kubeconfig")
-    return e
-
-
-def run(*args: str, input: str | None = None, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, input=input, capture_output=True, text=True, env=env(), timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def kubectl(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run(str(BIN / "kubectl"), *args, **kw)
-
-
-def get(kind: str, name: str, namespace: str | None = None) -> dict | None:
-    args = ["get", kind, name, "-o", "json"] + (["-n", namespace] if namespace else [])
-    proc = kubectl(*args, check=False)
-    if proc.returncode != 0:
-        if "NotFound" in proc.stderr:
-            return None
-        raise AssertionError(proc.stderr)
-    return json.loads(proc.stdout)
-
-
-def get_list(kind: str, namespace: str, selector: str = "") -> list[dict]:
-    args = ["get", kind, "-n", namespace, "-o", "json"] + (["-l", selector] if selector else [])
-    return json.loads(kubectl(*args).stdout)["items"]
-
-
 def model_pods(name: str, namespace: str) -> list[dict]:
     """The resource's model pods: its router's pods share the instance label, not the name label."""
     from chatstream_operator import resources
     return get_list("pods", namespace, resources.selector(name))
-
-
-def apply(manifest: dict | str, namespace: str) -> subprocess.CompletedProcess:
-    text = manifest if isinstance(manifest, str) else yaml.safe_dump(manifest)
-    return kubectl("apply", "-n", namespace, "-f", "-", input=text)
-
-
-def wait_for(what: str, fn, timeout: float = 60, interval: float = 0.5):
-    """Poll fn until it returns something truthy; fail with `what` if it never does."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except (AssertionError, OSError) as err:  # a call failed; keep trying
-            last = err
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def condition(obj: dict | None, type_: str) -> dict:
-    for c in ((obj or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == type_:
-            return c
-    return {}
-
-
-def pod_ready(pod: dict) -> bool:
-    return condition(pod, "Ready").get("status") == "True"
 
 
 def example(name: str, replicas: int, cpu: str = "100m", **spec) -> dict:
@@ -172,23 +105,42 @@ def service_url(name: str, namespace: str) -> str:
     return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
 
 
+def on_node(ns: str, name: str, port: int, container: dict, **pod) -> None:
+    """One pod of `container` (named `name`, serving `port`) on the real node, and a Service
+    `name` in front of it; `pod`: more of the pod's spec (volumes)."""
+    labels = {"app": name}
+    apply({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {**ON_REAL_NODE, **pod,
+                     "containers": [{"name": name, "ports": [{"containerPort": port}], **container}]},
+        }},
+    }, ns)
+    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+           "spec": {"selector": labels, "ports": [{"port": port}]}}, ns)
+
+
 def redis(ns: str, image: str) -> None:
     """A real Redis as a pod (Debian's redis-server, tests/node/images), its URL
     in the Secret `sessions` (key `url`), as a user would give it to
-    spec.sessions.redisURLSecretRef."""
-    labels = {"app": "redis"}
-    apply({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "redis"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
-            "metadata": {"labels": labels},
-            "spec": {**ON_REAL_NODE, "containers": [{
-                "name": "redis", "image": image, "ports": [{"containerPort": 6379}],
-                "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}},
-                "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 2},
-            }]},
-        }},
-    }, ns)
-    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "redis"},
-           "spec": {"selector": labels, "ports": [{"port": 6379}]}}, ns)
+    spec.sessions.redisURLSecretRef (REDIS_SESSIONS)."""
+    on_node(ns, "redis", 6379, {"image": image, "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}},
+                                "readinessProbe": {"tcpSocket": {"port": 6379}, "periodSeconds": 2}})
     apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sessions"},
            "stringData": {"url": f"redis://redis.{ns}.svc:6379/0"}}, ns)
+
+
+def csd_ready(name: str, ns: str, generation: int | None = None) -> bool:
+    """Ready with its router; with `generation`, that generation rolled out (Progressing False)."""
+    csd = get("csd", name, ns)
+    ready = condition(csd, "Ready")
+    return (ready.get("status") == "True" and condition(csd, "RouterReady").get("status") == "True"
+            and (generation is None or (ready.get("observedGeneration") == generation
+                                        and csd["status"].get("observedGeneration") == generation
+                                        and condition(csd, "Progressing").get("status") == "False")))
+
+
+def answered(pod_ip: str) -> int:
+    """Streams this pod has finished (its own /metrics)."""
+    return int(metrics.total(metrics.scrape(f"http://{pod_ip}:8000"), "chatstream_outcomes_total", default=0))

@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import httpx
+from support.client import ChatEvents
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 
@@ -30,24 +31,19 @@ def stream_once(url: str, max_tokens: int, timeout: float, headers: dict | None 
     """One streamed chat; returns (outcome, detail, seconds): outcome is
     completed, cut or failed."""
     t0 = time.monotonic()
-    pieces, done = 0, False
+    seen = ChatEvents(t0)
     body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": PROMPT}]}
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout, headers=headers) as r:
             if r.status_code != 200:
                 return "failed", f"HTTP {r.status_code}: {r.read()[:200]!r}", time.monotonic() - t0
-            for line in r.iter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: "):
-                    json.loads(line[6:])
-                    pieces += 1
+            seen.read(r.iter_lines())
     except (httpx.HTTPError, json.JSONDecodeError) as err:
-        outcome = "cut" if pieces else "failed"
-        return outcome, f"{type(err).__name__}: {err} after {pieces} pieces", time.monotonic() - t0
-    if not done:
-        return ("cut" if pieces else "failed"), f"ended without [DONE] after {pieces} pieces", time.monotonic() - t0
+        outcome = "cut" if seen.events else "failed"
+        return outcome, f"{type(err).__name__}: {err} after {seen.events} pieces", time.monotonic() - t0
+    if not seen.done:
+        return ("cut" if seen.events else "failed"), f"ended without [DONE] after {seen.events} pieces", time.monotonic() - t0
     return "completed", "", time.monotonic() - t0
 
 

@@ -11,9 +11,8 @@ import time
 import httpx
 import openai
 import pytest
-from node_helpers import (
-    QUESTION, apply, condition, example, get, kubectl, model_pods, pod_ready, record, service_url, wait_for,
-)
+from node_helpers import QUESTION, csd_ready, example, model_pods, record, service_url
+from support.kube import apply, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -37,12 +36,8 @@ def test_api_keys_guard_the_model_and_rotate_without_a_restart(operator_pod, nam
     apply(example(NAME, replicas=1, auth={"apiKeysSecretRef": {"name": "chat-api-keys"}},
                   generation={"maxNewTokens": 32, "contextLength": 2048}), ns)
 
-    def ready():
-        csd = get("csd", NAME, ns)
-        return condition(csd, "Ready").get("status") == "True" and condition(csd, "RouterReady").get("status") == "True"
-
     # Ready at all means the kubelet's probes and the router's health checks got through without a key.
-    wait_for(f"{NAME} Ready with its router", ready, timeout=600, interval=1)
+    wait_for(f"{NAME} Ready with its router", lambda: csd_ready(NAME, ns), timeout=600, interval=1)
     router = service_url(f"{NAME}-router", ns)
     wait_for("the router answering", lambda: status_with(router, OLD_KEY) == 200, timeout=120)
 

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import (
-    NODE_NAME, apply, condition, example, get, kubectl, model_pods, pod_ready, record, report, wait_for,
-)
+from node_helpers import NODE_NAME, example, model_pods, record, report
 from streams import Load
+from support.client import ChatEvents
+from support.kube import apply, condition, get, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -99,24 +99,14 @@ def first_token(url: str, t0: float) -> dict:
     """A streaming /v1 request: progress comments while held, then the answer."""
     body = {"model": MODEL, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]}
-    out = {"comments": 0, "first_token": None, "done": False, "text": ""}
+    stream = ChatEvents(t0)
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300,
                       headers={"X-Session-Id": uuid.uuid4().hex}) as r:
-        out["status"] = r.status_code
-        for line in r.iter_lines():
-            if line.startswith(":"):
-                out["comments"] += 1
-            elif line == "data: [DONE]":
-                out["done"] = True
-            elif line.startswith("data: "):
-                event = json.loads(line[6:])
-                if "error" in event:  # the hold ran out, or the pod refused: the assertion shows it
-                    out["error"] = event["error"]
-                    continue
-                delta = event["choices"][0]["delta"].get("content")
-                if delta:
-                    out["text"] += delta
-                    out["first_token"] = out["first_token"] or time.monotonic() - t0
+        stream.read(r.iter_lines())
+    out = {"status": r.status_code, "comments": len(stream.comments), "first_token": stream.first_token,
+           "done": stream.done, "text": stream.text}
+    if stream.errors:  # the hold ran out, or the pod refused: the assertion shows it
+        out["error"] = stream.errors[-1]
     return out
 
 

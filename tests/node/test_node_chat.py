@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 from node_helpers import (
-    NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, QUESTION, RELEASE_NS, SERVICE_IMAGE, apply, condition, example, get,
-    get_list, kubectl, model_pods, pod_ready, record, service_url, wait_for,
+    NODE_NAME, ON_REAL_NODE, OPERATOR_IMAGE, QUESTION, SERVICE_IMAGE, example, model_pods, record, service_url,
 )
+from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from node_helpers import apply, condition, example, get, record, wait_for
-
+from node_helpers import example, record
+from support.kube import apply, condition, get, wait_for
 pytestmark = pytest.mark.node
 
 MISSING = "hf:chatstream-tests/no-such-model"

@@ -26,12 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import (
-    RELEASE_NS, apply, condition, example, get, get_list, kubectl, model_pods, pod_ready, record, redis, report,
-    service_url, wait_for,
-)
+from node_helpers import REDIS_SESSIONS, answered, csd_ready, example, model_pods, record, redis, report, service_url
 from streams import Load, stream_once
-from test_node_sessions import answered
+from support.client import ChatEvents
+from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 from chatstream_operator import resources, router
 
@@ -44,15 +42,6 @@ FRESH = httpx.Limits(max_keepalive_connections=0)  # a new connection per reques
 REDIS_OUTAGE_SECONDS = 20
 SLOW_CONNECTIONS = 1000
 GRACE = 300  # as tests/node/test_node_rollout.py: a drain on 2 oversubscribed cores can take minutes
-
-
-def csd_ready(name: str, ns: str, generation: int | None = None) -> bool:
-    csd = get("csd", name, ns)
-    ready = condition(csd, "Ready")
-    return (ready.get("status") == "True" and condition(csd, "RouterReady").get("status") == "True"
-            and (generation is None or (ready.get("observedGeneration") == generation
-                                        and csd["status"].get("observedGeneration") == generation
-                                        and condition(csd, "Progressing").get("status") == "False")))
 
 
 def ready_ips(name: str, ns: str) -> list[str]:
@@ -90,7 +79,7 @@ def user_turns(client: httpx.Client) -> list[str]:
 def faulty(operator_pod, redis_image, module_namespace):
     ns = module_namespace
     redis(ns, redis_image)
-    apply(example(NAME, replicas=2, sessions={"store": "redis", "redisURLSecretRef": {"name": "sessions"}},
+    apply(example(NAME, replicas=2, sessions=REDIS_SESSIONS,
                   generation={"maxNewTokens": 64, "contextLength": 2048}, shutdownGraceSeconds=GRACE), ns)
     wait_for(f"{NAME} Ready with its router", lambda: csd_ready(NAME, ns), timeout=600, interval=1)
     url = service_url(router.router_name(NAME), ns)
@@ -113,26 +102,22 @@ def test_router_force_deleted_mid_stream(faulty):
 
         victim = router_pod(NAME, ns)
         body = {"model": MODEL, "stream": True, "max_tokens": 256, "messages": [{"role": "user", "content": STORY}]}
-        pieces, done, error, t_deleted = 0, False, None, None
+        stream, error, t_deleted = ChatEvents(), None, None
         try:
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
                               timeout=httpx.Timeout(60, read=60)) as r:
                 assert r.status_code == 200
                 for line in r.iter_lines():
-                    if line == "data: [DONE]":
-                        done = True
-                    elif line.startswith("data: "):
-                        pieces += 1
-                        if pieces == 3:
-                            kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns,
-                                    "--grace-period=0", "--force")
-                            t_deleted = time.monotonic()
+                    if stream.feed(line) and stream.events == 3:
+                        kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns,
+                                "--grace-period=0", "--force")
+                        t_deleted = time.monotonic()
         except httpx.HTTPError as err:
             error = err
         assert t_deleted is not None, "the stream ended before the router could be deleted"
         ended = time.monotonic() - t_deleted
-        seen = f"{pieces} pieces, then {type(error).__name__ if error else 'EOF without [DONE]'}"
-        assert not done, "a clean [DONE] although the router carrying the stream was killed"
+        seen = f"{stream.events} pieces, then {type(error).__name__ if error else 'EOF without [DONE]'}"
+        assert not stream.done, "a clean [DONE] although the router carrying the stream was killed"
         assert ended < 30, f"the client waited {ended:.0f}s: a hang, not a clear end"
 
         new = wait_for("a new router pod Ready", lambda: (p := router_pod(NAME, ns)) and
@@ -438,15 +423,13 @@ def paced(url: str, clients: int = 2, streams: int = 2, max_tokens: int = 48) ->
         for s in range(streams):
             body = {"model": MODEL, "stream": True, "max_tokens": max_tokens, "temperature": 0,
                     "messages": [{"role": "user", "content": f"{STORY} ({u}.{s})"}]}
-            t0, arrivals = time.monotonic(), []
+            stream = ChatEvents()
             with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120,
                               headers={"X-Session-Id": f"paced-{u}"}) as r:
                 assert r.status_code == 200, r.read()
-                for line in r.iter_lines():
-                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                        arrivals.append(time.monotonic())  # a token (not the opening chunk naming the role)
-            firsts.append(arrivals[0] - t0)
-            gaps += [b - a for a, b in zip(arrivals, arrivals[1:])]
+                stream.read(r.iter_lines())
+            firsts.append(stream.first_token)
+            gaps += stream.gaps
         return gaps, firsts
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(user, range(clients)))

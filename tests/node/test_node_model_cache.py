@@ -32,10 +32,8 @@ import time
 
 import httpx
 import pytest
-from node_helpers import (
-    CACHE, NODE_NAME, ON_REAL_NODE, QUESTION, RELEASE_NS, ROOT, SERVICE_IMAGE, apply, condition, example, get,
-    get_list, kubectl, model_pods, pod_ready, record, report, wait_for,
-)
+from node_helpers import NODE_NAME, ON_REAL_NODE, QUESTION, SERVICE_IMAGE, example, model_pods, on_node, record, report
+from support.kube import CACHE, RELEASE_NS, ROOT, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -63,26 +61,16 @@ def weight_downloads(requests: list[str]) -> int:
 @pytest.fixture
 def hub(namespace):
     """The hub stand-in, its Service, and the token Secret the resources name."""
-    ns, labels = namespace, {"app": "hub-mirror"}
+    ns = namespace
     kubectl("create", "configmap", "hub-mirror", "-n", ns, f"--from-file=hub_mirror.py={ROOT / 'tests/support/hub_mirror.py'}")
     kubectl("create", "secret", "generic", "hub-token", "-n", ns, f"--from-literal=token={TOKEN}")
-    apply({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "hub-mirror"},
-        "spec": {"replicas": 1, "selector": {"matchLabels": labels}, "template": {
-            "metadata": {"labels": labels},
-            "spec": {**ON_REAL_NODE, "containers": [{
-                "name": "mirror", "image": SERVICE_IMAGE, "imagePullPolicy": "Never",
-                "command": ["python", "/mirror/hub_mirror.py", "--repo", f"{REPO}={BAKED}", "--port", "8080",
-                            "--token", TOKEN],
-                "ports": [{"containerPort": 8080}],
-                "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
-                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
-                "volumeMounts": [{"name": "mirror", "mountPath": "/mirror"}],
-            }], "volumes": [{"name": "mirror", "configMap": {"name": "hub-mirror"}}]},
-        }},
-    }, ns)
-    apply({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "hub-mirror"},
-           "spec": {"selector": labels, "ports": [{"port": 8080}]}}, ns)
+    on_node(ns, "hub-mirror", 8080, {
+        "image": SERVICE_IMAGE, "imagePullPolicy": "Never",
+        "command": ["python", "/mirror/hub_mirror.py", "--repo", f"{REPO}={BAKED}", "--port", "8080", "--token", TOKEN],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}},
+        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1},
+        "volumeMounts": [{"name": "mirror", "mountPath": "/mirror"}],
+    }, volumes=[{"name": "mirror", "configMap": {"name": "hub-mirror"}}])
     kubectl("rollout", "status", "-n", ns, "deployment/hub-mirror", "--timeout=120s", timeout=150)
     return f"http://hub-mirror.{ns}.svc:8080"
 

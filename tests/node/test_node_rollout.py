@@ -7,10 +7,10 @@ import time
 
 import httpx
 import pytest
-from node_helpers import (
-    apply, condition, example, get, kubectl, model_pods, record, report, service_url, wait_for,
-)
+from node_helpers import example, model_pods, record, report, service_url
 from streams import Load, stream_once
+from support.client import ChatEvents
+from support.kube import apply, condition, get, kubectl, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -83,27 +83,22 @@ def test_pod_lost_mid_stream_ends_the_stream_and_the_next_request_is_answered(op
     (victim,) = pods(name, ns)
     body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 256,
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]}
-    pieces, done, error = 0, False, None
-    t_deleted = None
+    stream, error, t_deleted = ChatEvents(), None, None
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=60)) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
-                if line == "data: [DONE]":
-                    done = True
-                elif line.startswith("data: "):
-                    pieces += 1
-                    if pieces == 3:
-                        kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns, "--grace-period=0", "--force")
-                        t_deleted = time.monotonic()
+                if stream.feed(line) and stream.events == 3:
+                    kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns, "--grace-period=0", "--force")
+                    t_deleted = time.monotonic()
     except httpx.HTTPError as err:
         error = err
     assert t_deleted is not None, "the stream ended before the pod could be deleted"
     ended_after = time.monotonic() - t_deleted
     record("force-deleted pod: stream end seen by the client after", ended_after)
-    assert not done, "the stream completed although its pod was killed"
+    assert not stream.done, "the stream completed although its pod was killed"
     assert ended_after < 30, f"the client waited {ended_after:.0f}s: a hang, not a clear end"
-    print(f"pod lost mid-stream: {pieces} pieces, then {type(error).__name__ if error else 'EOF'} "
+    print(f"pod lost mid-stream: {stream.events} pieces, then {type(error).__name__ if error else 'EOF'} "
           f"after {ended_after:.1f}s")
     # The Deployment replaces the pod, and the next request is answered.
     t0 = time.monotonic()

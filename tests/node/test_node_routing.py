@@ -10,8 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -20,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import (
-    CLUSTER_DIR, ROOT, apply, condition, example, get, kubectl, model_pods, pod_ready, record, redis, report, service_url,
-    wait_for,
-)
+from node_helpers import REDIS_SESSIONS, csd_ready, example, model_pods, record, redis, report, service_url
+from support import metrics
+from support.client import ChatEvents
+from support.kube import CLUSTER_DIR, ROOT, apply, get, kubectl, pod_ready, wait_for
+from support.net import free_port
 
 pytestmark = pytest.mark.node
 
@@ -45,13 +44,10 @@ def pod_metrics(ip: str) -> dict[str, float]:
 
 
 def server_metrics(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    out = {}
-    for name in ("chatstream_prompt_tokens_total", "chatstream_prompt_tokens_cached_total",
-                 "chatstream_completion_tokens_total"):
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
-        out[name] = float(m.group(1)) if m else 0.0
-    return out
+    text = metrics.scrape(base)
+    return {name: metrics.total(text, name, default=0.0)
+            for name in ("chatstream_prompt_tokens_total", "chatstream_prompt_tokens_cached_total",
+                         "chatstream_completion_tokens_total")}
 
 
 def conversation(base: str, user: int) -> list[dict]:
@@ -61,19 +57,14 @@ def conversation(base: str, user: int) -> list[dict]:
         messages.append({"role": "user", "content": OPENERS[user] if t == 0 else FOLLOW_UPS[(user + t) % 5]})
         body = {"model": MODEL, "messages": messages, "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0}
         t0 = time.monotonic()
-        first, text, arrivals = None, [], []
+        stream = ChatEvents(t0)
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=300) as r:
             assert r.status_code == 200, r.read()
             served = r.headers.get("x-served-by")
-            for line in r.iter_lines():
-                if line.startswith("data: {") and '"content":"' in line.replace(" ", ""):
-                    arrivals.append(time.monotonic())
-                    if first is None:
-                        first = arrivals[0] - t0
-                    text.append(httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"].get("content", ""))
-        messages.append({"role": "assistant", "content": "".join(text)})
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-        turns.append({"turn": t, "ttft": first, "seconds": time.monotonic() - t0, "served": served, "gaps": gaps})
+            stream.read(r.iter_lines())
+        messages.append({"role": "assistant", "content": stream.text})
+        turns.append({"turn": t, "ttft": stream.first_token, "seconds": time.monotonic() - t0, "served": served,
+                      "gaps": stream.gaps})
     return turns
 
 
@@ -112,14 +103,10 @@ def show(label: str, w: dict) -> str:
 def routed(operator_pod, redis_image, module_namespace):
     ns = module_namespace
     redis(ns, redis_image)
-    apply(example(NAME, replicas=2, sessions={"store": "redis", "redisURLSecretRef": {"name": "sessions"}},
+    apply(example(NAME, replicas=2, sessions=REDIS_SESSIONS,
                   generation={"maxNewTokens": 64, "contextLength": 2048}), ns)
 
-    def ready():
-        csd = get("csd", NAME, ns)
-        return condition(csd, "Ready").get("status") == "True" and condition(csd, "RouterReady").get("status") == "True"
-
-    wait_for(f"{NAME} Ready with its router", ready, timeout=600, interval=1)
+    wait_for(f"{NAME} Ready with its router", lambda: csd_ready(NAME, ns), timeout=600, interval=1)
     csd = get("csd", NAME, ns)
     assert csd["status"]["routingEndpoint"] == f"http://{NAME}-router.{ns}.svc:8000"
     router = service_url(f"{NAME}-router", ns)
@@ -132,9 +119,7 @@ def routed(operator_pod, redis_image, module_namespace):
 def bare_process():
     """One `chatstream serve` on the host with the pods' settings and every core: what this
     machine serves without Kubernetes, measured in the same run as the pods."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "service"), "CHATSTREAM_PORT": str(port),
            "CHATSTREAM_MAX_CONCURRENT": "4", "CHATSTREAM_MAX_QUEUE": "16", "CHATSTREAM_MAX_NEW_TOKENS": "64",
            "CHATSTREAM_CONTEXT_LENGTH": "2048", "CHATSTREAM_DTYPE": "float32", "CHATSTREAM_DEVICE": "cpu",

@@ -4,14 +4,12 @@ whichever pod answers each turn."""
 
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
 import pytest
-from node_helpers import (
-    apply, condition, example, get, get_list, kubectl, model_pods, pod_ready, redis, service_url, wait_for,
-)
+from node_helpers import REDIS_SESSIONS, answered, example, model_pods, redis, service_url
+from support.kube import apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -22,16 +20,10 @@ def service_endpoints(name: str, ns: str) -> set[str]:
             for a in e["addresses"]}
 
 
-def answered(pod_ip: str) -> int:
-    """Streams this pod has finished (its own /metrics)."""
-    text = httpx.get(f"http://{pod_ip}:8000/metrics", timeout=10).text
-    return int(sum(float(v) for v in re.findall(r'^chatstream_outcomes_total\{[^}]*\} (\S+)$', text, re.M)))
-
-
 def test_a_conversation_keeps_its_history_across_two_replicas(operator_pod, redis_image, namespace):
     ns, name = namespace, "shared"
     redis(ns, redis_image)
-    apply(example(name, replicas=2, sessions={"store": "redis", "redisURLSecretRef": {"name": "sessions"}},
+    apply(example(name, replicas=2, sessions=REDIS_SESSIONS,
                   generation={"maxNewTokens": 48, "contextLength": 2048}), ns)
     wait_for(f"{name} Ready", lambda: condition(get("csd", name, ns), "Ready").get("status") == "True",
              timeout=600, interval=1)

@@ -12,10 +12,8 @@ import time
 import httpx
 import pytest
 import yaml
-from node_helpers import (
-    ON_REAL_NODE, QUESTION, ROOT, apply, condition, example, get, get_list, model_pods, pod_ready, record, run,
-    wait_for,
-)
+from node_helpers import ON_REAL_NODE, QUESTION, example, model_pods, record
+from support.kube import ROOT, apply, condition, get, get_list, pod_ready, run, wait_for
 
 pytestmark = pytest.mark.node
 

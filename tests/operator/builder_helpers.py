@@ -1,15 +1,27 @@
-"""Helpers for the builder tests: specs as the API server would store them."""
+"""Helpers for the builder tests: specs as the API server would store them, and haproxy's own
+check of a rendered config."""
 
 from __future__ import annotations
 
 import copy
 import pathlib
+import shutil
+import subprocess
 
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "manifests/crd.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+ROUTER_IMAGE = "localhost/chatstream-router:test"
+
+
+def haproxy_check(config: str, tmp_path) -> subprocess.CompletedProcess:
+    assert shutil.which(HAPROXY), "haproxy is not installed (scripts/system-deps.sh installs it)"
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    return subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
 
 
 def apply_defaults(value, schema):

@@ -4,28 +4,16 @@ haproxy binary (`haproxy -c`); tests/router runs it in front of real pods."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
-from builder_helpers import CRD, SCHEMA, make_resource
+from builder_helpers import CRD, ROUTER_IMAGE as IMAGE, SCHEMA, haproxy_check, make_resource
 from chatstream_operator import resources, router, status
 from chatstream_operator.__main__ import parse_args
 
-HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
-IMAGE = "localhost/chatstream-router:test"
 
 
 def children(resource):
     return {(m["kind"], m["metadata"]["name"]): m for m in router.children(resource, IMAGE)}
-
-
-def haproxy_check(config: str, tmp_path) -> subprocess.CompletedProcess:
-    assert shutil.which(HAPROXY), "haproxy is not installed (scripts/system-deps.sh installs it)"
-    path = tmp_path / "haproxy.cfg"
-    path.write_text(config)
-    return subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True)
 
 
 def test_cluster_config_is_valid_haproxy(tmp_path):

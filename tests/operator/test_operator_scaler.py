@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 import copy
 
-from builder_helpers import CRD, make_resource
+from builder_helpers import CRD, ROUTER_IMAGE as IMAGE, haproxy_check, make_resource
 from chatstream_operator import activation, autoscale, kube, resources, router, scaler, status
 from chatstream_operator.__main__ import parse_args
-from test_operator_router import IMAGE, haproxy_check
 
 ACTIVATOR_IMAGE = "localhost/chatstream-operator:test"
 SPEC = {"model": {"source": "builtin:smollm2-135m-instruct"}, "concurrency": {"maxConcurrentStreams": 2, "maxQueueSize": 6},

@@ -3,26 +3,16 @@ pods, and the real haproxy in front of them (see harness.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import socket
-
 import pytest
+from support.net import free_port, redis_server
 
-from .harness import DNSMASQ, HAPROXY, REDIS, Dns, Pod, Router, free_port, wait_until
+from .harness import DNSMASQ, HAPROXY, Dns, Pod, Router
 
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory):
-    if REDIS is None:
-        pytest.fail("redis-server is not installed (scripts/system-deps.sh installs it)")
-    port = free_port()
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path_factory.mktemp("redis"))], stdout=subprocess.DEVNULL)
-    wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() is None, 10,
-               "redis-server started")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
+    with redis_server(tmp_path_factory.mktemp("redis")) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -13,37 +13,17 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from support import metrics
+from support.net import free_port, stop, wait_ready, wait_until
 
 from chatstream_operator import router
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
 DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
-REDIS = shutil.which("redis-server")
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 48
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))  # free on every address
-        return s.getsockname()[1]
-
-
-def wait_until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if check():
-                return
-        except (httpx.TransportError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {timeout}s")
-        time.sleep(0.1)
 
 
 class Pod:
@@ -70,19 +50,13 @@ class Pod:
                                          stdout=log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> None:
-        def ready():
+        def alive():
             assert self.proc.poll() is None, self.log.read_text()[-3000:]
-            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-        wait_until(ready, timeout, f"{self.name} became ready")
+        wait_ready(self.url, timeout, alive, interval=0.1)
 
     def stop(self) -> None:
         """SIGTERM, as the kubelet stops a pod; SIGKILL if it has not exited 15 s later."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop(self.proc, 15)
 
     def kill(self) -> None:
         """SIGKILL: the pod vanishes mid-life, as a node failure would have it."""
@@ -92,12 +66,7 @@ class Pod:
 
     def outcomes(self) -> dict[str, float]:
         """chatstream_outcomes_total by outcome, from the pod's /metrics."""
-        out = {}
-        for line in httpx.get(self.url + "/metrics", timeout=5).text.splitlines():
-            if line.startswith("chatstream_outcomes_total{"):
-                label, value = line.rsplit(" ", 1)
-                out[label.split('"')[1]] = float(value)
-        return out
+        return metrics.by_label(metrics.scrape(self.url, timeout=5), "chatstream_outcomes_total", "outcome")
 
 
 class Router:
@@ -136,9 +105,7 @@ class Router:
         return self
 
     def __exit__(self, *exc):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop(self.proc)
 
     def admin(self, command: str) -> str:
         with socket.socket(socket.AF_UNIX) as s:
@@ -208,6 +175,4 @@ class Dns:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop(self.proc)

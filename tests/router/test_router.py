@@ -14,10 +14,11 @@ import time
 import uuid
 
 import httpx
+import pytest
+from support.net import wait_until
 
 from chatstream_operator import router
 
-from .harness import wait_until
 
 MODEL = "smollm2-135m-instruct"
 SERVED_BY = router.SERVED_BY_HEADER
@@ -60,20 +61,16 @@ def test_chat_stream_session_stays_on_its_pod(proxy, pods):
     assert {n: after[n] - before[n] for n in after} == {n: (4 if n == served[0] else 0) for n in after}
 
 
-def test_v1_conversation_sticks_by_session_header(proxy):
-    sid = uuid.uuid4().hex
-    served = v1_turns(proxy.url, [{"role": "user", "content": "Hi there"}], ["And then?", "More."],
-                      headers={"X-Session-Id": sid})
+@pytest.mark.parametrize("by", ["session header", "user field"])
+def test_v1_conversation_sticks_by_session_header_or_user_field(proxy, by):
+    key = uuid.uuid4().hex
+    if by == "session header":
+        how, entry = {"headers": {"X-Session-Id": key}}, f"h:{key}"
+    else:
+        how, entry = {"extra": {"user": f"user-{key}"}}, f"u:user-{key}"
+    served = v1_turns(proxy.url, [{"role": "user", "content": "Hi there"}], ["And then?", "More."], **how)
     assert len(set(served)) == 1, served
-    assert proxy.table()[f"h:{sid}"] == served[0]
-
-
-def test_v1_conversation_sticks_by_user_field(proxy):
-    user = f"user-{uuid.uuid4().hex}"
-    served = v1_turns(proxy.url, [{"role": "user", "content": "Hi there"}], ["And then?", "More."],
-                      extra={"user": user})
-    assert len(set(served)) == 1, served
-    assert proxy.table()[f"u:{user}"] == served[0]
+    assert proxy.table()[entry] == served[0]
 
 
 def test_v1_conversation_sticks_by_first_message(proxy):

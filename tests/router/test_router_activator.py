@@ -11,7 +11,6 @@ its write of the replicas is what enables the server."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -19,11 +18,14 @@ import time
 
 import httpx
 import pytest
+from support import metrics
+from support.client import ChatEvents
+from support.net import free_port, stop, wait_until
 
 from chatstream import envvars
 from chatstream_operator import router, scaler
 
-from .harness import HAPROXY, ROOT, Pod, Router, free_port, wait_until
+from .harness import HAPROXY, ROOT, Pod, Router
 
 MODEL = "smollm2-135m-instruct"
 POD_START_SECONDS = 1.5   # how long the fake Deployment takes to have its pod up
@@ -39,8 +41,7 @@ def pod(redis_url, tmp_path_factory):
         p.wait_ready()
         yield p
     finally:
-        p.proc.terminate()
-        p.proc.wait(15)
+        p.stop()
 
 
 @pytest.fixture(scope="module")
@@ -78,17 +79,13 @@ class Activator:
         return any(f[0] == "activator" and f[1] == "activator" and f[17].startswith("UP") for f in rows if len(f) > 17)
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(10)
+        stop(self.proc)
 
     def signal(self) -> dict:
         return httpx.get(self.control + "/signal", timeout=5).json()
 
-    def metric(self, name: str) -> float:
-        for line in httpx.get(self.control + "/metrics", timeout=5).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"{name} not in /metrics")
+    def metric(self, name: str, **labels: str) -> float:
+        return metrics.total(metrics.scrape(self.control, timeout=5), name, **labels)
 
 
 def to_zero(r: Router) -> None:
@@ -104,23 +101,13 @@ def v1_body(stream: bool, content="What is the capital of France?", max_tokens=8
     return {"model": MODEL, "stream": stream, "max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}
 
 
-async def sse(client: httpx.AsyncClient, url: str, t0: float, body: dict | None = None) -> dict:
+async def sse(client: httpx.AsyncClient, url: str, t0: float, body: dict | None = None) -> ChatEvents:
     """One streaming /v1 request: when its comments and its first token came, and how it ended."""
-    out = {"comments": [], "first_token": None, "done": False, "errors": [], "status": None}
+    stream = ChatEvents(t0)
     async with client.stream("POST", url + "/v1/chat/completions", json=body or v1_body(True)) as r:
-        out["status"] = r.status_code
-        async for line in r.aiter_lines():
-            if line.startswith(":"):
-                out["comments"].append((time.monotonic() - t0, line))
-            elif line == "data: [DONE]":
-                out["done"] = True
-            elif line.startswith("data: "):
-                event = json.loads(line[6:])
-                if "error" in event:
-                    out["errors"].append(event["error"])
-                elif out["first_token"] is None and event["choices"][0]["delta"].get("content"):
-                    out["first_token"] = time.monotonic() - t0
-    return out
+        stream.status = r.status_code
+        await stream.aread(r.aiter_lines())
+    return stream
 
 
 def test_a_request_at_zero_wakes_the_operator_at_once_is_held_and_answered(held, pod, tmp_path):
@@ -165,8 +152,8 @@ def test_a_request_at_zero_wakes_the_operator_at_once_is_held_and_answered(held,
         assert len(loop.decisions) == 1 and "held" in loop.decisions[0].message
         assert woke < 1.0, f"the operator heard of the held request {woke:.2f}s late"
         # The streaming client saw that it waits, then got its answer whole.
-        assert stream["status"] == 200 and stream["comments"] and stream["comments"][0][0] < 1.0
-        assert stream["first_token"] > POD_START_SECONDS and stream["done"] and not stream["errors"]
+        assert stream.status == 200 and stream.comments and stream.comments[0][0] < 1.0
+        assert stream.first_token > POD_START_SECONDS and stream.done and not stream.errors
         assert chat.status_code == 200 and chat.text and chat.headers[router.SERVED_BY_HEADER] == "pod1"
         assert again.status_code == 200 and again.headers[router.SERVED_BY_HEADER] == "pod1"
         assert act.metric("chatstream_activator_held_total") == 2
@@ -199,10 +186,10 @@ def test_a_request_held_past_its_bound_gets_503_with_retry_after_and_held_reques
         assert timed_out.json()["error"]["code"] == "no_ready_pod" and 2 <= took < 5
         assert capped.json()["error"]["code"] == "too_many_held_requests" and capped_after < 1.5
         # A streaming client got its 200 and progress; its timeout is an error event, then the end.
-        assert stream["status"] == 200 and stream["comments"] and not stream["first_token"]
-        assert [e["code"] for e in stream["errors"]] == ["no_ready_pod"] and stream["done"]
-        assert act.metric('chatstream_activator_rejected_total{reason="timeout"}') == 2
-        assert act.metric('chatstream_activator_rejected_total{reason="too_many_held"}') == 1
+        assert stream.status == 200 and stream.comments and not stream.first_token
+        assert [e["code"] for e in stream.errors] == ["no_ready_pod"] and stream.done
+        assert act.metric("chatstream_activator_rejected_total", reason="timeout") == 2
+        assert act.metric("chatstream_activator_rejected_total", reason="too_many_held") == 1
 
 
 def test_held_requests_are_released_into_the_room_a_pod_has(held, tmp_path):

@@ -8,10 +8,11 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from support.net import free_port
 
 from chatstream_operator import router
 
-from .harness import HAPROXY, Pod, Router, free_port
+from .harness import HAPROXY, Pod, Router
 
 KEY = "cs-router-5e1f0a9b"
 

@@ -1,4 +1,5 @@
-"""Test apps written exactly as DESIGN.md tells application developers to write them."""
+"""Test apps written exactly as README.md tells application developers to write them, and the
+helpers the service tests share (fixtures: tests/service/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import contextlib
 import json
 import threading
 
+import httpx
 from fastapi import FastAPI, Request
+from support import net
 
 from chatstream import ChatStream
 
@@ -77,3 +80,54 @@ def make_app(model, tokenizer, **options) -> tuple[FastAPI, ChatStream, Callback
 
     chat_stream.append_apis(app)
     return app, chat_stream, log
+
+
+def wait_until(predicate, timeout=30.0):
+    """support.net.wait_until, polling every 20 ms (the service tests wait on in-process state)."""
+    net.wait_until(predicate, timeout, "the condition", interval=0.02)
+
+
+def is_error_shape(r: httpx.Response) -> bool:
+    body = r.json()
+    return set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"} and \
+        isinstance(body["error"]["message"], str) and body["error"]["message"]
+
+
+def stream_traces(chat_stream, outcome=None):
+    out = []
+    for trace in chat_stream.telemetry.store.traces():
+        chat = [s for s in trace["spans"] if s["attributes"].get("gen_ai.operation.name") == "chat"]
+        if chat and (outcome is None or chat[0]["attributes"].get("chatstream.outcome") == outcome):
+            out.append((trace, chat[0]))
+    return out
+
+
+class BrokenModel:
+    """Fault injection: a model whose forward pass fails, as on a GPU out of memory.
+
+    No client behaviour can make a healthy server fail, so the failure is planted
+    in the model; everything around it (engine, stream, HTTP) is real.
+    """
+
+    def __init__(self, model, fail_after_calls: int):
+        self.model, self.calls, self.fail_after = model, 0, fail_after_calls
+        self.dtype, self.config = model.dtype, model.config
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return self.model(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def broken_model(chat_stream: ChatStream, fail_after_calls: int):
+    """The engine's model failing after `fail_after_calls` forward passes, for the block; the
+    healthy one back after it."""
+    runner = chat_stream.engine.runner
+    healthy = runner.model
+    runner.model = BrokenModel(healthy, fail_after_calls)
+    try:
+        yield
+    finally:
+        runner.model = healthy

@@ -11,16 +11,14 @@ import sys
 import httpx
 import openai
 import pytest
+from support.net import LiveServer
 
 from chatstream import envvars
 from chatstream.auth import ApiKeyMiddleware, ApiKeys, ApiKeysError
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
 
-from .apps import make_app
-from .test_hostile import is_error_shape
-from .test_outcomes import wait_until
-from .test_traces import stream_traces
+from .apps import is_error_shape, make_app, stream_traces, wait_until
 
 KEY = "cs-test-7f3a9c2e5b1d4f60"
 OTHER_KEY = "cs-test-rotated-0c8e2a41"
@@ -47,24 +45,24 @@ def kubelet_secret_dir(path, keys: list[str], version: int) -> str:
     return str(path / "keys")
 
 
-def keyed_server(live_server_class, model_and_tokenizer, secret_dir):
+def keyed_server(model_and_tokenizer, secret_dir):
     key_file = kubelet_secret_dir(secret_dir, ["# the team's keys", KEY, ""], 1)
     _, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=16)
-    srv = live_server_class(create_app(Settings(api_keys_file=key_file), chat_stream=chat_stream))
+    srv = LiveServer(create_app(Settings(api_keys_file=key_file), chat_stream=chat_stream))
     srv.chat_stream, srv.secret_dir = chat_stream, secret_dir
     return srv
 
 
 @pytest.fixture(scope="module")
-def keyed(live_server_class, model_and_tokenizer, tmp_path_factory):
-    with keyed_server(live_server_class, model_and_tokenizer, tmp_path_factory.mktemp("secret")) as srv:
+def keyed(model_and_tokenizer, tmp_path_factory):
+    with keyed_server(model_and_tokenizer, tmp_path_factory.mktemp("secret")) as srv:
         yield srv
 
 
 @pytest.fixture
-def rotating(live_server_class, model_and_tokenizer, tmp_path):
+def rotating(model_and_tokenizer, tmp_path):
     """A server of its own: its test changes the keys."""
-    with keyed_server(live_server_class, model_and_tokenizer, tmp_path) as srv:
+    with keyed_server(model_and_tokenizer, tmp_path) as srv:
         yield srv
 
 

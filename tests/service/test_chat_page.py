@@ -10,9 +10,7 @@ import pytest
 
 from chatstream.server.app import create_app
 
-from .apps import make_app
-from .test_outcomes import wait_until
-from .test_traces import stream_traces
+from .apps import make_app, stream_traces, wait_until
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium")

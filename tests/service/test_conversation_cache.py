@@ -5,12 +5,12 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
+from support import metrics
 
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
 
-from .apps import make_app
-from .test_traces import stream_traces
+from .apps import make_app, stream_traces
 
 TURNS = ["My name is Alice and I live in Paris.", "What is the capital of France?", "What is my name?"]
 
@@ -21,13 +21,6 @@ def srv(request, model_and_tokenizer, live_server):
     server = live_server(create_app(Settings(session_secret="s"), chat_stream=chat_stream))
     server.chat_stream = chat_stream
     return server
-
-
-def metric(server, name: str) -> float:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
 
 
 ANSWERS: dict[str, list[str]] = {}
@@ -46,8 +39,8 @@ def test_v1_history_hits_the_cache_and_answers_alike(srv, request):
     on = srv.chat_stream.engine.prefix_cache_stats is not None
     if on:
         assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
-        assert metric(srv, "chatstream_prompt_tokens_cached_total") == sum(cached)
-        assert metric(srv, "chatstream_prefix_cache_tokens") > 0
+        assert metrics.total(metrics.scrape(srv.url), "chatstream_prompt_tokens_cached_total") == sum(cached)
+        assert metrics.total(metrics.scrape(srv.url), "chatstream_prefix_cache_tokens") > 0
     else:
         assert cached == [0, 0, 0]
     ANSWERS.setdefault("v1", []).append(answers)

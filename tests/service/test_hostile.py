@@ -14,13 +14,14 @@ import httpx
 import openai
 import pytest
 from fastapi import Request
+from support.metrics import total
+from support.net import free_port
 
 from chatstream.render import encode_chat
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
 
-from .apps import make_app
-from .test_outcomes import BrokenModel, wait_until
+from .apps import broken_model, is_error_shape, make_app, wait_until
 
 QUESTION = "What is the capital of France?"
 LONG = "Write a very long story about a dragon who learns to bake bread."
@@ -39,12 +40,6 @@ def srv(model_and_tokenizer, live_server):
 
 def chat(client: httpx.Client, text: str = QUESTION, **extra) -> httpx.Response:
     return client.post("/chat_stream", json={"user_input": text, **extra}, timeout=120)
-
-
-def is_error_shape(r: httpx.Response) -> bool:
-    body = r.json()
-    return set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"} and \
-        isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
 def turns(client: httpx.Client) -> list[str]:
@@ -149,28 +144,22 @@ def test_tiny_temperature_in_the_session_does_not_harm_others(srv):
 # -- 4: a stream cut by the server is never a clean end ------------------------------------------
 
 def test_sse_client_sees_an_error_and_the_session_keeps_what_was_seen(srv):
-    engine = srv.chat_stream.engine
-    healthy = engine.runner.model
-    engine.runner.model = BrokenModel(healthy, 4)
-    try:
+    with broken_model(srv.chat_stream, 4):
         stream = srv.oai.chat.completions.create(model="smollm2-135m-instruct", stream=True, max_tokens=20,
                                                  messages=[{"role": "user", "content": LONG}])
         with pytest.raises(openai.APIError, match="injected"):
             for _ in stream:
                 pass
-        engine.runner.model = BrokenModel(healthy, 4)
-        with httpx.Client(base_url=srv.url) as client:
-            with client.stream("POST", "/chat_stream", json={"user_input": LONG}, timeout=120) as r:
-                assert r.status_code == 200
-                seen = []
-                with pytest.raises(httpx.RemoteProtocolError):
-                    for piece in r.iter_text():
-                        seen.append(piece)
-            engine.runner.model = healthy
-            prompt = client.get("/get_prompt").json()["prompt"]
-        assert "".join(seen).strip() and "".join(seen).strip() in prompt, "the turn the user saw is kept"
-    finally:
-        engine.runner.model = healthy
+    with httpx.Client(base_url=srv.url) as client:
+        with broken_model(srv.chat_stream, 4), \
+                client.stream("POST", "/chat_stream", json={"user_input": LONG}, timeout=120) as r:
+            assert r.status_code == 200
+            seen = []
+            with pytest.raises(httpx.RemoteProtocolError):
+                for piece in r.iter_text():
+                    seen.append(piece)
+        prompt = client.get("/get_prompt").json()["prompt"]
+    assert "".join(seen).strip() and "".join(seen).strip() in prompt, "the turn the user saw is kept"
 
 
 # -- 5, 6, 14: bad text never poisons a session ----------------------------------------------------
@@ -192,16 +181,6 @@ def test_bad_text_leaves_the_session_usable(srv):
         assert chat(client, "What is my name?").status_code == 200
         after = client.get("/get_prompt").json()["prompt"]
         assert after.startswith(before.rsplit("<|im_start|>assistant", 1)[0]) and "What is my name?" in after
-
-
-def test_old_turns_are_left_out_of_the_prompt_not_deleted(model_and_tokenizer, live_server):
-    app, chat_stream, _ = make_app(*model_and_tokenizer, context_len=200, max_new_tokens=16)
-    server = live_server(app)
-    with httpx.Client(base_url=server.url) as client:
-        for i in range(5):
-            assert chat(client, f"Fact number {i}: the sky is blue.").status_code == 200
-        prompt = client.get("/get_prompt").json()["prompt"]
-    assert all(f"Fact number {i}" in prompt for i in range(5)), "the history keeps every turn"
 
 
 # -- 7, 8: /v1 bounds ---------------------------------------------------------------------------------
@@ -307,9 +286,7 @@ def test_model_that_cannot_load_exits_with_its_message(tmp_path):
     import subprocess
     import sys
     log = tmp_path / "termination-log"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "CHATSTREAM_TERMINATION_LOG": str(log), "CHATSTREAM_PORT": str(port),
            "CHATSTREAM_MODEL": str(tmp_path / "no-such-model"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "chatstream", "serve"], env=env, capture_output=True, text=True,
@@ -353,13 +330,12 @@ def test_ttft_counts_time_in_the_queue_in_the_metric_and_on_the_traces_page(mode
     httpx.post(server.url + "/chat_stream", json={"user_input": "Hi"}, timeout=120)
     busy.join()
     text = chat_stream.metrics.render().decode()
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
-    assert values["chatstream_time_to_first_token_seconds_sum"] >= values["chatstream_queue_wait_seconds_sum"] > 0.2
+    ttft, queued = (total(text, f"chatstream_{m}_seconds_sum") for m in ("time_to_first_token", "queue_wait"))
+    assert ttft >= queued > 0.2
     wait_until(lambda: len(httpx.get(server.url + "/api/traces").json()["traces"]) == 2, 10)
     shown = [t["summary"] for t in httpx.get(server.url + "/api/traces").json()["traces"]]
     assert max(s["ttft_ms"] for s in shown) > max(s["queue_wait_ms"] for s in shown) > 200, shown
-    assert sum(s["ttft_ms"] for s in shown) == pytest.approx(
-        values["chatstream_time_to_first_token_seconds_sum"] * 1000, rel=1e-6)
+    assert sum(s["ttft_ms"] for s in shown) == pytest.approx(ttft * 1000, rel=1e-6)
 
 
 # -- every bad input: a 4xx in the one shape, and the server still chats -------------------------------

@@ -7,15 +7,14 @@ import json
 
 import httpx
 import openai
+from support import metrics
 
 from chatstream.render import encode_chat
 from chatstream.server.app import create_app
 from chatstream.settings import Settings, library_default
 from chatstream.telemetry import Telemetry
 
-from .apps import make_app
-from .test_conversation_cache import metric
-from .test_traces import stream_traces
+from .apps import make_app, stream_traces
 
 CONTEXT, NEW_TOKENS, KEEP = 384, 24, library_default("window_keep")
 BUDGET = CONTEXT - NEW_TOKENS
@@ -68,7 +67,7 @@ def test_a_long_conversation_keeps_its_cache_and_answers_as_a_fresh_request(mode
     extended = [a for prev, a in after if a["gen_ai.usage.cache_read_input_tokens"] >= prev["gen_ai.usage.input_tokens"]]
     assert len(moves) <= 1 + len(after) // 2, moves  # the old rule moved it at every turn
     assert len(extended) == len(after) - (len(moves) - 1), (moves, [a["gen_ai.usage.cache_read_input_tokens"] for _, a in after])
-    assert metric(srv, "chatstream_window_moves_total") == len(moves)
+    assert metrics.total(metrics.scrape(srv.url), "chatstream_window_moves_total") == len(moves)
 
     # The same prompts sent fresh (no cache at all) get the same greedy answers.
     _, fresh, _ = make_app(model, tokenizer, context_len=CONTEXT, max_new_tokens=NEW_TOKENS, prefix_cache_tokens=0)

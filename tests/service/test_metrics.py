@@ -5,23 +5,14 @@ from __future__ import annotations
 import httpx
 import torch
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from prometheus_client.parser import text_string_to_metric_families
+from support.metrics import samples
+from support.net import raw_request
 
 from chatstream import threads
 from chatstream.server.app import create_app
 from chatstream.telemetry import Telemetry
 
-from .apps import make_app
-from .test_outcomes import raw_request, wait_until
-
-
-def prom(text: str) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = (sample.name, tuple(sorted(sample.labels.items())))
-            out[key] = sample.value
-    return out
+from .apps import make_app, wait_until
 
 
 def otel(reader) -> dict:
@@ -51,9 +42,9 @@ def test_prometheus_and_otel_agree(model_and_tokenizer, live_server):
         queued.close()
         busy.close()
         wait_until(lambda: chat_stream.admission.processing == 0 and chat_stream.admission.waiting == 0)
-        wait_until(lambda: sum(v for (n, _), v in prom(client.get("/metrics").text).items()
+        wait_until(lambda: sum(v for (n, _), v in samples(client.get("/metrics").text).items()
                                if n == "chatstream_outcomes_total") == 5)
-        p = prom(client.get("/metrics").text)
+        p = samples(client.get("/metrics").text)
     o = otel(reader)
 
     outcomes_otel = {pt.attributes["chatstream.outcome"]: pt.value for pt in o["chatstream.outcomes"]}

@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import time
 
 import httpx
 import pytest
+from support.net import raw_request
 
-from .apps import make_app
+from .apps import broken_model, make_app, wait_until
 
 LONG = "Write a very long story about a dragon who learns to bake bread."
-
-
-def raw_request(port: int, path: str, body: bytes) -> socket.socket:
-    """Send a request on a plain socket and leave it open; closing the socket is a client disconnect."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    return sock
-
-
-def wait_until(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
-@pytest.fixture
-def one_slot(model_and_tokenizer, live_server):
-    app, chat_stream, log = make_app(*model_and_tokenizer, num_of_concurrent_executions=1, max_queue_size=2,
-                                     max_new_tokens=200)
-    srv = live_server(app)
-    srv.chat_stream, srv.log = chat_stream, log
-    return srv
 
 
 def load(srv):
@@ -86,32 +61,11 @@ def test_disconnect_while_queued(one_slot):
     wait_until(lambda: load(one_slot) == (0, 0))
 
 
-class BrokenModel:
-    """Fault injection: a model whose forward pass fails, as on a GPU out of memory.
-
-    No client behaviour can make a healthy server fail, so the failure is planted
-    in the model; everything around it (engine, stream, HTTP) is real.
-    """
-
-    def __init__(self, model, fail_after_calls: int):
-        self.model, self.calls, self.fail_after = model, 0, fail_after_calls
-        self.dtype, self.config = model.dtype, model.config
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls > self.fail_after:
-            raise RuntimeError("CUDA out of memory (injected)")
-        return self.model(*args, **kwargs)
-
-
 @pytest.mark.parametrize("fail_after, status", [(0, 500), (3, 200)])
 def test_unknown_error(one_slot, fail_after, status):
     """Before the first byte a failure is a 500 JSON error; after it, the body is cut short (no clean end),
     so that a client never takes a truncated answer for a whole one."""
-    engine = one_slot.chat_stream.engine
-    healthy = engine.runner.model
-    engine.runner.model = BrokenModel(healthy, fail_after)
-    try:
+    with broken_model(one_slot.chat_stream, fail_after):
         with httpx.Client(base_url=one_slot.url) as client:
             with client.stream("POST", "/chat_stream_callback", json={"user_input": LONG}, timeout=120) as r:
                 assert r.status_code == status
@@ -123,8 +77,6 @@ def test_unknown_error(one_slot, fail_after, status):
                         r.read()
         calls = one_slot.log.wait_for(1)
         assert [c[1] for c in calls] == ["unknown_error_occurred"]
-    finally:
-        engine.runner.model = healthy
     wait_until(lambda: load(one_slot) == (0, 0))
     with httpx.Client(base_url=one_slot.url) as client:  # and the server keeps serving
         assert "Paris" in client.post("/chat_stream", json={"user_input": "What is the capital of France?"},

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -16,12 +14,12 @@ import httpx
 import pytest
 import redis
 from fastapi import FastAPI, Request
+from support.net import redis_server as real_redis
 
 from chatstream import ChatPrompt, ChatStream
 from chatstream.redis_store import RedisStore
 from chatstream.sessions import SessionMiddleware
 
-REDIS = shutil.which("redis-server")
 
 
 @pytest.fixture
@@ -31,26 +29,9 @@ def redis_url(redis_server):
 
 @pytest.fixture
 def redis_server(tmp_path):
-    """(its URL, its process)."""
-    if REDIS is None:
-        pytest.fail("redis-server is not installed (scripts/system-deps.sh installs it)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path), "--enable-debug-command", "local"], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0", proc
-    proc.send_signal(signal.SIGCONT)
-    proc.terminate()
-    proc.wait(10)
+    """(its URL, its process); DEBUG SLEEP allowed, to hang it."""
+    with real_redis(tmp_path, "--enable-debug-command", "local") as server:
+        yield server
 
 
 def replica(model, tokenizer, url, max_new_tokens: int = 24, context_len: int = 1024, **store_options) -> FastAPI:

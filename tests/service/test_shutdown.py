@@ -8,17 +8,10 @@ import subprocess
 import sys
 import time
 
-import socket
-
 import httpx
+from support.net import free_port, wait_ready
 
 from chatstream.server.runner import ADMIT_AFTER_SIGTERM_SECONDS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_drains_streams_in_flight(tmp_path):
@@ -29,16 +22,9 @@ def test_sigterm_drains_streams_in_flight(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
+        def alive():
             assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.3)
+        wait_ready(url, 120, alive)
         with httpx.Client(base_url=url, timeout=120) as client:
             with client.stream("POST", "/chat_stream", json={"user_input": "Write a long story about a cat."}) as r:
                 chunks = r.iter_text()

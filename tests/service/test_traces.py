@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,12 +12,12 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from support.net import free_port, raw_request
 
 from chatstream.server.app import create_app
 from chatstream.telemetry import Telemetry
 
-from .apps import make_app
-from .test_outcomes import BrokenModel, one_slot, raw_request, wait_until  # noqa: F401 (fixture)
+from .apps import broken_model, make_app, stream_traces, wait_until
 
 LONG = "Write a very long story about a dragon who learns to bake bread."
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -27,15 +26,6 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 @pytest.fixture
 def srv(one_slot):
     return one_slot
-
-
-def stream_traces(chat_stream, outcome=None):
-    out = []
-    for trace in chat_stream.telemetry.store.traces():
-        chat = [s for s in trace["spans"] if s["attributes"].get("gen_ai.operation.name") == "chat"]
-        if chat and (outcome is None or chat[0]["attributes"].get("chatstream.outcome") == outcome):
-            out.append((trace, chat[0]))
-    return out
 
 
 def wait_trace(chat_stream, outcome, children=("chatstream.queue", "chatstream.callback")):
@@ -111,14 +101,8 @@ def test_disconnect_before_streaming_trace(srv):
 
 
 def test_unknown_error_trace_and_raising_callback(srv):
-    engine = srv.chat_stream.engine
-    healthy = engine.runner.model
-    engine.runner.model = BrokenModel(healthy, 0)
-    try:
-        with httpx.Client(base_url=srv.url) as client:
-            assert client.post("/chat_stream_raising_callback", json={"user_input": "hi"}, timeout=60).status_code == 500
-    finally:
-        engine.runner.model = healthy
+    with broken_model(srv.chat_stream, 0), httpx.Client(base_url=srv.url) as client:
+        assert client.post("/chat_stream_raising_callback", json={"user_input": "hi"}, timeout=60).status_code == 500
     trace, chat = wait_trace(srv.chat_stream, "unknown_error_occurred")
     children = check_nesting(trace, chat, ["chatstream.queue", "chatstream.prefill", "chatstream.callback"])
     assert chat["status"] == "ERROR"
@@ -177,9 +161,7 @@ class OTLPReceiver(http.server.BaseHTTPRequestHandler):
 
 
 def test_spans_are_exported_over_otlp_http(model_and_tokenizer, live_server, monkeypatch):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", port), OTLPReceiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
