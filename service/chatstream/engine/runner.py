@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from . import attention, llama_forward
+from . import llama_forward
 from .architectures import FULL, attention_windows
 from .kv_cache import SlotKVCache
 from .prefix_cache import Drop, Save
