@@ -146,8 +146,8 @@ def test_a_request_at_zero_wakes_the_operator_at_once_is_held_and_answered(held,
         t0, stream, chat, again, loop = asyncio.run(main())
         woke = scaled[0][0] - t0
         print(f"\nscale from zero: operator woken {woke * 1000:.0f} ms after the request; first token "
-              f"{stream['first_token']:.2f}s after it (pod up {POD_START_SECONDS}s after the decision); "
-              f"{len(stream['comments'])} progress comments")
+              f"{stream.first_token:.2f}s after it (pod up {POD_START_SECONDS}s after the decision); "
+              f"{len(stream.comments)} progress comments")
         assert [(d.reason, d.replicas) for _, d in scaled] == [("ScaledFromZero", 1)]
         assert len(loop.decisions) == 1 and "held" in loop.decisions[0].message
         assert woke < 1.0, f"the operator heard of the held request {woke:.2f}s late"
