@@ -17,7 +17,7 @@ from chatstream.server.runner import ADMIT_AFTER_SIGTERM_SECONDS
 def test_sigterm_drains_streams_in_flight(tmp_path):
     port = free_port()
     env = {**os.environ, "CHATSTREAM_PORT": str(port), "CHATSTREAM_MAX_CONCURRENT": "2",
-           "CHATSTREAM_MAX_NEW_TOKENS": "120", "CHATSTREAM_SHUTDOWN_GRACE_SECONDS": "60"}
+           "CHATSTREAM_MAX_NEW_TOKENS": "400", "CHATSTREAM_SHUTDOWN_GRACE_SECONDS": "60"}
     proc = subprocess.Popen([sys.executable, "-m", "chatstream", "serve", "--temperature", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -26,7 +26,10 @@ def test_sigterm_drains_streams_in_flight(tmp_path):
             assert proc.poll() is None, proc.stdout.read()
         wait_ready(url, 120, alive)
         with httpx.Client(base_url=url, timeout=120) as client:
-            with client.stream("POST", "/chat_stream", json={"user_input": "Write a long story about a cat."}) as r:
+            # A stream that outlives the admit window (400 tokens, about 10 s here): the server stays up
+            # past it, so that the request sent after the window reaches a live server and is refused.
+            count = "Count from 1 to 1000, one number per line."
+            with client.stream("POST", "/chat_stream", json={"user_input": count}) as r:
                 chunks = r.iter_text()
                 first = next(chunks)
                 proc.send_signal(signal.SIGTERM)
@@ -43,7 +46,9 @@ def test_sigterm_drains_streams_in_flight(tmp_path):
                     refused = other.post("/chat_stream", json={"user_input": "hi"})
                     assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
                 rest = "".join(chunks)
+                still_in_flight = time.monotonic() - t_term
         assert len(first + rest) > 100, "the stream in flight ran to its end"
+        assert still_in_flight > ADMIT_AFTER_SIGTERM_SECONDS + 0.5, "the stream outlived the admit window"
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
