@@ -29,7 +29,6 @@ import json
 import math
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -76,19 +75,6 @@ def cpu_description() -> dict:
     return {"model": model, "flags": [f for f in wanted if f in flags]}
 
 
-class Collector:
-    def __init__(self):
-        self.ids, self.text, self.end, self.done = [], "", None, threading.Event()
-
-    def __call__(self, event):
-        from chatstream.engine import Delta
-        if isinstance(event, Delta):
-            self.text += event.text
-        else:
-            self.end = event
-            self.done.set()
-
-
 def chat_ids(tok, messages) -> list[int]:
     from chatstream.render import encode_chat
     return encode_chat(tok, messages, add_generation_prompt=True)
@@ -96,7 +82,7 @@ def chat_ids(tok, messages) -> list[int]:
 
 def generate(engine, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """Greedy answers; all prompts submitted at once (they batch when the engine has rows)."""
-    from chatstream.engine import SamplingParams
+    from chatstream.engine import Collector, SamplingParams
     outs = []
     for ids in prompts:
         c = Collector()
@@ -143,7 +129,7 @@ def decode_rate(engine, tok, streams: int, new_tokens: int = 64) -> float:
                for i in range(streams)]
     generate(engine, prompts[:1], 8)  # warm
     t0 = time.perf_counter()
-    from chatstream.engine import SamplingParams
+    from chatstream.engine import Collector, SamplingParams
     outs = []
     for ids in prompts:
         c = Collector()

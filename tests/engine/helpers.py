@@ -4,9 +4,7 @@ a collector of one stream's events, and chat prompts."""
 
 from __future__ import annotations
 
-import threading
-
-from chatstream.engine import Delta, Engine, Failed, Finished, SamplingParams
+from chatstream.engine import Collector, Engine, Failed, Finished, SamplingParams
 from chatstream.engine.scheduler import Move, Scheduler, StepPlan
 from chatstream.engine.sequence import Sequence, State
 
@@ -121,18 +119,6 @@ class Driver:
 
 
 # -- the real model ------------------------------------------------------------------------------------------
-
-class Collector:
-    def __init__(self):
-        self.text, self.end, self.done = "", None, threading.Event()
-
-    def __call__(self, event):
-        if isinstance(event, Delta):
-            self.text += event.text
-        else:
-            self.end = event
-            self.done.set()
-
 
 def ask(engine, prompts: list[list[int]], timeout: float = 180, **params) -> list[Collector]:
     """Every prompt submitted at once (greedy, 20 new tokens unless `params` say otherwise), all awaited."""

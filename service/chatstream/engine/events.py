@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 
@@ -22,3 +23,18 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     error: BaseException
+
+
+class Collector:
+    """A consumer that keeps a request's whole text and its end event, for offline use (benchmarks, tests,
+    scripts): pass it as `on_event` to Engine.submit, then wait on `done`."""
+
+    def __init__(self):
+        self.text, self.end, self.done = "", None, threading.Event()
+
+    def __call__(self, event) -> None:
+        if isinstance(event, Delta):
+            self.text += event.text
+        else:
+            self.end = event
+            self.done.set()
