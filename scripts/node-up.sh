@@ -28,7 +28,6 @@ source "$ROOT/scripts/node-env.sh"
 COREDNS_VERSION="v1.12.0"
 TAINT="${CHATSTREAM_NODE_TAINT:-1}"
 
-say() { printf '[node-up %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 # --- network ----------------------------------------------------------------
 

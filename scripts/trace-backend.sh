@@ -19,7 +19,6 @@ DIR="$CACHE/jaeger/$JAEGER_VERSION"
 IMAGE="localhost/jaeger:$JAEGER_VERSION"
 BASE_IMAGE="${BASE_IMAGE:-localhost/debian-base:bookworm}"
 
-say() { printf '[trace-backend %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 build() {
   [ -x "$DIR/jaeger" ] && return 0

@@ -39,7 +39,7 @@ log = logging.getLogger("chatstream_activator")
 # Hop-by-hop headers (RFC 9110), and the length, which the relay recomputes.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "content-length"})
-MAX_BODY_BYTES = 1 << 20   # what the pods accept (chatstream.request_body.MAX_BODY_BYTES)
+MAX_BODY_BYTES = 1 << 20   # what the pods accept (chatstream.server.request_body.MAX_BODY_BYTES)
 RETRY_AFTER_SECONDS = 10
 PROGRESS_SECONDS = 2.0     # an SSE comment this often to a held streaming client
 SERVED_BY = "X-Served-By"  # router.SERVED_BY_HEADER: set on answers from a pod, not on HAProxy's own 503

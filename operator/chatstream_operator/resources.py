@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from chatstream import envvars
+from chatstream.settings import TABLE
 
 from . import model_cache, security
 from .model_cache import BAKED_MODELS_DIR, CACHE_DIR  # noqa: F401 (where they were first defined)
@@ -126,25 +127,31 @@ def _metadata(body: dict, name: str) -> dict:
     }
 
 
+# Rows of the settings table whose CRD field is a reference, not a value: a Secret mounted as a file.
+MOUNTED_FIELDS = {"auth.apiKeysSecretRef"}
+
+
+def _field(spec: dict, path: str):
+    for key in path.split("."):
+        spec = spec.get(key) if isinstance(spec, dict) else None
+    return spec
+
+
+def settings_env(spec: dict) -> list[dict]:
+    """Every setting whose row in the server's table (chatstream/settings.py) names a CRD field, from that
+    field, where the spec has it: the table is the one list of which field sets which variable."""
+    return [{"name": row.env, "value": str(value)} for row in TABLE
+            if row.crd and row.crd not in MOUNTED_FIELDS and (value := _field(spec, row.crd)) is not None]
+
+
 def _env(body: dict) -> list[dict]:
     """Service settings as environment variables; spec.env entries replace
     generated ones of the same name and come after them."""
     meta, spec = body["metadata"], body["spec"]
-    model, conc, gen = spec["model"], spec["concurrency"], spec["generation"]
-    sessions = spec["sessions"]
-    env = [
-        {"name": envvars.MODEL, "value": model["source"]},
-        {"name": envvars.DTYPE, "value": model["dtype"]},
-        {"name": envvars.DEVICE, "value": model["device"]},
+    env = settings_env(spec) + [
         {"name": envvars.HOST, "value": "0.0.0.0"},
         {"name": envvars.PORT, "value": str(PORT)},
-        {"name": envvars.MAX_CONCURRENT, "value": str(conc["maxConcurrentStreams"])},
-        {"name": envvars.MAX_QUEUE, "value": str(conc["maxQueueSize"])},
-        {"name": envvars.MAX_NEW_TOKENS, "value": str(gen["maxNewTokens"])},
-        {"name": envvars.CONTEXT_LENGTH, "value": str(gen["contextLength"])},
         {"name": envvars.CACHE_DIR, "value": CACHE_DIR},
-        {"name": envvars.SHUTDOWN_GRACE_SECONDS, "value": str(spec["shutdownGraceSeconds"])},
-        {"name": envvars.SESSION_STORE, "value": sessions["store"]},
         {
             "name": envvars.SESSION_SECRET,
             "valueFrom": {"secretKeyRef": {"name": session_secret_name(meta["name"]), "key": SESSION_SECRET_KEY}},
@@ -164,22 +171,12 @@ def _env(body: dict) -> list[dict]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
     ]
     env += model_cache.env(spec)  # the model cache or the hub token (model_cache.py)
-    if "prefixCacheTokens" in gen:  # the API server fills it in; a spec built by hand may leave the default
-        env.append({"name": envvars.PREFIX_CACHE_TOKENS, "value": str(gen["prefixCacheTokens"])})
-    if "windowKeep" in gen:
-        env.append({"name": envvars.WINDOW_KEEP, "value": str(gen["windowKeep"])})
-    if "revision" in model:
-        env.append({"name": envvars.REVISION, "value": model["revision"]})
     if api_keys_ref(spec):
         env.append({"name": envvars.API_KEYS_FILE, "value": API_KEYS_FILE})
-    if sessions["store"] == "redis":
-        ref = sessions["redisURLSecretRef"]
-        env.append(
-            {
-                "name": envvars.REDIS_URL,
-                "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref.get("key", "url")}},
-            }
-        )
+    if spec["sessions"]["store"] == "redis":
+        ref = spec["sessions"]["redisURLSecretRef"]
+        env.append({"name": envvars.REDIS_URL,
+                    "valueFrom": {"secretKeyRef": {"name": ref["name"], "key": ref.get("key", "url")}}})
     tracing = spec.get("tracing")
     if tracing is not None:
         if "otlpEndpoint" in tracing:

@@ -33,6 +33,15 @@ from .telemetry import Telemetry
 from .timeline import Timeline
 from . import threads
 
+# The original library's names for the sampling parameters, as clients send them to /set_generation_params and
+# as a session keeps them; below this facade they go by SamplingParams' names.
+ORIGINAL_NAMES = {"temperature": "temperature", "top_k_value": "top_k", "top_p_value": "top_p"}
+
+
+def from_original(generation_params: dict | None) -> dict:
+    """A session's generation_params under SamplingParams' names."""
+    return {ORIGINAL_NAMES[k]: v for k, v in (generation_params or {}).items() if k in ORIGINAL_NAMES}
+
 
 class ChatStreamCore:
     def __init__(self, name: str = "node:0", model=None, tokenizer=None, device=None,
@@ -58,9 +67,8 @@ class ChatStreamCore:
         self.model_name = model_name or getattr(model, "served_name", None) or getattr(
             model.config, "_name_or_path", "model")
         self.chat_prompt_clazz = chat_prompt_clazz or ChatPrompt
-        self.params = {"temperature": temperature, "top_k_value": top_k, "top_p_value": top_p,
-                       "repetition_penalty": repetition_penalty, "max_new_tokens": max_new_tokens,
-                       "context_len": context_len, "seed": seed}
+        self.defaults = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                         "repetition_penalty": repetition_penalty, "seed": seed}
         self.max_new_tokens = max_new_tokens
         self.context_len = context_len
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
@@ -88,13 +96,13 @@ class ChatStreamCore:
         self.engine.stop()
         self.telemetry.shutdown()
 
-    @property
-    def draining(self) -> bool:
-        return self.client.draining
+    def stop_admitting(self) -> None:
+        """From now on new requests get 503 (draining); streams in flight run to their end."""
+        self.client.draining = True
 
-    @draining.setter
-    def draining(self, value: bool) -> None:
-        self.client.draining = value
+    @property
+    def admitting(self) -> bool:
+        return not self.client.draining
 
     # -- the main entry point --------------------------------------------------------------
     async def chat_turn(self, data, session_mgr=None, request=None, callback=None) -> tuple[Stream, dict]:
@@ -106,7 +114,7 @@ class ChatStreamCore:
             await session_mgr.reserve()
         turn = await self.turns.begin(session_mgr, user_input, regenerate)
         try:
-            params = self.sampling_params(session.get("generation_params"), stop=turn.stop)
+            params = self.sampling_params(from_original(session.get("generation_params")), stop=turn.stop)
         except ChatStreamError:
             turn.undo()
             turn.release()
@@ -169,13 +177,12 @@ class ChatStreamCore:
 
     def sampling_params(self, overrides: dict | None = None, max_new_tokens: int | None = None,
                         stop=()) -> SamplingParams:
-        """The constructor's defaults, overridden by the non-None values given (the original's key names:
-        temperature, top_k_value, top_p_value, repetition_penalty, seed), checked: a bad value is a 400.
-        ``max_new_tokens`` is capped by the server's own."""
-        merged = {**self.params, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+        """The constructor's defaults, overridden by the non-None values given (keys as in ``self.defaults``),
+        checked: a bad value is a 400. ``max_new_tokens`` is capped by the server's own."""
+        merged = {**self.defaults, **{k: v for k, v in (overrides or {}).items() if v is not None}}
         params = SamplingParams(max_new_tokens=min(max_new_tokens or self.max_new_tokens, self.max_new_tokens),
-                                temperature=float(merged["temperature"]), top_k=merged["top_k_value"],
-                                top_p=float(merged["top_p_value"] or 1.0),
+                                temperature=float(merged["temperature"]), top_k=merged["top_k"],
+                                top_p=float(merged["top_p"] or 1.0),
                                 repetition_penalty=float(merged["repetition_penalty"] or 1.0), seed=merged["seed"],
                                 stop=list(stop or []))
         try:

@@ -90,7 +90,7 @@ def test_chat_page_streams_regenerates_stops_and_clears(page):
 
 def test_chat_page_shows_errors(page):
     cs = page.chat_stream
-    cs.draining = True
+    cs.stop_admitting()
     page.fill("#input", "hello")
     page.keyboard.press("Enter")
     page.wait_for_selector(".msg.error")

@@ -129,7 +129,7 @@ def create_app(settings: Settings | None = None, chat_stream=None) -> FastAPI:
         cs = state.chat_stream
         if cs is None:
             return JSONResponse({"ready": False, "reason": state.load_error or "loading"}, status_code=503)
-        if state.leaving or cs.draining:
+        if state.leaving or not cs.admitting:
             return JSONResponse({"ready": False, "reason": "draining"}, status_code=503)
         return {"ready": True, "model": cs.model_name}
 

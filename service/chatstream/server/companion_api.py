@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 
 from ..errors import ChatStreamError, bad_request
-from ..request_body import read_json
+from ..stream import ORIGINAL_NAMES
+from .request_body import read_json
 from .responses import error_response
 
 LIMITS = {"temperature": (0.0, 2.0), "top_k_value": (0, 500), "top_p_value": (0.0, 1.0)}
@@ -67,21 +68,19 @@ def add_companion_routes(app: FastAPI, get_chat_stream) -> None:
             params = _check_params(await read_json(request))
         except ChatStreamError as err:
             return error_response(err)
-        session = _session(request)
-        if session is None:
-            return {"success": False, "message": "no session", "generation_params": None}
-        if params:  # an empty update must not create a session
-            session["generation_params"] = {**session.get("generation_params", {}), **params}
-        return {"success": True, "message": "success", "generation_params": _merged(get_chat_stream(), session)}
+        return _generation_params(get_chat_stream(), _session(request), params)
 
     @app.get("/get_generation_params")
     async def get_generation_params(request: Request):
-        session = _session(request)
-        if session is None:
-            return {"success": False, "message": "no session", "generation_params": None}
-        return {"success": True, "message": "success", "generation_params": _merged(get_chat_stream(), session)}
+        return _generation_params(get_chat_stream(), _session(request), {})
 
 
-def _merged(chat_stream, session: dict) -> dict:
-    base = {k: chat_stream.params[k] for k in ("temperature", "top_k_value", "top_p_value")}
-    return {**base, **(session.get("generation_params") or {})}
+def _generation_params(chat_stream, session: dict | None, update: dict) -> dict:
+    """The session's parameters after ``update``, over the server's defaults (the original's names)."""
+    if session is None:
+        return {"success": False, "message": "no session", "generation_params": None}
+    if update:  # an empty update must not create a session
+        session["generation_params"] = {**session.get("generation_params", {}), **update}
+    base = {original: chat_stream.defaults[name] for original, name in ORIGINAL_NAMES.items()}
+    merged = {**base, **(session.get("generation_params") or {})}
+    return {"success": True, "message": "success", "generation_params": merged}

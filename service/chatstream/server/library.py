@@ -9,7 +9,7 @@ the server's routes import the core, one way.
 from __future__ import annotations
 
 from ..errors import ChatStreamError
-from ..request_body import read_json
+from .request_body import read_json
 from ..stream import ChatStreamCore
 from .companion_api import add_companion_routes
 from .responses import Formatter, StreamResponse, error_response

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from ..errors import ChatStreamError, bad_request, describe
 from ..lifecycle import Stream
 from ..render import ControlTextError, encode_chat
-from ..request_body import read_json
+from .request_body import read_json
 from ..window import check_fits
 from .responses import Formatter, StreamResponse
 
@@ -199,7 +199,7 @@ def build_router(get_chat_stream) -> APIRouter:
         # may use what the prompt leaves of the context.
         check_fits(prompt_ids, cs.prompt_limit(), "messages")
         stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        params = cs.sampling_params({"temperature": body.temperature, "top_p_value": body.top_p, "seed": body.seed},
+        params = cs.sampling_params({"temperature": body.temperature, "top_p": body.top_p, "seed": body.seed},
                                     max_new_tokens=body.max_completion_tokens or body.max_tokens, stop=stop)
         stream = cs.open_stream(prompt_ids, params, "/v1/chat/completions", messages, cs.observe)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"

@@ -44,7 +44,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:
         cs = self.state.chat_stream
-        if self.state.leaving or cs is None:  # the one "SIGTERM came" flag; cs.draining: refusing new requests
+        if self.state.leaving or cs is None:  # the one "SIGTERM came" flag
             return super().handle_exit(sig, frame)
         self.state.leaving = True
         log.info("draining: %d streams in flight, up to %.0fs", cs.in_flight, self.grace_seconds)
@@ -53,7 +53,7 @@ class DrainingServer(uvicorn.Server):
     def _drain(self, cs) -> None:
         deadline = time.monotonic() + self.grace_seconds
         time.sleep(min(ADMIT_AFTER_SIGTERM_SECONDS, self.grace_seconds))
-        cs.draining = True  # from now on new requests get 503
+        cs.stop_admitting()
         while cs.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         if cs.in_flight:

@@ -13,7 +13,7 @@ import json
 
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import ChatStreamError, bad_request
+from ..errors import ChatStreamError, bad_request
 
 MAX_BODY_BYTES = 1 << 20
 
