@@ -5,7 +5,7 @@ passes a 4D mask through unchanged: the mask is the whole truth about what a
 query sees. A layer with a sliding window (Mistral's ``sliding_window``, Qwen2's
 ``use_sliding_window``, Gemma 2's alternate layers) sees only the last
 ``window`` positions, so its mask must say so, or every answer whose prompt
-and output pass the window differs from transformers' ``generate`` (issue 22).
+and output pass the window differs from transformers' ``generate``.
 
 The layout comes from the same helper transformers' own cache uses to size its
 sliding layers (``get_layer_types_and_kwargs``): a layer type per layer and the
