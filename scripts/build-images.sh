@@ -14,9 +14,8 @@
 #      https://download.pytorch.org/whl/cpu; default: PyPI's CUDA build).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/lib.sh
-source "$ROOT/scripts/lib.sh"
+source "$(dirname "$0")/lib.sh"  # sets ROOT, the repository
 TAG="${TAG:-0.1.0}"
 LOCAL_BASE="localhost/debian-base:bookworm"
 BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"

@@ -9,9 +9,8 @@
 # Ready and prints how to reach the chat page and the traces.
 # `make cluster-down` stops it all.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/lib.sh
-source "$ROOT/scripts/lib.sh"
+source "$(dirname "$0")/lib.sh"  # sets ROOT, the repository
 export KUBECONFIG="$CLUSTER_DIR/kubeconfig" PATH="$BIN:$PATH"
 CPU="${DEMO_CPU:-250m}"
 TRACES="${DEMO_TRACES:-1}"

@@ -4,9 +4,8 @@
 # (etcd data, logs); certificates, the cached binaries and the node's imported
 # images stay. Only processes named by PID files under CLUSTER_DIR are stopped.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/lib.sh
-source "$ROOT/scripts/lib.sh"
+source "$(dirname "$0")/lib.sh"  # sets ROOT, the repository
 
 if ! CLUSTER_DIR="$CLUSTER_DIR" bash "$ROOT/scripts/node-down.sh"; then
   echo "[cluster-down] the node did not stop cleanly; its PID files stay in $RUN" >&2

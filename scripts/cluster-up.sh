@@ -24,9 +24,8 @@
 #      every pod, as a person trying it by hand wants: make cluster).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/lib.sh
-source "$ROOT/scripts/lib.sh"
+source "$(dirname "$0")/lib.sh"  # sets ROOT, the repository
 APISERVER_PORT="${APISERVER_PORT:-16443}"
 ETCD_PORT="${ETCD_PORT:-23790}"
 NODE="${CHATSTREAM_NODE:-1}"

@@ -1,6 +1,7 @@
-# Sourced by scripts/*.sh (after they set ROOT): the paths they share and the helpers
+# Sourced by scripts/*.sh: ROOT (the repository), the paths they share and the helpers
 # that were copied between them.
 # shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${CHATSTREAM_K8S_CACHE:-$HOME/.cache/chatstream-k8s}"  # binaries, the node's images, builds
 BIN="$CACHE/bin"
 CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"  # the cluster's state:

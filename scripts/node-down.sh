@@ -7,9 +7,8 @@
 # a node that belongs to another cluster directory is left alone.
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/node-env.sh
-source "$ROOT/scripts/node-env.sh"
+source "$(dirname "$0")/node-env.sh"  # sets ROOT, the repository
 
 
 owner="$(cat "$NODE_DIR/owner" 2>/dev/null || true)"

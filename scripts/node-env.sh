@@ -1,6 +1,7 @@
 # Sourced by scripts/node-up.sh and scripts/node-down.sh: where the real node
 # keeps its files, its fixed addresses, and process helpers keyed by PID files.
 # shellcheck shell=bash
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLUSTER_DIR="${CLUSTER_DIR:-$ROOT/.cluster}"
 CLUSTER_DIR="$(mkdir -p "$CLUSTER_DIR" && cd "$CLUSTER_DIR" && pwd)"  # absolute: the node's owner file names it
 # shellcheck source=scripts/lib.sh

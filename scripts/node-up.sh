@@ -22,9 +22,8 @@
 # only pods that tolerate chatstream.io/real-node land on it; 0: no taint).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/node-env.sh
-source "$ROOT/scripts/node-env.sh"
+source "$(dirname "$0")/node-env.sh"  # sets ROOT, the repository
 COREDNS_VERSION="v1.12.0"
 TAINT="${CHATSTREAM_NODE_TAINT:-1}"
 

@@ -10,9 +10,8 @@
 # manifests/tracing/jaeger.yaml runs it; docs/operator.md shows the path.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=scripts/lib.sh
-source "$ROOT/scripts/lib.sh"
+source "$(dirname "$0")/lib.sh"  # sets ROOT, the repository
 JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"  # the module's tag; cmd/jaeger is the v2 binary
 MODULE="github.com/jaegertracing/jaeger"
 DIR="$CACHE/jaeger/$JAEGER_VERSION"
