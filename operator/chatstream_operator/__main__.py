@@ -10,6 +10,15 @@ import kopf
 from .resources import Images
 
 
+# Images.<role> -> what the image is for; the flag is --image for cpu and --<role>-image for the others.
+IMAGE_FLAGS = {
+    "cpu": "service image for resources that name none",
+    "gpu": "service image for resources that name none and want a GPU",
+    "router": "image of the session-affine router (HAProxy) put in front of each resource's pods",
+    "activator": "image of the activator beside the router of autoscaled resources (the operator's own)",
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="chatstream-operator", description=__doc__)
     p.add_argument("-n", "--namespace", action="append", default=[],
@@ -18,14 +27,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="URL the liveness endpoint listens on ('' turns it off)")
     p.add_argument("--log-format", choices=["json", "plain"], default="json")
     p.add_argument("--verbose", action="store_true")
-    p.add_argument("--image", default=os.environ.get("CHATSTREAM_OPERATOR_IMAGE", Images.cpu),
-                   help="service image for resources that name none")
-    p.add_argument("--gpu-image", default=os.environ.get("CHATSTREAM_OPERATOR_GPU_IMAGE", Images.gpu),
-                   help="service image for resources that name none and want a GPU")
-    p.add_argument("--router-image", default=os.environ.get("CHATSTREAM_OPERATOR_ROUTER_IMAGE", Images.router),
-                   help="image of the session-affine router (HAProxy) put in front of each resource's pods")
-    p.add_argument("--activator-image", default=os.environ.get("CHATSTREAM_OPERATOR_ACTIVATOR_IMAGE", Images.activator),
-                   help="image of the activator beside the router of autoscaled resources (the operator's own)")
+    for role, what in IMAGE_FLAGS.items():
+        flag = "image" if role == "cpu" else f"{role}-image"
+        variable = "CHATSTREAM_OPERATOR_" + flag.upper().replace("-", "_")
+        p.add_argument(f"--{flag}", dest=f"{role}_image", default=os.environ.get(variable, getattr(Images, role)),
+                       help=f"{what} (${variable})")
     return p.parse_args(argv)
 
 
@@ -40,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
-        memo=kopf.Memo(images=Images(cpu=args.image, gpu=args.gpu_image, router=args.router_image,
-                                     activator=args.activator_image)),
+        memo=kopf.Memo(images=Images(**{role: getattr(args, f"{role}_image") for role in IMAGE_FLAGS})),
     )
 
 
