@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from multiturn_client import FOLLOW_UPS, OPENERS  # noqa: E402
+from lib.conversations import FOLLOW_UPS, OPENERS  # noqa: E402
 
 FACTS = [
     ("What is the capital of France?", ["paris"]),

@@ -9,7 +9,7 @@ conversation is one /chat_stream session (its cookie; the server holds the histo
 conversations take their turns in lockstep rounds: every one sends turn t, every answer ends, then
 turn t+1. So /metrics read between rounds gives each turn's prompt tokens, cached tokens and output
 tokens exactly, whichever commit serves. A user message is about --user-tokens tokens: a passage of
-bench/data/quality_text.txt and a follow-up question (multiturn_client.question); answers run to
+bench/data/quality_text.txt and a follow-up question (lib.conversations.question); answers run to
 --new-tokens. Whether a conversation's whole history still fits the prompt budget (the context less
 room for an answer, as ChatStream.prompt_budget) is counted here with the model's chat template
 (chatstream.render.encode_chat, the server's own tokenization).
@@ -26,25 +26,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "service"))
+from lib.client import warm_up
+from lib.conversations import Conversation, question
+from lib.environment import machine, model_dir
+from lib.host import BENCH, RESULTS, ROOT, loadavg, log, stop_servers_on_sigterm, wait_for_quiet, write_results
+from lib.report import md_table, text_table
+from lib.servers import OursAt, Server, checkout, read_metrics
 
-from bench_report import md_table, text_table  # noqa: E402
-from bench_servers import ROOT, Server  # noqa: E402
-from compare_commits import OursAt, checkout  # noqa: E402
-from multiturn import read_metrics  # noqa: E402
-from multiturn_client import Conversation, question  # noqa: E402
-from run import (RESULTS, loadavg, log, machine, model_dir, stop_servers_on_sigterm, wait_for_quiet,  # noqa: E402
-                 warm_up)
-
+sys.path.insert(0, str(ROOT / "service"))  # the project's own chat template rendering
 from chatstream.render import encode_chat  # noqa: E402
 
 PASSAGES = [s.strip() + "." for s in (BENCH / "data" / "quality_text.txt").read_text().replace("\n", " ").split(".")
@@ -247,8 +242,6 @@ def main() -> int:
         for c in result["checks"]:
             log(f"{'MET   ' if c['met'] else 'MISSED'} {shape}: {c['check']}: {c['detail']}")
     stem = Path(args.out) if args.out else RESULTS / f"{report['date']}-long-conversation-{label}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"# Long conversation, {label} ({rev})", "",
           f"- {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores; commit "
           f"{info['git_commit'][:12]}; context {args.context_length} (prompt budget {budget}), {args.new_tokens} new "
@@ -264,8 +257,7 @@ def main() -> int:
                f"{'' if result['quiet'] else ' (NOT a quiet machine: other work was running)'}", "",
                *[f"- {'MET' if c['met'] else 'MISSED'}: {c['check']}: {c['detail']}" for c in result["checks"]], "",
                md_table(per_turn), ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    log(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    log("wrote {} and {}".format(*write_results(stem, report, "\n".join(md))))
     return 0
 
 

@@ -5,7 +5,7 @@
 
 For every shape (users x turns) and every target, one server at a time: start it (a fresh
 process, so no cache carries over from another shape or target), warm it up with a few
-single-turn requests, read its /metrics, run the conversations (bench/multiturn_client.py),
+single-turn requests, read its /metrics, run the conversations (bench/lib/conversations.py),
 read /metrics again, stop it. Reports, per target: TTFT p50/p99 at each turn index, output
 tokens/s over the whole workload, the prompt-cache hit rate where the server exposes it
 (tokens reused / prompt tokens, from its Prometheus counters), and ratios of ours (through
@@ -18,20 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
-import re
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_report import fmt, fmt_ratio, md_table, percentile, ratio, text_table  # noqa: E402
-from bench_servers import PEERS, RSSSampler, Server, cpu_seconds, machine_busy_seconds  # noqa: E402
-from multiturn_client import FOLLOW_UPS, OPENERS, question, run_workload  # noqa: E402
-from run import (RESULTS, ensure_peers, loadavg, log, machine, model_dir, note_binding,  # noqa: E402
-                 stop_servers_on_sigterm, wait_for_quiet, warm_up)
+from lib.client import warm_up
+from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
+from lib.environment import ensure_peers, machine, model_dir
+from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm, wait_for_quiet, write_results
+from lib.report import fmt, fmt_ratio, md_table, percentile, ratio, text_table
+from lib.servers import (PEERS, RSSSampler, Server, cpu_seconds, machine_busy_seconds, note_binding,
+                         read_metrics)
 
 # target -> (server, API driven)
 TARGETS = {
@@ -59,29 +56,6 @@ HIT_COUNTERS = [
 EXTRA_COUNTERS = ["vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
                   "chatstream_completion_tokens_total", "vllm:generation_tokens_total"]
 COMPLETION_COUNTERS = ["chatstream_completion_tokens_total", "vllm:generation_tokens_total"]
-
-
-def read_metrics(base: str) -> dict[str, float] | None:
-    """Prometheus text exposition -> {sample name: value summed over labels}; None without /metrics."""
-    try:
-        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
-            if r.status != 200:
-                return None
-            text = r.read().decode("utf-8", errors="replace")
-    except Exception:
-        return None
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)", line)
-        if not m:
-            continue
-        try:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-        except ValueError:
-            pass
-    return out
 
 
 def counter_deltas(before: dict | None, after: dict | None) -> dict:
@@ -395,12 +369,9 @@ def main() -> None:
     report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     text, md = render(report)
     log("\n" + text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / (
         f"{report['date']}-{info['host_kind']}-multiturn" + ("-quick" if args.quick else ""))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(md)
-    log(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    log("\nwrote {} and {}".format(*write_results(stem, report, md)))
 
 
 if __name__ == "__main__":

@@ -16,119 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
-import os
-import platform
-import re
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_client import PROMPTS, PROTOCOLS, count_tokens, new_session, one_request, run_level  # noqa: E402
-from bench_report import (goal_lines, goals, level_stats, md_table, memory_rows,  # noqa: E402
-                          results_table, text_table)
-from bench_servers import (BENCH, PEERS, PROJECT_VENV, ROOT, VLLM, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
-                           machine_busy_seconds, rss_mb)
+from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm_up
+from lib.environment import ensure_peers, machine, model_dir
+from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm, wait_for_quiet, write_results
+from lib.report import goal_lines, goals, level_stats, md_table, memory_rows, results_table, text_table
+from lib.servers import PEERS, RSSSampler, Server, cpu_seconds, hwm_mb, machine_busy_seconds, note_binding, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
 DEFAULT_PEERS = "ours,ours-bf16,vllm-2t-auto,vllm-2t,ours-torch-linear,chatstream030,transformers,vllm"
-# CPU features that decide which kernels are fast; the report header names those present
-SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-RESULTS = BENCH / "results"
-
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def loadavg() -> list[float]:
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
-
-
-def sh(cmd: list[str], timeout: float = 120) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT)).stdout.strip()
-    except Exception as exc:
-        return f"unavailable ({exc})"
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    flags = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1]
-    with open("/proc/meminfo") as f:
-        mem_kb = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
-    cores = len(os.sched_getaffinity(0))
-    kind = f"{cores}cpu-" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
-    simd = [f for f in SIMD_FLAGS if f" {f} " in f" {flags} "]
-    versions = {}
-    for key, peer in PEERS.items():
-        if peer.python.exists():
-            versions[key] = sh([str(peer.python), "-c",
-                                "import json, torch, transformers; import importlib.metadata as m\n"
-                                "v={'torch': torch.__version__, 'transformers': transformers.__version__,"
-                                " 'torch_threads': torch.get_num_threads()}\n"
-                                "for d in ('chatstream', 'chatstream-k8s', 'vllm', 'fastapi', 'uvicorn'):\n"
-                                "    try: v[d] = m.version(d)\n"
-                                "    except Exception: pass\n"
-                                "print(json.dumps(v))"])
-            try:
-                versions[key] = json.loads(versions[key])
-            except ValueError:
-                pass
-    return {
-        "host_kind": kind, "hostname": socket.gethostname(), "cpu_model": cpu, "cpu_simd": simd,
-        "cores": cores, "cpu_count": os.cpu_count(), "ram_gib": round(mem_kb / 1024 ** 2, 1),
-        "kernel": platform.release(), "python": platform.python_version(),
-        "lscpu": sh(["lscpu"]),
-        "git_commit": sh(["git", "rev-parse", "HEAD"]),
-        "git_dirty_service": bool(sh(["git", "status", "--porcelain", "--", "service"])),
-        "versions": versions,
-    }
-
-
-def model_dir(arg: str | None) -> str:
-    if arg:
-        return str(Path(arg).resolve())
-    out = sh([str(PROJECT_VENV / "bin" / "chatstream"), "prepare-model"], timeout=1800)
-    path = out.splitlines()[-1].rpartition(" in ")[2].strip() if out else ""
-    if not Path(path).is_dir():
-        sys.exit(f"could not find the model directory from `chatstream prepare-model`: {out!r}")
-    return path
-
-
-def ensure_peers(keys: list[str]) -> None:
-    peers = sorted({PEERS[k].python.parent.parent.name for k in keys if not k.startswith("ours")})
-    missing = [k for k in peers if not (BENCH / ".peers" / k / "bin" / "python").exists()]
-    stamp_ok = all((BENCH / ".peers" / k / ".bench-ready").exists() for k in peers)
-    if missing or not stamp_ok:
-        log("==> setting up peer environments (bench/setup_peers.sh)")
-        subprocess.run(["bash", str(BENCH / "setup_peers.sh")] + peers, check=True)
-
-
-async def warm_up(server: Server, model: str, new_tokens: int) -> None:
-    proto = PROTOCOLS[server.peer.protocol]
-    async with new_session() as session:
-        for i in range(2):
-            r = await one_request(session, proto, server.base, model, 0, i, new_tokens)
-            if r.error:
-                raise RuntimeError(f"warm-up request failed: {r.error}\n{server.tail()}")
-        # one concurrent round so batching paths are exercised too (short for peers that
-        # take max_tokens; ChatStream 0.3.0 has a fixed max_new_tokens, so skip it there)
-        if server.peer.protocol == "openai":
-            await asyncio.gather(*(one_request(session, proto, server.base, model, i, i, 8) for i in range(8)))
 
 
 def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
@@ -196,15 +95,6 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
     return out
 
 
-def note_binding(server: Server, out: dict) -> None:
-    """For vLLM: the CPUs its OpenMP threads were bound to, from its start-up log."""
-    if isinstance(server.peer, VLLM):
-        bound = VLLM.binding_from_log(server.log_path.read_text(errors="replace"))
-        out["omp_binding"] = bound
-        out["notes"] = out["notes"] + [f"OpenMP threads bound: {bound or 'not found in its log'}"]
-        log(f"  vLLM OpenMP binding: {bound}")
-
-
 def _ms(v):
     return "n/a" if v is None else f"{v:.0f}ms"
 
@@ -262,26 +152,6 @@ def render(report: dict) -> tuple[str, str]:
     if report.get("errors"):
         md += ["", "## Failures", ""] + [f"- {k}: {v}" for k, v in report["errors"].items()]
     return text, "\n".join(md) + "\n"
-
-
-def stop_servers_on_sigterm() -> None:
-    """SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server under test is stopped too:
-    each runs in its own process group and would outlive the benchmark otherwise."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
-def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
-    waited = 0.0
-    while True:
-        la = loadavg()
-        if la[0] < limit:
-            return True
-        if waited >= max_wait_s:
-            log(f"load average still {la[0]:.2f} after {waited / 60:.0f} min: running anyway (recorded as not quiet)")
-            return False
-        log(f"load average {la[0]:.2f} >= {limit}: waiting a minute for a quieter machine ...")
-        time.sleep(60)
-        waited += 60
 
 
 def main() -> None:
@@ -361,12 +231,9 @@ def main() -> None:
 
     text, md = render(report)
     log("\n" + text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / (
         f"{report['date']}-{info['host_kind']}" + ("-quick" if args.quick else ""))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(md)
-    log(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    log("\nwrote {} and {}".format(*write_results(stem, report, md)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench_client import LevelRun, Record
+from .client import LevelRun, Record
 
 # (metric key, heading, unit, higher is better)
 METRICS = [

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,8 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
+from .host import BENCH, ROOT, free_port, log
+
 PEERS_DIR = BENCH / ".peers"
 LOGS = PEERS_DIR / "logs"
 # the project venv; CHATSTREAM_BENCH_VENV names another (a git worktree without a venv of its own)
@@ -29,6 +29,8 @@ CHATSTREAM030_PY = PEERS_DIR / "chatstream030" / "bin" / "python"
 TRANSFORMERS_PY = PEERS_DIR / "transformers" / "bin" / "python"
 VLLM_PY = PEERS_DIR / "vllm" / "bin" / "python"
 MODELS_DIR = PEERS_DIR / "models"
+# compare_commits.py and long_conversation.py: a worktree per commit served
+AT_COMMITS = PEERS_DIR / "ab"
 
 # ChatStream 0.3.0 as its README sets it up: 8 concurrent executions.
 CHATSTREAM030_SLOTS = 8
@@ -38,7 +40,7 @@ CHATSTREAM030_SLOTS = 8
 class Peer:
     key: str
     label: str
-    protocol: str                       # key of bench_client.PROTOCOLS
+    protocol: str                       # key of lib.client.PROTOCOLS
     ready_path: str
     python: Path
     notes: list[str] = field(default_factory=list)
@@ -254,14 +256,38 @@ class VLLM(Peer):
         return None
 
 
+class OursAt(Ours):
+    """Ours serving another commit's service/ (``checkout``'s worktree of it) with this checkout's venv."""
+
+    def __init__(self, rev: str, tree: Path, extra_env: dict):
+        super().__init__()
+        self.key, self.label, self.tree, self.extra_env = f"ours@{rev}", f"this project at {rev}", tree, extra_env
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        cmd = super().command(model_dir, port, max_clients, new_tokens)
+        return [str(ROOT / ".venv" / "bin" / "python"), "-m", "chatstream"] + cmd[1:]
+
+    def env(self) -> dict:
+        env = super().env()
+        env["PYTHONPATH"] = str(self.tree / "service")
+        env.update(self.extra_env)
+        return env
+
+
+def checkout(rev: str) -> Path:
+    """A detached worktree of ``rev`` under bench/.peers/ab, made once."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = AT_COMMITS / sha
+    if not tree.exists():
+        AT_COMMITS.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return tree
+
+
 PEERS = {p.key: p for p in (Ours(), OursBF16(), OursTorchLinear(), ChatStream030(), TransformersServe(),
                             VLLM("vllm-2t-auto", "all", "auto"), VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 2.0) -> int:
@@ -270,6 +296,29 @@ def http_get(url: str, timeout: float = 2.0) -> int:
             return r.status
     except Exception:
         return 0
+
+
+def read_metrics(base: str) -> dict[str, float] | None:
+    """Prometheus text exposition -> {sample name: value summed over labels}; None without /metrics."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            if r.status != 200:
+                return None
+            text = r.read().decode("utf-8", errors="replace")
+    except Exception:
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)", line)
+        if not m:
+            continue
+        try:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        except ValueError:
+            pass
+    return out
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -412,3 +461,12 @@ class Server:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def note_binding(server: Server, out: dict) -> None:
+    """For vLLM: the CPUs its OpenMP threads were bound to, from its start-up log."""
+    if isinstance(server.peer, VLLM):
+        bound = VLLM.binding_from_log(server.log_path.read_text(errors="replace"))
+        out["omp_binding"] = bound
+        out["notes"] = out["notes"] + [f"OpenMP threads bound: {bound or 'not found in its log'}"]
+        log(f"  vLLM OpenMP binding: {bound}")

@@ -13,7 +13,7 @@ Two ways to hold a conversation:
     session cookie; only the new input is sent, the server holds the history. The answer
     is plain text deltas, with no token count (see ``count_tokens``).
 
-Timing as in bench_client: TTFT = request sent -> first chunk with non-empty content.
+Timing as in lib.streaming: TTFT = request sent -> first chunk with non-empty content.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from lib.streaming import TIMEOUT, Answer, post_stream, read_chat_sse
+from .streaming import TIMEOUT, Answer, post_stream, read_chat_sse
 
 # One opening question per user: 16 different subjects, so users share nothing but the
 # chat template's preamble (as real users of one server would).

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from lib.streaming import TIMEOUT, Answer, post_stream, read_chat_sse
+from .streaming import TIMEOUT, Answer, post_stream, read_chat_sse
 
 CHATSTREAM030_END = "<::EOS::>"
 
@@ -201,3 +201,17 @@ def count_tokens(tokenizer, records: list[Record]) -> None:
     for r in records:
         if r.text:
             r.tokens_retok = len(next(it))
+
+
+async def warm_up(server, model: str, new_tokens: int) -> None:
+    """Two requests to a started ``lib.servers.Server``, then one concurrent round."""
+    proto = PROTOCOLS[server.peer.protocol]
+    async with new_session() as session:
+        for i in range(2):
+            r = await one_request(session, proto, server.base, model, 0, i, new_tokens)
+            if r.error:
+                raise RuntimeError(f"warm-up request failed: {r.error}\n{server.tail()}")
+        # one concurrent round so batching paths are exercised too (short for peers that
+        # take max_tokens; ChatStream 0.3.0 has a fixed max_new_tokens, so skip it there)
+        if server.peer.protocol == "openai":
+            await asyncio.gather(*(one_request(session, proto, server.base, model, i, i, 8) for i in range(8)))
