@@ -41,7 +41,8 @@ import yaml
 
 from lib.conversations import run_workload
 from lib.environment import machine, model_dir
-from lib.host import RESULTS, ROOT, log, sh as run_sh, wait_for_quiet, write_results
+from lib.host import RESULTS, ROOT, log, sh as run_sh, wait_for_quiet
+from lib.results import write_results
 from lib.servers import Ours, Server, read_metrics
 
 BIN = Path(os.environ.get("CHATSTREAM_K8S_CACHE", Path.home() / ".cache/chatstream-k8s")) / "bin"

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from lib.conversations import FOLLOW_UPS, OPENERS
 from lib.engine import alone, chat_ids, generate, submit_all
-from lib.host import BENCH, cpu_description, sh, write_results
+from lib.host import BENCH, cpu_description, sh
+from lib.results import write_results
 
 FACTS = [
     ("What is the capital of France?", ["paris"]),

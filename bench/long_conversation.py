@@ -35,7 +35,8 @@ from pathlib import Path
 from lib.client import warm_up
 from lib.conversations import Conversation, question
 from lib.environment import machine, model_dir
-from lib.host import BENCH, RESULTS, ROOT, loadavg, log, stop_servers_on_sigterm, wait_for_quiet, write_results
+from lib.host import BENCH, RESULTS, ROOT, loadavg, log, stop_servers_on_sigterm, wait_for_quiet
+from lib.results import write_results
 from lib.report import md_table, text_table
 from lib.servers import OursAt, Server, checkout, read_metrics
 

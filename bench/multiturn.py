@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -25,8 +24,9 @@ from pathlib import Path
 from lib.client import warm_up
 from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
 from lib.environment import ensure_peers, machine, model_dir
-from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm, wait_for_quiet, write_results
+from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
 from lib.report import fmt, fmt_ratio, md_table, percentile, ratio, text_table
+from lib.results import add_run_flags, attempt, finish_report, publish, start_report
 from lib.servers import (PEERS, RSSSampler, Server, cpu_seconds, machine_busy_seconds, note_binding,
                          read_metrics)
 
@@ -316,11 +316,8 @@ def main() -> None:
     ap.add_argument("--prefix-cache-tokens", type=int, default=4096,
                     help="ours' KV budget (--prefix-cache-tokens of chatstream serve; 4096 is its default)")
     ap.add_argument("--think", type=float, default=0.0, help="seconds a user waits between its turns")
-    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 users x 3 turns, no waiting for quiet")
-    ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
-    ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
-    ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>-multiturn[-quick])")
+    add_run_flags(ap, out="bench/results/<date>-<host-kind>-multiturn[-quick]",
+                  quick="smoke run: 2 users x 3 turns, no waiting for quiet")
     args = ap.parse_args()
     if args.quick:
         if args.shapes == ap.get_default("shapes"):
@@ -342,36 +339,24 @@ def main() -> None:
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     info = machine()
-    quiet = wait_for_quiet(args.quiet_load, args.quiet_wait * 60)
-    before = loadavg()
+    report, before = start_report(args, info)
     log(f"==> {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores, {info['ram_gib']} GiB; "
         f"load average {before}")
-    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-              "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
-              "config": {"shapes": [f"{u}x{t}" for u, t in shapes], "targets": targets, "new_tokens": args.new_tokens,
-                         "think_s": args.think, "quick": args.quick, "sampling": "greedy (temperature 0)",
-                         "questions": {f"{u}x{t}": [[question(i, j) for j in range(t)] for i in range(u)]
-                                       for u, t in shapes}},
-              "results": {}, "errors": {}}
+    report["config"] = {"shapes": [f"{u}x{t}" for u, t in shapes], "targets": targets, "new_tokens": args.new_tokens,
+                        "think_s": args.think, "quick": args.quick, "sampling": "greedy (temperature 0)",
+                        "questions": {f"{u}x{t}": [[question(i, j) for j in range(t)] for i in range(u)]
+                                      for u, t in shapes}}
     for users, turns in shapes:
         shape = f"{users}x{turns}"
         report["results"][shape] = {}
         for t in targets:
             log(f"==> {shape}: {t} ({PEERS[TARGETS[t][0]].label}, {TARGETS[t][1]})")
-            try:
-                report["results"][shape][t] = bench_target(t, users, turns, args, model_path, tokenizer)
-            except Exception as exc:
-                log(f"  FAILED: {exc}")
-                report["errors"][f"{shape} {t}"] = str(exc)[:2000]
-    report["loadavg"] = {"before": before, "after": loadavg()}
-    report["quiet"] = quiet and before[0] < args.quiet_load
-    report["goals"] = goals(report["results"])
-    report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    text, md = render(report)
-    log("\n" + text)
+            attempt(report, report["results"][shape], t,
+                    lambda: bench_target(t, users, turns, args, model_path, tokenizer), f"{shape} {t}")
+    finish_report(report, before, args.quiet_load, goals(report["results"]))
     stem = Path(args.out) if args.out else RESULTS / (
         f"{report['date']}-{info['host_kind']}-multiturn" + ("-quick" if args.quick else ""))
-    log("\nwrote {} and {}".format(*write_results(stem, report, md)))
+    publish(report, render, stem)
 
 
 if __name__ == "__main__":

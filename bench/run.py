@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import sys
 import time
 from pathlib import Path
 
 from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm_up
 from lib.environment import ensure_peers, machine, model_dir
-from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm, wait_for_quiet, write_results
+from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
 from lib.report import goal_lines, goals, level_stats, md_table, memory_rows, results_table, text_table
+from lib.results import add_run_flags, attempt, finish_report, publish, start_report
 from lib.servers import PEERS, RSSSampler, Server, cpu_seconds, hwm_mb, machine_busy_seconds, note_binding, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
@@ -168,15 +168,12 @@ def main() -> None:
     ap.add_argument("--repeat-prompts", action="store_true",
                     help="send the 8 prompts as they are (a prefix cache then skips their prefill); "
                          "by default each request's prompt starts with its own tag")
-    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
-    ap.add_argument("--quick", action="store_true", help="short run for development: 1,8 clients, 10s windows")
-    ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
-    ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
     ap.add_argument("--transformers-cb", choices=("tuned", "default"), default="tuned",
                     help="transformers serve KV-cache sizing: tuned for this workload (default) or its own")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights/activations dtype, the same for every server")
-    ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>[-quick])")
+    add_run_flags(ap, out="bench/results/<date>-<host-kind>[-quick]",
+                  quick="short run for development: 1,8 clients, 10s windows")
     args = ap.parse_args()
     if args.quick:
         if args.clients == ap.get_default("clients"):
@@ -203,37 +200,20 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
 
     info = machine()
-    quiet = wait_for_quiet(args.quiet_load, args.quiet_wait * 60)
-    before = loadavg()
+    report, before = start_report(args, info)
     log(f"==> {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; load average {before}")
-    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-              "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": info, "config": {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
-                                          "duration": args.duration, "warmup": args.warmup,
-                                          "warmup_cap": args.warmup_cap, "quick": args.quick,
-                                          "transformers_cb": args.transformers_cb, "dtype": args.dtype,
-                                          "prompts": PROMPTS, "sampling": "greedy (temperature 0)"},
-              "results": {}, "errors": {}}
+    report["config"] = {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
+                        "duration": args.duration, "warmup": args.warmup, "warmup_cap": args.warmup_cap,
+                        "quick": args.quick, "transformers_cb": args.transformers_cb, "dtype": args.dtype,
+                        "prompts": PROMPTS, "sampling": "greedy (temperature 0)"}
     for k in keys:
         log(f"==> {PEERS[k].label}")
-        try:
-            report["results"][k] = bench_peer(k, args, model_path, tokenizer)
-        except Exception as exc:
-            log(f"  FAILED: {exc}")
-            report["errors"][k] = str(exc)[:2000]
-    after = loadavg()
-    report["loadavg"] = {"before": before, "after": after}
-    # the servers under test load the machine themselves, so only the start is judged; the
-    # CPU other processes took during each level is recorded per level (other_cpu_cores)
-    report["quiet"] = quiet and before[0] < args.quiet_load
-    report["goals"] = goals(report["results"])
-    report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-    text, md = render(report)
-    log("\n" + text)
+        attempt(report, report["results"], k, lambda: bench_peer(k, args, model_path, tokenizer))
+    # the CPU other processes took during each level is recorded per level (other_cpu_cores)
+    finish_report(report, before, args.quiet_load, goals(report["results"]))
     stem = Path(args.out) if args.out else RESULTS / (
         f"{report['date']}-{info['host_kind']}" + ("-quick" if args.quick else ""))
-    log("\nwrote {} and {}".format(*write_results(stem, report, md)))
+    publish(report, render, stem)
 
 
 if __name__ == "__main__":

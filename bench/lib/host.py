@@ -6,7 +6,6 @@ quiet machine (the load average) and records whether it got one.
 
 from __future__ import annotations
 
-import json
 import platform
 import signal
 import socket
@@ -84,12 +83,3 @@ def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
         log(f"load average {la[0]:.2f} >= {limit}: waiting a minute for a quieter machine ...")
         time.sleep(60)
         waited += 60
-
-
-def write_results(stem: Path, data: dict, md: str, indent: int = 2) -> tuple[Path, Path]:
-    """``stem``.json (``data``) and ``stem``.md (``md``), the folder made where missing."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(data, indent=indent) + "\n")
-    md_path.write_text(md)
-    return json_path, md_path

@@ -1,0 +1,73 @@
+"""A benchmark run's report: the flags every server benchmark takes, the report's frame (dates,
+machine, load, quiet or not) and its files, bench/results/<stem>.json and .md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+from pathlib import Path
+
+from .host import loadavg, log, wait_for_quiet
+
+
+def add_run_flags(ap: argparse.ArgumentParser, *, out: str, quick: str | None = None, quiet_load: float = 0.7,
+                  quiet_load_help: str = "wait for a 1-minute load average below this",
+                  quiet_wait: float = 20.0) -> None:
+    """--model, --quick (where ``quick`` says what it does), --quiet-load, --quiet-wait and --out."""
+    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
+    if quick:
+        ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--quiet-load", type=float, default=quiet_load, help=quiet_load_help)
+    ap.add_argument("--quiet-wait", type=float, default=quiet_wait, help="minutes to wait for it (0: do not wait)")
+    ap.add_argument("--out", help=f"results file stem{f' (default {out})' if out else ''}")
+
+
+def _utc() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def start_report(args, info: dict) -> tuple[dict, list[float]]:
+    """Waits for a quiet machine (--quiet-load, --quiet-wait); the report's frame and the load average
+    at the start. The caller adds "config" and fills "results" and "errors"."""
+    report = {"quiet": wait_for_quiet(args.quiet_load, args.quiet_wait * 60)}
+    before = loadavg()
+    now = _utc()
+    report.update({"date": now.strftime("%Y-%m-%d"), "started_utc": now.isoformat(timespec="seconds"),
+                   "machine": info, "config": {}, "results": {}, "errors": {}})
+    return report, before
+
+
+def attempt(report: dict, results: dict, key: str, measure, error_key: str | None = None) -> None:
+    """``results[key] = measure()``; a failure is logged and kept in report["errors"][``error_key`` or
+    ``key``], and the run goes on."""
+    try:
+        results[key] = measure()
+    except Exception as exc:
+        log(f"  FAILED: {exc}")
+        report["errors"][error_key or key] = str(exc)[:2000]
+
+
+def finish_report(report: dict, before: list[float], quiet_load: float, goals: list) -> None:
+    """The load average after; quiet: the wait succeeded and the start was below ``quiet_load`` (the
+    servers under test load the machine themselves, so only the start is judged)."""
+    report["loadavg"] = {"before": before, "after": loadavg()}
+    report["quiet"] = report.pop("quiet") and before[0] < quiet_load
+    report["goals"] = goals
+    report["finished_utc"] = _utc().isoformat(timespec="seconds")
+
+
+def write_results(stem: Path, data: dict, md: str, indent: int = 2) -> tuple[Path, Path]:
+    """``stem``.json (``data``) and ``stem``.md (``md``), the folder made where missing."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    json_path.write_text(json.dumps(data, indent=indent) + "\n")
+    md_path.write_text(md)
+    return json_path, md_path
+
+
+def publish(report: dict, render, stem: Path) -> None:
+    """Prints the report's text and writes its files (``render(report)``: the text and the Markdown)."""
+    text, md = render(report)
+    log("\n" + text)
+    log("\nwrote {} and {}".format(*write_results(stem, report, md)))
