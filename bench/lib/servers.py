@@ -85,30 +85,20 @@ class Ours(Peer):
                 "--temperature", "0", "--device", "cpu", "--dtype", self.dtype, *cache]
 
 
-class OursTorchLinear(Ours):
-    """Ours with PyTorch's own CPU linear kernel: shows what the engine does without oneDNN prepacking."""
+class OursCpuLinear(Ours):
+    """Ours with another ``--cpu-linear`` kernel: ``torch``, PyTorch's own CPU linear kernel (what the engine
+    does without oneDNN prepacking), or ``bfloat16``, a float32 model whose products run in bfloat16 (where
+    the CPU passes the engine's check at start; batch-invariant attention, bf16_linear.py)."""
 
-    def __init__(self):
-        Peer.__init__(self, "ours-torch-linear", "this project, --cpu-linear torch", "openai", "/readyz", PROJECT_PY)
-
-    def command(self, model_dir, port, max_clients, new_tokens):
-        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", "torch"]
-        self.notes = [self.notes[0].replace("--dtype", "--cpu-linear torch --dtype")]
-        return cmd
-
-
-class OursBF16(Ours):
-    """Ours with a float32 model whose products run in bfloat16 (``--cpu-linear bfloat16``: where the CPU
-    passes the engine's check at start; batch-invariant attention, bf16_linear.py)."""
-
-    def __init__(self):
-        Peer.__init__(self, "ours-bf16", "this project, --cpu-linear bfloat16 (float32 model, bfloat16 products)",
-                      "openai", "/readyz", PROJECT_PY, own_dtype=True)
+    def __init__(self, key: str, label: str, kernel: str, own_dtype: bool = False):
+        Peer.__init__(self, key, label, "openai", "/readyz", PROJECT_PY, own_dtype=own_dtype)
+        self.kernel = kernel
 
     def command(self, model_dir, port, max_clients, new_tokens):
-        self.dtype = "float32"
-        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", "bfloat16"]
-        self.notes = [self.notes[0].replace("--dtype", "--cpu-linear bfloat16 --dtype")]
+        if self.own_dtype:
+            self.dtype = "float32"
+        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", self.kernel]
+        self.notes = [self.notes[0].replace("--dtype", f"--cpu-linear {self.kernel} --dtype")]
         return cmd
 
 
@@ -286,7 +276,11 @@ def checkout(rev: str) -> Path:
     return tree
 
 
-PEERS = {p.key: p for p in (Ours(), OursBF16(), OursTorchLinear(), ChatStream030(), TransformersServe(),
+PEERS = {p.key: p for p in (Ours(),
+                            OursCpuLinear("ours-bf16", "this project, --cpu-linear bfloat16 (float32 model, "
+                                          "bfloat16 products)", "bfloat16", own_dtype=True),
+                            OursCpuLinear("ours-torch-linear", "this project, --cpu-linear torch", "torch"),
+                            ChatStream030(), TransformersServe(),
                             VLLM("vllm-2t-auto", "all", "auto"), VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}
 
 
