@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from pathlib import Path
 
-from lib.client import warm_up
+from lib.client import warm
 from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
 from lib.environment import ensure_peers, machine, model_dir
 from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
 from lib.report import fmt, fmt_ratio, md_table, percentile, ratio, text_table
 from lib.results import add_run_flags, attempt, finish_report, publish, start_report
-from lib.servers import (PEERS, RSSSampler, Server, cpu_seconds, machine_busy_seconds, note_binding,
+from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
                          read_metrics)
 
 # target -> (server, API driven)
@@ -153,31 +152,26 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
     out: dict = {"server": key, "api": api, "label": peer.label, "command": server.cmd, "notes": list(peer.notes)}
     server.start()
     try:
-        out["startup_s"] = round(server.startup_s, 1)
-        note_binding(server, out)
+        note_start(server, out)
         model = peer.model_name(model_path)
-        t = time.perf_counter()
-        asyncio.run(warm_up(server, model, args.new_tokens))
-        log(f"  warmed up in {time.perf_counter() - t:.1f}s")
+        warm(server, model, args.new_tokens, log)
         before = read_metrics(server.base)
         la = loadavg()
         log(f"  {users} users x {turns} turns through {api}: load average {la[0]:.2f} ...")
         sampler = RSSSampler(server.proc.pid).start()
         sampler.mark("run")
-        busy0, srv0 = machine_busy_seconds(), cpu_seconds(server.proc.pid)
+        cpu = CpuUse(server.proc.pid).start()
         with CacheSampler(server.base) as cache:
             run = asyncio.run(run_workload(api, server.base, model, users, turns, args.new_tokens,
                                            think_s=args.think, log=log))
-        busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
+        cpu.stop()
         sampler.stop()
         after = read_metrics(server.base)
         count_tokens(tokenizer, run.records)
         s = workload_stats(run, counter_deltas(before, after))
         wall = max(1e-9, run.end - run.t0)
         s.update(loadavg_start=la, loadavg_end=loadavg(), peak_rss_mb=sampler.peaks.get("run"),
-                 metrics_exposed=before is not None,
-                 server_cpu_cores=round(srv / wall, 2), client_cpu_cores=round(run.cpu_s / wall, 2),
-                 other_cpu_cores=round(max(0.0, busy - srv - run.cpu_s) / wall, 2))
+                 metrics_exposed=before is not None, **cpu.cores(run.cpu_s, wall))
         if key == "ours":
             s["prefix_cache_peak_tokens"] = cache.peak["chatstream_prefix_cache_tokens"]
             s["prefix_cache_peak_bytes"] = cache.peak["chatstream_prefix_cache_bytes"]

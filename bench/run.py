@@ -19,12 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm_up
+from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm
 from lib.environment import ensure_peers, machine, model_dir
 from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
 from lib.report import goal_lines, goals, level_stats, md_table, memory_rows, results_table, text_table
 from lib.results import add_run_flags, attempt, finish_report, publish, start_report
-from lib.servers import PEERS, RSSSampler, Server, cpu_seconds, hwm_mb, machine_busy_seconds, note_binding, rss_mb
+from lib.servers import PEERS, CpuUse, RSSSampler, Server, hwm_mb, note_start, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
 DEFAULT_PEERS = "ours,ours-bf16,vllm-2t-auto,vllm-2t,ours-torch-linear,chatstream030,transformers,vllm"
@@ -38,14 +38,11 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
                  "notes": peer.notes, "levels": {}, "loadavg": {}}
     server.start()
     try:
-        out["startup_s"] = round(server.startup_s, 1)
-        note_binding(server, out)
+        note_start(server, out)
         time.sleep(2)
         idle = rss_mb(server.proc.pid)
         model = peer.model_name(model_path)
-        t = time.perf_counter()
-        asyncio.run(warm_up(server, model, args.new_tokens))
-        log(f"  warmed up in {time.perf_counter() - t:.1f}s")
+        warm(server, model, args.new_tokens, log)
         time.sleep(2)
         idle_warm = rss_mb(server.proc.pid)
         sampler = RSSSampler(server.proc.pid).start()
@@ -54,23 +51,20 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
             la = loadavg()
             log(f"  {c:>2} clients: load average {la[0]:.2f}; running {args.duration:.0f}s window ...")
             sampler.mark(str(c))
-            busy0, srv0 = machine_busy_seconds(), cpu_seconds(server.proc.pid)
+            cpu = CpuUse(server.proc.pid).start()
             run = asyncio.run(run_level(
                 PROTOCOLS[peer.protocol], server.base, model, c, args.new_tokens, duration=args.duration,
                 warmup=args.warmup, warmup_cap=args.warmup_cap, tail_cap=args.duration,
                 drain_cap=5.0 if last else args.drain_cap, repeat_prompts=args.repeat_prompts, log=log))
             sampler.mark(None)
-            busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
+            cpu.stop()
             count_tokens(tokenizer, run.records)
             s = level_stats(run)
             s["loadavg_start"] = la
             s["loadavg_end"] = loadavg()
             s["peak_rss_mb"] = sampler.peaks.get(str(c))
             wall = run.end - run.t0
-            # CPU the server and this client used, and what everything else on the machine took
-            s["server_cpu_cores"] = round(srv / wall, 2)
-            s["client_cpu_cores"] = round(run.cpu_s / wall, 2)
-            s["other_cpu_cores"] = round(max(0.0, busy - srv - run.cpu_s) / wall, 2)
+            s.update(cpu.cores(run.cpu_s, wall))
             # tokens per CPU-second the server used: less sensitive to other work on the machine
             s["tok_per_server_cpu_s"] = round(s["tok_s"] / max(1e-9, s["server_cpu_cores"]), 2)
             out["levels"][str(c)] = s

@@ -215,3 +215,10 @@ async def warm_up(server, model: str, new_tokens: int) -> None:
         # take max_tokens; ChatStream 0.3.0 has a fixed max_new_tokens, so skip it there)
         if server.peer.protocol == "openai":
             await asyncio.gather(*(one_request(session, proto, server.base, model, i, i, 8) for i in range(8)))
+
+
+def warm(server, model: str, new_tokens: int, log=print) -> None:
+    """``warm_up``, and how long it took."""
+    t = time.perf_counter()
+    asyncio.run(warm_up(server, model, new_tokens))
+    log(f"  warmed up in {time.perf_counter() - t:.1f}s")

@@ -457,10 +457,31 @@ class Server:
                 continue
 
 
-def note_binding(server: Server, out: dict) -> None:
-    """For vLLM: the CPUs its OpenMP threads were bound to, from its start-up log."""
+def note_start(server: Server, out: dict) -> None:
+    """Its start-up time, and for vLLM the CPUs its OpenMP threads were bound to, from its start-up log."""
+    out["startup_s"] = round(server.startup_s, 1)
     if isinstance(server.peer, VLLM):
         bound = VLLM.binding_from_log(server.log_path.read_text(errors="replace"))
         out["omp_binding"] = bound
         out["notes"] = out["notes"] + [f"OpenMP threads bound: {bound or 'not found in its log'}"]
         log(f"  vLLM OpenMP binding: {bound}")
+
+
+class CpuUse:
+    """The CPU seconds the server's process tree and the whole machine took between start() and stop()."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def start(self) -> CpuUse:
+        self.busy0, self.srv0 = machine_busy_seconds(), cpu_seconds(self.pid)
+        return self
+
+    def stop(self) -> None:
+        self.busy, self.srv = machine_busy_seconds() - self.busy0, cpu_seconds(self.pid) - self.srv0
+
+    def cores(self, client_cpu_s: float, wall: float) -> dict:
+        """Cores used on average over ``wall``: by the server, by this client (``client_cpu_s``) and by
+        every other process on the machine."""
+        return {"server_cpu_cores": round(self.srv / wall, 2), "client_cpu_cores": round(client_cpu_s / wall, 2),
+                "other_cpu_cores": round(max(0.0, self.busy - self.srv - client_cpu_s) / wall, 2)}
