@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 
 from lib.client import warm
 from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
-from lib.environment import ensure_peers, machine, model_dir
+from lib.environment import ensure_peers, machine, model_and_tokenizer
 from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
-from lib.report import fmt, fmt_ratio, md_table, percentile, ratio, text_table
-from lib.results import add_run_flags, attempt, finish_report, publish, start_report
+from lib.report import (fmt, fmt_ms, fmt_pct, fmt_ratio, goal_lines, md_table, percentile, ratio,
+                        text_table)
+from lib.results import add_run_flags, attempt, finish_report, pick, publish, start_report
 from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
                          read_metrics)
 
@@ -180,9 +180,10 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
                 f"{s['prefix_cache_peak_bytes'] / 2**20:.1f} MiB")
         out.update(s)
         p = s["per_turn"]
-        log(f"     {s['tok_s']:.1f} tok/s over {s['wall_s']:.1f}s, TTFT p50 turn 1 {_ms(p[0]['ttft_p50_ms'])} -> "
-            f"turn {turns} {_ms(p[-1]['ttft_p50_ms'])} (p99 {_ms(p[0]['ttft_p99_ms'])} -> {_ms(p[-1]['ttft_p99_ms'])}), "
-            f"hit rate {_pct(s['hit_rate'])}, {s['answers_ok']} answers, {s['errors']} errors, "
+        first50, last50, first99, last99 = (fmt_ms(p[i][f"ttft_{q}_ms"], ",.0f") for q in ("p50", "p99") for i in (0, -1))
+        log(f"     {s['tok_s']:.1f} tok/s over {s['wall_s']:.1f}s, TTFT p50 turn 1 {first50} -> "
+            f"turn {turns} {last50} (p99 {first99} -> {last99}), "
+            f"hit rate {fmt_pct(s['hit_rate'])}, {s['answers_ok']} answers, {s['errors']} errors, "
             f"{fmt(s['mean_tokens_per_answer'])} tok/answer; CPU cores: server {s['server_cpu_cores']}, "
             f"client {s['client_cpu_cores']}, other {s['other_cpu_cores']}")
         out["records"] = [{"user": r.user, "turn": r.turn + 1, "ttft_ms": r.ttft_ms,
@@ -192,14 +193,6 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
     finally:
         server.stop()
     return out
-
-
-def _ms(v):
-    return "n/a" if v is None else f"{v:,.0f}ms"
-
-
-def _pct(v):
-    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def best_vllm(shape_results: dict) -> str | None:
@@ -263,7 +256,7 @@ def render(report: dict) -> tuple[str, str]:
             r = res[t]
             p = r["per_turn"]
             summary.append([t, fmt(r["tok_s"]), fmt(p[0]["ttft_p50_ms"], 0), fmt(p[-1]["ttft_p50_ms"], 0),
-                            fmt(p[0]["ttft_p99_ms"], 0), fmt(p[-1]["ttft_p99_ms"], 0), _pct(r["hit_rate"]),
+                            fmt(p[0]["ttft_p99_ms"], 0), fmt(p[-1]["ttft_p99_ms"], 0), fmt_pct(r["hit_rate"]),
                             f"{fmt(r['first_turn_prompt_tokens'], 0)} / {fmt(r['last_turn_prompt_tokens'], 0)}",
                             fmt(r["mean_tokens_per_answer"]), str(r["errors"]), fmt(r["peak_rss_mb"], 0)])
         ratios = [["ratio", "tok/s", "TTFT p50 last", "TTFT p99 last"]]
@@ -287,8 +280,7 @@ def render(report: dict) -> tuple[str, str]:
         if len(ratios) > 1:
             md += ["Ratios ours/peer: tok/s higher is better, TTFT lower is better.", "", md_table(ratios), ""]
         md += ["TTFT by turn index:", "", md_table(per_turn), ""]
-    g = [f"{ {True: 'MET   ', False: 'MISSED', None: 'n/a   '}[x['met']]} {x['goal']}: {x['detail']}"
-         for x in report["goals"]]
+    g = goal_lines(report["goals"])
     text += ["", *g]
     md += ["## Goals", "", *[f"- {x}" for x in g], "", "## Servers", ""]
     for shape, res in report["results"].items():
@@ -321,17 +313,11 @@ def main() -> None:
     for s in args.shapes.split(","):
         u, _, t = s.strip().partition("x")
         shapes.append((int(u), int(t)))
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    for t in targets:
-        if t not in TARGETS:
-            sys.exit(f"unknown target {t!r}; choose from {DEFAULT_TARGETS}")
+    targets = pick(args.targets, TARGETS, "target")
 
     PEERS["ours"].prefix_cache_tokens = PEERS["ours-bf16"].prefix_cache_tokens = args.prefix_cache_tokens
     ensure_peers(sorted({TARGETS[t][0] for t in targets}))
-    model_path = model_dir(args.model)
-    log(f"==> model {model_path}")
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path, tokenizer = model_and_tokenizer(args.model)
     info = machine()
     report, before = start_report(args, info)
     log(f"==> {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores, {info['ram_gib']} GiB; "

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from pathlib import Path
 
 from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm
-from lib.environment import ensure_peers, machine, model_dir
+from lib.environment import ensure_peers, machine, model_and_tokenizer
 from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
-from lib.report import goal_lines, goals, level_stats, md_table, memory_rows, results_table, text_table
-from lib.results import add_run_flags, attempt, finish_report, publish, start_report
+from lib.report import (fmt_ms, goal_lines, goals, level_stats, md_table, memory_rows, results_table,
+                        text_table)
+from lib.results import add_run_flags, attempt, finish_report, pick, publish, start_report
 from lib.servers import PEERS, CpuUse, RSSSampler, Server, hwm_mb, note_start, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
@@ -68,8 +68,8 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
             # tokens per CPU-second the server used: less sensitive to other work on the machine
             s["tok_per_server_cpu_s"] = round(s["tok_s"] / max(1e-9, s["server_cpu_cores"]), 2)
             out["levels"][str(c)] = s
-            log(f"     {s['tok_s']:.1f} tok/s, TTFT p50 {_ms(s['ttft_p50_ms'])} p99 {_ms(s['ttft_p99_ms'])}, "
-                f"ITL p50 {_ms(s['itl_p50_ms'])} p99 {_ms(s['itl_p99_ms'])}, "
+            log(f"     {s['tok_s']:.1f} tok/s, TTFT p50 {fmt_ms(s['ttft_p50_ms'])} p99 {fmt_ms(s['ttft_p99_ms'])}, "
+                f"ITL p50 {fmt_ms(s['itl_p50_ms'])} p99 {fmt_ms(s['itl_p99_ms'])}, "
                 f"{s['requests_measured']} requests measured, {s['errors']} errors, "
                 f"{_n(s['mean_tokens_per_request'])} tok/request; CPU cores used: server "
                 f"{s['server_cpu_cores']}, client {s['client_cpu_cores']}, other processes {s['other_cpu_cores']}; "
@@ -87,10 +87,6 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
     finally:
         server.stop()
     return out
-
-
-def _ms(v):
-    return "n/a" if v is None else f"{v:.0f}ms"
 
 
 def _n(v):
@@ -182,16 +178,10 @@ def main() -> None:
     for peer in PEERS.values():
         if not peer.own_dtype:
             peer.dtype = args.dtype
-    keys = [k.strip() for k in args.peers.split(",") if k.strip()]
-    for k in keys:
-        if k not in PEERS:
-            sys.exit(f"unknown peer {k!r}; choose from {', '.join(PEERS)}")
+    keys = pick(args.peers, PEERS, "peer")
 
     ensure_peers(keys)
-    model_path = model_dir(args.model)
-    log(f"==> model {model_path}")
-    from transformers import AutoTokenizer  # project venv; used to re-tokenize ChatStream 0.3.0 answers
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path, tokenizer = model_and_tokenizer(args.model)  # re-tokenizes ChatStream 0.3.0's answers
 
     info = machine()
     report, before = start_report(args, info)

@@ -58,6 +58,15 @@ def model_dir(arg: str | None) -> str:
     return path
 
 
+def model_and_tokenizer(arg: str | None) -> tuple[str, object]:
+    """``model_dir(arg)``, logged, and its tokenizer (this venv's transformers: it re-tokenizes the
+    answers of servers that report no token count)."""
+    path = model_dir(arg)
+    log(f"==> model {path}")
+    from transformers import AutoTokenizer
+    return path, AutoTokenizer.from_pretrained(path)
+
+
 def ensure_peers(keys: list[str]) -> None:
     peers = sorted({PEERS[k].python.parent.parent.name for k in keys if not k.startswith("ours")})
     missing = [k for k in peers if not (BENCH / ".peers" / k / "bin" / "python").exists()]

@@ -90,6 +90,14 @@ def fmt_ratio(v) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
 
 
+def fmt_ms(v, spec: str = ".0f") -> str:
+    return "n/a" if v is None else f"{v:{spec}}ms"
+
+
+def fmt_pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
 def results_table(results: dict, peers: list[str], levels: list[int], labels: dict) -> list[list[str]]:
     """Rows: one per (level, peer); ratio columns ours/peer for each peer."""
     others = [p for p in peers if p != "ours"]

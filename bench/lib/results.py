@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 from .host import loadavg, log, wait_for_quiet
@@ -21,6 +22,15 @@ def add_run_flags(ap: argparse.ArgumentParser, *, out: str, quick: str | None = 
     ap.add_argument("--quiet-load", type=float, default=quiet_load, help=quiet_load_help)
     ap.add_argument("--quiet-wait", type=float, default=quiet_wait, help="minutes to wait for it (0: do not wait)")
     ap.add_argument("--out", help=f"results file stem{f' (default {out})' if out else ''}")
+
+
+def pick(spec: str, known, what: str) -> list[str]:
+    """The comma-separated names in ``spec``; one not in ``known`` ends the run with the choices."""
+    names = [k.strip() for k in spec.split(",") if k.strip()]
+    for k in names:
+        if k not in known:
+            sys.exit(f"unknown {what} {k!r}; choose from {', '.join(known)}")
+    return names
 
 
 def _utc() -> dt.datetime:
