@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from pathlib import Path
 
 from lib.client import warm
 from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
-from lib.environment import ensure_peers, machine, model_and_tokenizer
-from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
+from lib.environment import ensure_peers, model_and_tokenizer
+from lib.host import loadavg, log, stop_servers_on_sigterm
 from lib.report import (fmt, fmt_ms, fmt_pct, fmt_ratio, goal_lines, md_table, percentile, ratio,
                         text_table)
-from lib.results import add_run_flags, attempt, finish_report, pick, publish, start_report
+from lib.results import add_run_flags, attempt, finish_report, pick, start_report
 from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
                          read_metrics)
 
@@ -318,10 +317,7 @@ def main() -> None:
     PEERS["ours"].prefix_cache_tokens = PEERS["ours-bf16"].prefix_cache_tokens = args.prefix_cache_tokens
     ensure_peers(sorted({TARGETS[t][0] for t in targets}))
     model_path, tokenizer = model_and_tokenizer(args.model)
-    info = machine()
-    report, before = start_report(args, info)
-    log(f"==> {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores, {info['ram_gib']} GiB; "
-        f"load average {before}")
+    report, before = start_report(args)
     report["config"] = {"shapes": [f"{u}x{t}" for u, t in shapes], "targets": targets, "new_tokens": args.new_tokens,
                         "think_s": args.think, "quick": args.quick, "sampling": "greedy (temperature 0)",
                         "questions": {f"{u}x{t}": [[question(i, j) for j in range(t)] for i in range(u)]
@@ -333,10 +329,7 @@ def main() -> None:
             log(f"==> {shape}: {t} ({PEERS[TARGETS[t][0]].label}, {TARGETS[t][1]})")
             attempt(report, report["results"][shape], t,
                     lambda: bench_target(t, users, turns, args, model_path, tokenizer), f"{shape} {t}")
-    finish_report(report, before, args.quiet_load, goals(report["results"]))
-    stem = Path(args.out) if args.out else RESULTS / (
-        f"{report['date']}-{info['host_kind']}-multiturn" + ("-quick" if args.quick else ""))
-    publish(report, render, stem)
+    finish_report(report, before, args, goals(report["results"]), render, "-multiturn")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
 from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm
-from lib.environment import ensure_peers, machine, model_and_tokenizer
-from lib.host import RESULTS, loadavg, log, stop_servers_on_sigterm
+from lib.environment import ensure_peers, model_and_tokenizer
+from lib.host import loadavg, log, stop_servers_on_sigterm
 from lib.report import (fmt_ms, goal_lines, goals, level_stats, md_table, memory_rows, results_table,
                         text_table)
-from lib.results import add_run_flags, attempt, finish_report, pick, publish, start_report
+from lib.results import add_run_flags, attempt, finish_report, pick, start_report
 from lib.servers import PEERS, CpuUse, RSSSampler, Server, hwm_mb, note_start, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
@@ -183,9 +182,7 @@ def main() -> None:
     ensure_peers(keys)
     model_path, tokenizer = model_and_tokenizer(args.model)  # re-tokenizes ChatStream 0.3.0's answers
 
-    info = machine()
-    report, before = start_report(args, info)
-    log(f"==> {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; load average {before}")
+    report, before = start_report(args)
     report["config"] = {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
                         "duration": args.duration, "warmup": args.warmup, "warmup_cap": args.warmup_cap,
                         "quick": args.quick, "transformers_cb": args.transformers_cb, "dtype": args.dtype,
@@ -194,10 +191,7 @@ def main() -> None:
         log(f"==> {PEERS[k].label}")
         attempt(report, report["results"], k, lambda: bench_peer(k, args, model_path, tokenizer))
     # the CPU other processes took during each level is recorded per level (other_cpu_cores)
-    finish_report(report, before, args.quiet_load, goals(report["results"]))
-    stem = Path(args.out) if args.out else RESULTS / (
-        f"{report['date']}-{info['host_kind']}" + ("-quick" if args.quick else ""))
-    publish(report, render, stem)
+    finish_report(report, before, args, goals(report["results"]), render)
 
 
 if __name__ == "__main__":

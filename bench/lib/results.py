@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from .host import loadavg, log, wait_for_quiet
+from .environment import machine
+from .host import RESULTS, loadavg, log, wait_for_quiet
 
 
 def add_run_flags(ap: argparse.ArgumentParser, *, out: str, quick: str | None = None, quiet_load: float = 0.7,
@@ -37,11 +38,14 @@ def _utc() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
-def start_report(args, info: dict) -> tuple[dict, list[float]]:
-    """Waits for a quiet machine (--quiet-load, --quiet-wait); the report's frame and the load average
-    at the start. The caller adds "config" and fills "results" and "errors"."""
+def start_report(args) -> tuple[dict, list[float]]:
+    """Waits for a quiet machine (--quiet-load, --quiet-wait); the report's frame, with the machine, and
+    the load average at the start. The caller adds "config" and fills "results" and "errors"."""
+    info = machine()
     report = {"quiet": wait_for_quiet(args.quiet_load, args.quiet_wait * 60)}
     before = loadavg()
+    log(f"==> {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores, {info['ram_gib']} GiB; "
+        f"load average {before}")
     now = _utc()
     report.update({"date": now.strftime("%Y-%m-%d"), "started_utc": now.isoformat(timespec="seconds"),
                    "machine": info, "config": {}, "results": {}, "errors": {}})
@@ -58,13 +62,20 @@ def attempt(report: dict, results: dict, key: str, measure, error_key: str | Non
         report["errors"][error_key or key] = str(exc)[:2000]
 
 
-def finish_report(report: dict, before: list[float], quiet_load: float, goals: list) -> None:
-    """The load average after; quiet: the wait succeeded and the start was below ``quiet_load`` (the
-    servers under test load the machine themselves, so only the start is judged)."""
+def finish_report(report: dict, before: list[float], args, goals: list, render, kind: str = "") -> None:
+    """Completes the report (the load average after; quiet: the wait succeeded and the start was below
+    --quiet-load, since the servers under test load the machine themselves, only the start is judged; the
+    goals), prints ``render(report)``'s text and writes the files: --out, else
+    bench/results/<date>-<host kind><kind>[-quick]."""
     report["loadavg"] = {"before": before, "after": loadavg()}
-    report["quiet"] = report.pop("quiet") and before[0] < quiet_load
+    report["quiet"] = report.pop("quiet") and before[0] < args.quiet_load
     report["goals"] = goals
     report["finished_utc"] = _utc().isoformat(timespec="seconds")
+    stem = Path(args.out) if args.out else RESULTS / (
+        f"{report['date']}-{report['machine']['host_kind']}{kind}" + ("-quick" if args.quick else ""))
+    text, md = render(report)
+    log("\n" + text)
+    log("\nwrote {} and {}".format(*write_results(stem, report, md)))
 
 
 def write_results(stem: Path, data: dict, md: str, indent: int = 2) -> tuple[Path, Path]:
@@ -74,10 +85,3 @@ def write_results(stem: Path, data: dict, md: str, indent: int = 2) -> tuple[Pat
     json_path.write_text(json.dumps(data, indent=indent) + "\n")
     md_path.write_text(md)
     return json_path, md_path
-
-
-def publish(report: dict, render, stem: Path) -> None:
-    """Prints the report's text and writes its files (``render(report)``: the text and the Markdown)."""
-    text, md = render(report)
-    log("\n" + text)
-    log("\nwrote {} and {}".format(*write_results(stem, report, md)))
