@@ -21,7 +21,7 @@ import asyncio
 from lib.client import warm
 from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
 from lib.environment import ensure_peers, model_and_tokenizer
-from lib.host import loadavg, log, stop_servers_on_sigterm
+from lib.host import Sampler, loadavg, log, stop_servers_on_sigterm
 from lib.report import (fmt, fmt_ms, fmt_pct, fmt_ratio, goal_lines, md_table, percentile, ratio,
                         text_table)
 from lib.results import add_run_flags, attempt, finish_report, pick, start_report
@@ -109,30 +109,19 @@ def workload_stats(run, deltas: dict) -> dict:
     }
 
 
-class CacheSampler:
+class CacheSampler(Sampler):
     """Polls ours' /metrics while the conversations run: the peak KV the prefix cache holds."""
 
     NAMES = ("chatstream_prefix_cache_tokens", "chatstream_prefix_cache_bytes")
 
     def __init__(self, base: str, every_s: float = 0.25):
-        import threading
-        self.base, self.every_s, self.peak = base, every_s, dict.fromkeys(self.NAMES, 0.0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every_s)
+        self.base, self.peak = base, dict.fromkeys(self.NAMES, 0.0)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            m = read_metrics(self.base) or {}
-            for n in self.NAMES:
-                self.peak[n] = max(self.peak[n], m.get(n, 0.0))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        m = read_metrics(self.base) or {}
+        for n in self.NAMES:
+            self.peak[n] = max(self.peak[n], m.get(n, 0.0))
 
 
 def count_tokens(tokenizer, records) -> None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -82,3 +83,33 @@ def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
         log(f"load average {la[0]:.2f} >= {limit}: waiting a minute for a quieter machine ...")
         time.sleep(60)
         waited += 60
+
+
+class Sampler:
+    """Calls ``sample()`` every ``period`` s on a thread, between start() and stop() (or as a context)."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.sample()
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

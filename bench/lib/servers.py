@@ -12,13 +12,12 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .host import BENCH, ROOT, free_port, log
+from .host import BENCH, ROOT, Sampler, free_port, log
 
 PEERS_DIR = BENCH / ".peers"
 LOGS = PEERS_DIR / "logs"
@@ -374,33 +373,23 @@ def machine_busy_seconds() -> float:
     return (sum(v) - idle - guest) / _TICK
 
 
-class RSSSampler:
+class RSSSampler(Sampler):
     """Samples the server tree's RSS every ``period`` s on a thread; ``mark()`` starts a
     new named span so each concurrency level gets its own peak."""
 
     def __init__(self, pid: int, period: float = 0.2):
-        self.pid, self.period = pid, period
+        super().__init__(period)
+        self.pid = pid
         self.peaks: dict[str, float] = {}
         self.span: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
 
     def mark(self, span: str | None):
         self.span = span
 
-    def _run(self):
-        while not self._stop.wait(self.period):
-            if self.span is not None:
-                v = rss_mb(self.pid)
-                self.peaks[self.span] = max(self.peaks.get(self.span, 0.0), v)
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
+    def sample(self):
+        if self.span is not None:
+            v = rss_mb(self.pid)
+            self.peaks[self.span] = max(self.peaks.get(self.span, 0.0), v)
 
 
 class Server:
