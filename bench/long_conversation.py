@@ -36,7 +36,7 @@ from lib.client import warm_up
 from lib.conversations import Conversation, question
 from lib.environment import machine, model_dir
 from lib.host import BENCH, RESULTS, ROOT, loadavg, log, stop_servers_on_sigterm, wait_for_quiet
-from lib.results import add_run_flags, write_results
+from lib.results import parse_run_args, write_results
 from lib.report import md_table, text_table
 from lib.servers import OursAt, Server, checkout, read_metrics
 
@@ -188,10 +188,9 @@ def main() -> int:
     ap.add_argument("--at", help="serve this commit's service/ (default: this checkout's)")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (e.g. CHATSTREAM_WINDOW_KEEP=1)")
     ap.add_argument("--label", default=None, help="names the run in the report (default: the commit)")
-    add_run_flags(ap, out="", quiet_load=1.0, quiet_wait=10.0,
-                  quiet_load_help="before each shape, wait for a 1-minute load average below this (the shared "
-                                  "machine's other work disturbs TTFT)")
-    args = ap.parse_args()
+    args = parse_run_args(ap, out="", quiet_load=1.0, quiet_wait=10.0,
+                          quiet_load_help="before each shape, wait for a 1-minute load average below this (the "
+                                          "shared machine's other work disturbs TTFT)")
 
     model_path = model_dir(args.model)
     from transformers import AutoTokenizer

@@ -24,7 +24,7 @@ from lib.environment import ensure_peers, model_and_tokenizer
 from lib.host import Sampler, loadavg, log, stop_servers_on_sigterm
 from lib.report import (fmt, fmt_ms, fmt_pct, fmt_ratio, goal_lines, md_table, percentile, ratio,
                         text_table)
-from lib.results import add_run_flags, attempt, finish_report, pick, start_report
+from lib.results import parse_run_args, attempt, finish_report, pick, start_report
 from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
                          read_metrics)
 
@@ -290,13 +290,8 @@ def main() -> None:
     ap.add_argument("--prefix-cache-tokens", type=int, default=4096,
                     help="ours' KV budget (--prefix-cache-tokens of chatstream serve; 4096 is its default)")
     ap.add_argument("--think", type=float, default=0.0, help="seconds a user waits between its turns")
-    add_run_flags(ap, out="bench/results/<date>-<host-kind>-multiturn[-quick]",
-                  quick="smoke run: 2 users x 3 turns, no waiting for quiet")
-    args = ap.parse_args()
-    if args.quick:
-        if args.shapes == ap.get_default("shapes"):
-            args.shapes = "2x3"
-        args.quiet_wait = 0
+    args = parse_run_args(ap, out="bench/results/<date>-<host-kind>-multiturn[-quick]",
+                          quick="smoke run: 2 users x 3 turns, no waiting for quiet", quick_defaults={"shapes": "2x3"})
     shapes = []
     for s in args.shapes.split(","):
         u, _, t = s.strip().partition("x")

@@ -22,7 +22,7 @@ from lib.environment import ensure_peers, model_and_tokenizer
 from lib.host import loadavg, log, stop_servers_on_sigterm
 from lib.report import (fmt_ms, goal_lines, goals, level_stats, md_table, memory_rows, results_table,
                         text_table)
-from lib.results import add_run_flags, attempt, finish_report, pick, start_report
+from lib.results import parse_run_args, attempt, finish_report, pick, start_report
 from lib.servers import PEERS, CpuUse, RSSSampler, Server, hwm_mb, note_start, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
@@ -161,17 +161,12 @@ def main() -> None:
                     help="transformers serve KV-cache sizing: tuned for this workload (default) or its own")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights/activations dtype, the same for every server")
-    add_run_flags(ap, out="bench/results/<date>-<host-kind>[-quick]",
-                  quick="short run for development: 1,8 clients, 10s windows")
-    args = ap.parse_args()
+    args = parse_run_args(ap, out="bench/results/<date>-<host-kind>[-quick]",
+                          quick="short run for development: 1,8 clients, 10s windows",
+                          quick_defaults={"clients": "1,8", "duration": 10.0})
     if args.quick:
-        if args.clients == ap.get_default("clients"):
-            args.clients = "1,8"
-        if args.duration == ap.get_default("duration"):
-            args.duration = 10.0
         args.warmup_cap = min(args.warmup_cap, 15.0)
         args.drain_cap = min(args.drain_cap, 60.0)
-        args.quiet_wait = 0
     args.clients = [int(c) for c in args.clients.split(",")]
     PEERS["transformers"].cb_defaults = args.transformers_cb == "default"
     for peer in PEERS.values():

@@ -13,16 +13,26 @@ from .environment import machine
 from .host import RESULTS, loadavg, log, wait_for_quiet
 
 
-def add_run_flags(ap: argparse.ArgumentParser, *, out: str, quick: str | None = None, quiet_load: float = 0.7,
-                  quiet_load_help: str = "wait for a 1-minute load average below this",
-                  quiet_wait: float = 20.0) -> None:
-    """--model, --quick (where ``quick`` says what it does), --quiet-load, --quiet-wait and --out."""
+def parse_run_args(ap: argparse.ArgumentParser, *, out: str, quick: str | None = None,
+                   quick_defaults: dict | None = None, quiet_load: float = 0.7,
+                   quiet_load_help: str = "wait for a 1-minute load average below this",
+                   quiet_wait: float = 20.0) -> argparse.Namespace:
+    """Adds the flags every server benchmark takes (--model, --quick where ``quick`` says what it does,
+    --quiet-load, --quiet-wait, --out) and parses. With --quick, each flag of ``quick_defaults`` left at its
+    default takes the value given there, and the run does not wait for a quiet machine."""
     ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
     if quick:
         ap.add_argument("--quick", action="store_true", help=quick)
     ap.add_argument("--quiet-load", type=float, default=quiet_load, help=quiet_load_help)
     ap.add_argument("--quiet-wait", type=float, default=quiet_wait, help="minutes to wait for it (0: do not wait)")
     ap.add_argument("--out", help=f"results file stem{f' (default {out})' if out else ''}")
+    args = ap.parse_args()
+    if quick and args.quick:
+        for name, value in (quick_defaults or {}).items():
+            if getattr(args, name) == ap.get_default(name):
+                setattr(args, name, value)
+        args.quiet_wait = 0
+    return args
 
 
 def pick(spec: str, known, what: str) -> list[str]:
