@@ -23,7 +23,6 @@ issue 26's done-when checks. Writes STEM.json and STEM.md (default bench/results
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import shlex
@@ -35,8 +34,8 @@ from pathlib import Path
 from lib.client import warm_up
 from lib.conversations import Conversation, question
 from lib.environment import machine, model_dir
-from lib.host import BENCH, RESULTS, ROOT, loadavg, log, stop_servers_on_sigterm, wait_for_quiet
-from lib.results import parse_run_args, write_results
+from lib.host import BENCH, RESULTS, ROOT, loadavg, log, wait_for_quiet
+from lib.results import parse_run_args, server_bench_parser, write_results
 from lib.report import md_table, text_table
 from lib.servers import OursAt, Server, checkout, read_metrics
 
@@ -176,8 +175,7 @@ def tables(result: dict) -> tuple[list, list]:
 
 
 def main() -> int:
-    stop_servers_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = server_bench_parser(__doc__)
     ap.add_argument("--shapes", default="1x28,8x24", help="comma-separated CONVERSATIONSxTURNS")
     ap.add_argument("--context-length", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=64)

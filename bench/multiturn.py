@@ -15,32 +15,22 @@ and `transformers serve`. Writes bench/results/<date>-<host-kind>-multiturn[-qui
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 from lib.client import warm
 from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
 from lib.environment import ensure_peers, model_and_tokenizer
-from lib.host import Sampler, loadavg, log, stop_servers_on_sigterm
+from lib.host import Sampler, loadavg, log
 from lib.report import (fmt, fmt_ms, fmt_pct, fmt_ratio, goal_lines, md_table, percentile, ratio,
                         text_table)
-from lib.results import parse_run_args, attempt, finish_report, pick, start_report
+from lib.results import attempt, finish_report, parse_run_args, pick, server_bench_parser, start_report
 from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
                          read_metrics)
 
-# target -> (server, API driven)
-TARGETS = {
-    "ours-v1": ("ours", "v1"),
-    "ours-chat_stream": ("ours", "chat_stream"),
-    "ours-bf16-v1": ("ours-bf16", "v1"),
-    "ours-bf16-chat_stream": ("ours-bf16", "chat_stream"),
-    "vllm-2t-auto": ("vllm-2t-auto", "v1"),
-    "vllm": ("vllm", "v1"),
-    "vllm-2t": ("vllm-2t", "v1"),
-    "transformers": ("transformers", "v1"),
-}
-OURS = ("ours-v1", "ours-chat_stream", "ours-bf16-v1", "ours-bf16-chat_stream")
 VLLMS = ("vllm-2t-auto", "vllm", "vllm-2t")  # the first: vLLM as its users run it (bfloat16 on x86)
+# target -> (server, API driven): ours through both of its APIs, the peers through /v1 only
+OURS = {f"{server}-{api}": (server, api) for server in ("ours", "ours-bf16") for api in ("v1", "chat_stream")}
+TARGETS = {**OURS, **{server: (server, "v1") for server in (*VLLMS, "transformers")}}
 DEFAULT_TARGETS = ",".join(TARGETS)
 
 # (tokens served from cache, prompt tokens): the first pair a server exposes is used.
@@ -282,8 +272,7 @@ def render(report: dict) -> tuple[str, str]:
 
 
 def main() -> None:
-    stop_servers_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = server_bench_parser(__doc__)
     ap.add_argument("--shapes", default="8x8,16x6", help="comma-separated USERSxTURNS")
     ap.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma-separated, from {DEFAULT_TARGETS}")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -13,16 +13,15 @@ bench/setup_peers.sh (run automatically when missing).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 
 from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm
 from lib.environment import ensure_peers, model_and_tokenizer
-from lib.host import loadavg, log, stop_servers_on_sigterm
+from lib.host import loadavg, log
 from lib.report import (fmt_ms, goal_lines, goals, level_stats, md_table, memory_rows, results_table,
                         text_table)
-from lib.results import parse_run_args, attempt, finish_report, pick, start_report
+from lib.results import attempt, finish_report, parse_run_args, pick, server_bench_parser, start_report
 from lib.servers import PEERS, CpuUse, RSSSampler, Server, hwm_mb, note_start, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
@@ -144,8 +143,7 @@ def render(report: dict) -> tuple[str, str]:
 
 
 def main() -> None:
-    stop_servers_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = server_bench_parser(__doc__)
     ap.add_argument("--clients", default="1,8,16,32", help="comma-separated concurrency levels")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--duration", type=float, default=60.0, help="measurement window per level, seconds")

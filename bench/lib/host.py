@@ -89,8 +89,7 @@ class Sampler:
     """Calls ``sample()`` every ``period`` s on a thread, between start() and stop() (or as a context)."""
 
     def __init__(self, period: float):
-        self.period = period
-        self._stop = threading.Event()
+        self.period, self._stop = period, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:

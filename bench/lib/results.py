@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 from .environment import machine
-from .host import RESULTS, loadavg, log, wait_for_quiet
+from .host import RESULTS, loadavg, log, stop_servers_on_sigterm, wait_for_quiet
+
+
+def server_bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The start of a benchmark that runs servers: SIGTERM (a timeout, a kill) unwinds like Ctrl-C, so the
+    server under test is stopped too; its argument parser, described by the docstring's first line."""
+    stop_servers_on_sigterm()
+    return argparse.ArgumentParser(description=doc.splitlines()[0])
 
 
 def parse_run_args(ap: argparse.ArgumentParser, *, out: str, quick: str | None = None,
