@@ -246,7 +246,8 @@ class VLLM(Peer):
 
 
 class OursAt(Ours):
-    """Ours serving another commit's service/ (``checkout``'s worktree of it) with this checkout's venv."""
+    """Ours serving another commit's service/ (``checkout``'s worktree of it) with the project venv
+    (CHATSTREAM_BENCH_VENV, else this checkout's .venv)."""
 
     def __init__(self, rev: str, tree: Path, extra_env: dict):
         super().__init__()
@@ -254,7 +255,7 @@ class OursAt(Ours):
 
     def command(self, model_dir, port, max_clients, new_tokens):
         cmd = super().command(model_dir, port, max_clients, new_tokens)
-        return [str(ROOT / ".venv" / "bin" / "python"), "-m", "chatstream"] + cmd[1:]
+        return [str(PROJECT_PY), "-m", "chatstream"] + cmd[1:]
 
     def env(self) -> dict:
         env = super().env()
