@@ -12,7 +12,7 @@ What it does, as a user would run it:
      replicas, each asking for its share of the node's free CPU (allocatable minus what
      the node's other pods and the router request, split evenly: the rule
      docs/operator.md gives), waits until it is Ready and its router has every pod, warms
-     each pod, then runs the fixed multi-turn workload (bench/multiturn_client.py: U users
+     each pod, then runs the fixed multi-turn workload (bench/lib/conversations.py: U users
      x T turns over /v1/chat/completions, greedy, the whole history each turn) through
      the router's Service from the host;
   3. deletes the resource and runs the same workload against one bare `chatstream serve`
@@ -33,21 +33,18 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lib.conversations import run_workload
+from lib.environment import machine, model_dir
+from lib.host import RESULTS, ROOT, log, sh as run_sh, wait_for_quiet
+from lib.results import write_results
+from lib.servers import Ours, Server, read_metrics
 
-from bench_servers import Ours, Server  # noqa: E402
-from multiturn import read_metrics  # noqa: E402
-from multiturn_client import run_workload  # noqa: E402
-from run import RESULTS, log, machine, model_dir, wait_for_quiet  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(os.environ.get("CHATSTREAM_K8S_CACHE", Path.home() / ".cache/chatstream-k8s")) / "bin"
 KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
 NODE = "chatstream-node"
@@ -314,18 +311,21 @@ def main() -> None:
     env = [{"name": k, "value": v} for k, v in (e.split("=", 1) for e in args.env)]
     model_path = model_dir(None)
     report = {"date": dt.date.today().isoformat(), "machine": machine(), "args": vars(args), "pods": {}, "bare": [],
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip()}
+              "commit": run_sh(["git", "rev-parse", "--short", "HEAD"])}
     cluster_up()
     undeploy()
     # An image import leaves GBs of dirty pages: the first bare run measured 60-65 tok/s where the one
     # after the pods measured 76-82. Flushed, and the load average let settle.
     os.sync()
     report["quiet"] = wait_for_quiet(1.0, 300)
-    if not args.no_bare:
-        log("== bare process (before the pods)")
-        report["bare"].append(bare(args, model_path))
-        log(f"   {report['bare'][-1]['tok_s']:.1f} tok/s, threads {report['bare'][-1]['threads']}")
+
+    def bare_alone(when: str) -> None:
+        if not args.no_bare:
+            log(f"== bare process ({when})")
+            report["bare"].append(bare(args, model_path))
+            log(f"   {report['bare'][-1]['tok_s']:.1f} tok/s, threads {report['bare'][-1]['threads']}")
+
+    bare_alone("before the pods")
     for n in map(int, args.replicas.split(",")):
         log(f"== {n} replica(s)")
         base, ips, cpu_m = deploy(n, env)
@@ -343,15 +343,11 @@ def main() -> None:
             log(f"   {setup['split']['tok_s']:.1f} tok/s")
         if not (args.keep and n == int(args.replicas.split(",")[-1])):
             undeploy()
-    if not args.no_bare:
-        log("== bare process (after the pods)")
-        report["bare"].append(bare(args, model_path))
-        log(f"   {report['bare'][-1]['tok_s']:.1f} tok/s, threads {report['bare'][-1]['threads']}")
+    bare_alone("after the pods")
     stem = RESULTS / f"{report['date']}-cluster{('-' + args.tag) if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     text = render(report) if report["bare"] else json.dumps(report["pods"], indent=1)
     print("\n" + text)
-    stem.with_suffix(".md").write_text(text)
+    write_results(stem, report, text, indent=1)
     log(f"wrote {stem}.md/.json")
 
 

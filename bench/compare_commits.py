@@ -16,52 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_client import PROTOCOLS, run_level  # noqa: E402
-from bench_servers import ROOT, Ours, Server  # noqa: E402
-
-WORK = ROOT / "bench" / ".peers" / "ab"
-
-
-class OursAt(Ours):
-    def __init__(self, rev: str, tree: Path, extra_env: dict):
-        super().__init__()
-        self.key, self.label, self.tree, self.extra_env = f"ours@{rev}", f"this project at {rev}", tree, extra_env
-
-    def command(self, model_dir, port, max_clients, new_tokens):
-        cmd = super().command(model_dir, port, max_clients, new_tokens)
-        return [str(ROOT / ".venv" / "bin" / "python"), "-m", "chatstream"] + cmd[1:]
-
-    def env(self) -> dict:
-        env = super().env()
-        env["PYTHONPATH"] = str(self.tree / "service")
-        env.update(self.extra_env)
-        return env
-
-
-def checkout(rev: str) -> Path:
-    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    tree = WORK / sha
-    if not tree.exists():
-        WORK.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
-                       capture_output=True)
-    return tree
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+from lib.client import PROTOCOLS, run_level
+from lib.host import cpuinfo
+from lib.servers import OursAt, Server, checkout
 
 
 def main() -> int:
@@ -79,7 +40,7 @@ def main() -> int:
     args = p.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
     peers = [OursAt(args.base, checkout(args.base), extra), OursAt(args.head, checkout(args.head), extra)]
-    print(f"CPU: {cpu_model()} x{os.cpu_count()}; levels {args.levels}; {args.rounds} rounds of "
+    print(f"CPU: {cpuinfo()[0]} x{os.cpu_count()}; levels {args.levels}; {args.rounds} rounds of "
           f"{args.duration:.0f}s windows, alternating", flush=True)
     rates: dict[tuple[str, int], list[float]] = {}
     for rnd in range(args.rounds):

@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
-import platform
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from multiturn_client import FOLLOW_UPS, OPENERS  # noqa: E402
+from lib.conversations import FOLLOW_UPS, OPENERS
+from lib.engine import alone, chat_ids, generate, submit_all
+from lib.host import BENCH, cpu_description, sh
+from lib.results import write_results
 
 FACTS = [
     ("What is the capital of France?", ["paris"]),
@@ -59,43 +56,6 @@ FACTS = [
     ("Who painted the Mona Lisa?", ["leonardo", "da vinci"]),
     ("What is the capital of Germany?", ["berlin"]),
 ]
-
-
-def cpu_description() -> dict:
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("?", ""):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8"]
-    return {"model": model, "flags": [f for f in wanted if f in flags]}
-
-
-def chat_ids(tok, messages) -> list[int]:
-    from chatstream.render import encode_chat
-    return encode_chat(tok, messages, add_generation_prompt=True)
-
-
-def generate(engine, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Greedy answers; all prompts submitted at once (they batch when the engine has rows)."""
-    from chatstream.engine import Collector, SamplingParams
-    outs = []
-    for ids in prompts:
-        c = Collector()
-        engine.submit(ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), c)
-        outs.append(c)
-    for c in outs:
-        assert c.done.wait(600), "the engine did not answer"
-        assert c.end is not None and type(c.end).__name__ == "Finished", c.end
-    return [c.text for c in outs]
-
-
-def alone(engine, prompts, max_new_tokens):
-    return [generate(engine, [p], max_new_tokens)[0] for p in prompts]
 
 
 def nll(model, ids: list[int], window: int = 1024) -> tuple[float, int]:
@@ -129,12 +89,7 @@ def decode_rate(engine, tok, streams: int, new_tokens: int = 64) -> float:
                for i in range(streams)]
     generate(engine, prompts[:1], 8)  # warm
     t0 = time.perf_counter()
-    from chatstream.engine import Collector, SamplingParams
-    outs = []
-    for ids in prompts:
-        c = Collector()
-        engine.submit(ids, SamplingParams(max_new_tokens=new_tokens, temperature=0), c)
-        outs.append(c)
+    outs = submit_all(engine, prompts, new_tokens)
     for c in outs:
         c.done.wait(600)
     seconds = time.perf_counter() - t0
@@ -149,7 +104,7 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
     from chatstream.engine import Engine
 
     model, tok = load_model(source, device="cpu", dtype=dtype)
-    text_ids = tok(Path(HERE / "data" / "quality_text.txt").read_text())["input_ids"]
+    text_ids = tok(Path(BENCH / "data" / "quality_text.txt").read_text())["input_ids"]
     engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear="auto", prefix_cache_tokens=0,
                     linear_dtype=linear)
     engine.start()
@@ -280,13 +235,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--no-full-bf16", action="store_true", help="skip the whole model in bfloat16")
     args = ap.parse_args()
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
+    commit = sh(["git", "rev-parse", "--short", "HEAD"])
     cpu = cpu_description()
     print(f"CPU: {cpu['model']} {cpu['flags']}", flush=True)
     runs = {"float32": evaluate(args.model, "float32", args.new_tokens, None)}
@@ -297,10 +249,8 @@ def main() -> None:
         runs["bfloat16 model"] = evaluate(args.model, "bfloat16", args.new_tokens, runs["float32"])
     text = report(cpu, runs, commit)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{datetime.date.today()}-dtype-quality"
-    stem.with_suffix(".json").write_text(json.dumps({"cpu": cpu, "commit": commit, **runs}, indent=1))
-    stem.with_suffix(".md").write_text(text)
+    write_results(stem, {"cpu": cpu, "commit": commit, **runs}, text, indent=1)
     print(f"wrote {stem}.md and .json")
 
 

@@ -13,45 +13,9 @@ Run two trees alternately (A B A B): the host's speed drifts by about 10%.
 from __future__ import annotations
 
 import os
-import random
 import sys
-import threading
-import time
 
-
-def closed_loop(engine, clients: int, seconds: float, warmup: float = 8.0) -> tuple[float, float]:
-    """Output tokens/s and engine steps/s of ``clients`` closed-loop submitters over ``seconds`` after
-    ``warmup``. Each sends a random prompt of 40-120 token ids (seeded per submitter), 64 new tokens,
-    greedy, and the next as soon as one ends; only requests that finished count. They stop before it
-    returns, so one engine can be measured at several levels."""
-    from chatstream.engine import Failed, Finished, SamplingParams
-
-    lock, tokens, stop = threading.Lock(), [0], threading.Event()
-
-    def client(i: int) -> None:
-        rng = random.Random(i)
-        while not stop.is_set():
-            prompt = [rng.randrange(1000, 40000) for _ in range(rng.randrange(40, 120))]
-            done = threading.Event()
-            seq = engine.submit(prompt, SamplingParams(max_new_tokens=64, temperature=0),
-                                lambda e: isinstance(e, (Finished, Failed)) and done.set())
-            done.wait()
-            with lock:
-                tokens[0] += len(seq.generated)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    time.sleep(warmup)
-    with lock:
-        tokens0, steps0, t0 = tokens[0], engine.steps, time.monotonic()
-    time.sleep(seconds)
-    with lock:
-        tokens1, steps1, elapsed = tokens[0], engine.steps, time.monotonic() - t0
-    stop.set()
-    for t in threads:
-        t.join()
-    return (tokens1 - tokens0) / elapsed, (steps1 - steps0) / elapsed
+from lib.engine import closed_loop
 
 
 def main() -> None:

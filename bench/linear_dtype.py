@@ -32,11 +32,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
-from dtype_quality import alone, chat_ids, cpu_description, generate
-from engine_ab import closed_loop
+from lib.engine import alone, chat_ids, closed_loop, generate
+from lib.host import ROOT, cpu_description
 
 LAYERS = 30
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # fused q/k/v, o, fused gate/up, down
@@ -134,7 +133,7 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 
 def _engine(dtype: str):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
+    sys.path.insert(0, str(ROOT / "service"))
     from chatstream import load_model
     from chatstream.engine import Engine, cpu_linear
     if dtype == "bfloat16":

@@ -9,7 +9,7 @@ conversation is one /chat_stream session (its cookie; the server holds the histo
 conversations take their turns in lockstep rounds: every one sends turn t, every answer ends, then
 turn t+1. So /metrics read between rounds gives each turn's prompt tokens, cached tokens and output
 tokens exactly, whichever commit serves. A user message is about --user-tokens tokens: a passage of
-bench/data/quality_text.txt and a follow-up question (multiturn_client.question); answers run to
+bench/data/quality_text.txt and a follow-up question (lib.conversations.question); answers run to
 --new-tokens. Whether a conversation's whole history still fits the prompt budget (the context less
 room for an answer, as ChatStream.prompt_budget) is counted here with the model's chat template
 (chatstream.render.encode_chat, the server's own tokenization).
@@ -23,28 +23,23 @@ issue 26's done-when checks. Writes STEM.json and STEM.md (default bench/results
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
-import json
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent / "service"))
+from lib.client import warm_up
+from lib.conversations import Conversation, question
+from lib.environment import machine, model_dir
+from lib.host import BENCH, RESULTS, ROOT, loadavg, log, wait_for_quiet
+from lib.results import parse_run_args, server_bench_parser, write_results
+from lib.report import md_table, text_table
+from lib.servers import OursAt, Server, checkout, read_metrics
 
-from bench_report import md_table, text_table  # noqa: E402
-from bench_servers import ROOT, Server  # noqa: E402
-from compare_commits import OursAt, checkout  # noqa: E402
-from multiturn import read_metrics  # noqa: E402
-from multiturn_client import Conversation, question  # noqa: E402
-from run import (RESULTS, loadavg, log, machine, model_dir, stop_servers_on_sigterm, wait_for_quiet,  # noqa: E402
-                 warm_up)
-
+sys.path.insert(0, str(ROOT / "service"))  # the project's own chat template rendering
 from chatstream.render import encode_chat  # noqa: E402
 
 PASSAGES = [s.strip() + "." for s in (BENCH / "data" / "quality_text.txt").read_text().replace("\n", " ").split(".")
@@ -180,8 +175,7 @@ def tables(result: dict) -> tuple[list, list]:
 
 
 def main() -> int:
-    stop_servers_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = server_bench_parser(__doc__)
     ap.add_argument("--shapes", default="1x28,8x24", help="comma-separated CONVERSATIONSxTURNS")
     ap.add_argument("--context-length", type=int, default=1024)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -191,13 +185,10 @@ def main() -> int:
                          "conversation's window can stay cached)")
     ap.add_argument("--at", help="serve this commit's service/ (default: this checkout's)")
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server (e.g. CHATSTREAM_WINDOW_KEEP=1)")
-    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
-    ap.add_argument("--quiet-load", type=float, default=1.0, help="before each shape, wait for a 1-minute load "
-                    "average below this (the shared machine's other work disturbs TTFT)")
-    ap.add_argument("--quiet-wait", type=float, default=10.0, help="minutes to wait for it (0: do not wait)")
     ap.add_argument("--label", default=None, help="names the run in the report (default: the commit)")
-    ap.add_argument("--out", help="results file stem")
-    args = ap.parse_args()
+    args = parse_run_args(ap, out="", quiet_load=1.0, quiet_wait=10.0,
+                          quiet_load_help="before each shape, wait for a 1-minute load average below this (the "
+                                          "shared machine's other work disturbs TTFT)")
 
     model_path = model_dir(args.model)
     from transformers import AutoTokenizer
@@ -247,8 +238,6 @@ def main() -> int:
         for c in result["checks"]:
             log(f"{'MET   ' if c['met'] else 'MISSED'} {shape}: {c['check']}: {c['detail']}")
     stem = Path(args.out) if args.out else RESULTS / f"{report['date']}-long-conversation-{label}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"# Long conversation, {label} ({rev})", "",
           f"- {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores; commit "
           f"{info['git_commit'][:12]}; context {args.context_length} (prompt budget {budget}), {args.new_tokens} new "
@@ -264,8 +253,7 @@ def main() -> int:
                f"{'' if result['quiet'] else ' (NOT a quiet machine: other work was running)'}", "",
                *[f"- {'MET' if c['met'] else 'MISSED'}: {c['check']}: {c['detail']}" for c in result["checks"]], "",
                md_table(per_turn), ""]
-    stem.with_suffix(".md").write_text("\n".join(md))
-    log(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    log("wrote {} and {}".format(*write_results(stem, report, "\n".join(md))))
     return 0
 
 

@@ -5,7 +5,7 @@
 
 For every shape (users x turns) and every target, one server at a time: start it (a fresh
 process, so no cache carries over from another shape or target), warm it up with a few
-single-turn requests, read its /metrics, run the conversations (bench/multiturn_client.py),
+single-turn requests, read its /metrics, run the conversations (bench/lib/conversations.py),
 read /metrics again, stop it. Reports, per target: TTFT p50/p99 at each turn index, output
 tokens/s over the whole workload, the prompt-cache hit rate where the server exposes it
 (tokens reused / prompt tokens, from its Prometheus counters), and ratios of ours (through
@@ -15,37 +15,22 @@ and `transformers serve`. Writes bench/results/<date>-<host-kind>-multiturn[-qui
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime as dt
-import json
-import re
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lib.client import warm
+from lib.conversations import FOLLOW_UPS, OPENERS, question, run_workload
+from lib.environment import ensure_peers, model_and_tokenizer
+from lib.host import Sampler, loadavg, log
+from lib.report import (fmt, fmt_ms, fmt_pct, fmt_ratio, goal_lines, md_table, percentile, ratio,
+                        text_table)
+from lib.results import attempt, finish_report, parse_run_args, pick, server_bench_parser, start_report
+from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
+                         read_metrics)
 
-from bench_report import fmt, fmt_ratio, md_table, percentile, ratio, text_table  # noqa: E402
-from bench_servers import PEERS, RSSSampler, Server, cpu_seconds, machine_busy_seconds  # noqa: E402
-from multiturn_client import FOLLOW_UPS, OPENERS, question, run_workload  # noqa: E402
-from run import (RESULTS, ensure_peers, loadavg, log, machine, model_dir, note_binding,  # noqa: E402
-                 stop_servers_on_sigterm, wait_for_quiet, warm_up)
-
-# target -> (server, API driven)
-TARGETS = {
-    "ours-v1": ("ours", "v1"),
-    "ours-chat_stream": ("ours", "chat_stream"),
-    "ours-bf16-v1": ("ours-bf16", "v1"),
-    "ours-bf16-chat_stream": ("ours-bf16", "chat_stream"),
-    "vllm-2t-auto": ("vllm-2t-auto", "v1"),
-    "vllm": ("vllm", "v1"),
-    "vllm-2t": ("vllm-2t", "v1"),
-    "transformers": ("transformers", "v1"),
-}
-OURS = ("ours-v1", "ours-chat_stream", "ours-bf16-v1", "ours-bf16-chat_stream")
 VLLMS = ("vllm-2t-auto", "vllm", "vllm-2t")  # the first: vLLM as its users run it (bfloat16 on x86)
+# target -> (server, API driven): ours through both of its APIs, the peers through /v1 only
+OURS = {f"{server}-{api}": (server, api) for server in ("ours", "ours-bf16") for api in ("v1", "chat_stream")}
+TARGETS = {**OURS, **{server: (server, "v1") for server in (*VLLMS, "transformers")}}
 DEFAULT_TARGETS = ",".join(TARGETS)
 
 # (tokens served from cache, prompt tokens): the first pair a server exposes is used.
@@ -59,29 +44,6 @@ HIT_COUNTERS = [
 EXTRA_COUNTERS = ["vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
                   "chatstream_completion_tokens_total", "vllm:generation_tokens_total"]
 COMPLETION_COUNTERS = ["chatstream_completion_tokens_total", "vllm:generation_tokens_total"]
-
-
-def read_metrics(base: str) -> dict[str, float] | None:
-    """Prometheus text exposition -> {sample name: value summed over labels}; None without /metrics."""
-    try:
-        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
-            if r.status != 200:
-                return None
-            text = r.read().decode("utf-8", errors="replace")
-    except Exception:
-        return None
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)", line)
-        if not m:
-            continue
-        try:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-        except ValueError:
-            pass
-    return out
 
 
 def counter_deltas(before: dict | None, after: dict | None) -> dict:
@@ -137,30 +99,19 @@ def workload_stats(run, deltas: dict) -> dict:
     }
 
 
-class CacheSampler:
+class CacheSampler(Sampler):
     """Polls ours' /metrics while the conversations run: the peak KV the prefix cache holds."""
 
     NAMES = ("chatstream_prefix_cache_tokens", "chatstream_prefix_cache_bytes")
 
     def __init__(self, base: str, every_s: float = 0.25):
-        import threading
-        self.base, self.every_s, self.peak = base, every_s, dict.fromkeys(self.NAMES, 0.0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every_s)
+        self.base, self.peak = base, dict.fromkeys(self.NAMES, 0.0)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            m = read_metrics(self.base) or {}
-            for n in self.NAMES:
-                self.peak[n] = max(self.peak[n], m.get(n, 0.0))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        m = read_metrics(self.base) or {}
+        for n in self.NAMES:
+            self.peak[n] = max(self.peak[n], m.get(n, 0.0))
 
 
 def count_tokens(tokenizer, records) -> None:
@@ -179,31 +130,26 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
     out: dict = {"server": key, "api": api, "label": peer.label, "command": server.cmd, "notes": list(peer.notes)}
     server.start()
     try:
-        out["startup_s"] = round(server.startup_s, 1)
-        note_binding(server, out)
+        note_start(server, out)
         model = peer.model_name(model_path)
-        t = time.perf_counter()
-        asyncio.run(warm_up(server, model, args.new_tokens))
-        log(f"  warmed up in {time.perf_counter() - t:.1f}s")
+        warm(server, model, args.new_tokens, log)
         before = read_metrics(server.base)
         la = loadavg()
         log(f"  {users} users x {turns} turns through {api}: load average {la[0]:.2f} ...")
         sampler = RSSSampler(server.proc.pid).start()
         sampler.mark("run")
-        busy0, srv0 = machine_busy_seconds(), cpu_seconds(server.proc.pid)
+        cpu = CpuUse(server.proc.pid).start()
         with CacheSampler(server.base) as cache:
             run = asyncio.run(run_workload(api, server.base, model, users, turns, args.new_tokens,
                                            think_s=args.think, log=log))
-        busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
+        cpu.stop()
         sampler.stop()
         after = read_metrics(server.base)
         count_tokens(tokenizer, run.records)
         s = workload_stats(run, counter_deltas(before, after))
         wall = max(1e-9, run.end - run.t0)
         s.update(loadavg_start=la, loadavg_end=loadavg(), peak_rss_mb=sampler.peaks.get("run"),
-                 metrics_exposed=before is not None,
-                 server_cpu_cores=round(srv / wall, 2), client_cpu_cores=round(run.cpu_s / wall, 2),
-                 other_cpu_cores=round(max(0.0, busy - srv - run.cpu_s) / wall, 2))
+                 metrics_exposed=before is not None, **cpu.cores(run.cpu_s, wall))
         if key == "ours":
             s["prefix_cache_peak_tokens"] = cache.peak["chatstream_prefix_cache_tokens"]
             s["prefix_cache_peak_bytes"] = cache.peak["chatstream_prefix_cache_bytes"]
@@ -212,9 +158,10 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
                 f"{s['prefix_cache_peak_bytes'] / 2**20:.1f} MiB")
         out.update(s)
         p = s["per_turn"]
-        log(f"     {s['tok_s']:.1f} tok/s over {s['wall_s']:.1f}s, TTFT p50 turn 1 {_ms(p[0]['ttft_p50_ms'])} -> "
-            f"turn {turns} {_ms(p[-1]['ttft_p50_ms'])} (p99 {_ms(p[0]['ttft_p99_ms'])} -> {_ms(p[-1]['ttft_p99_ms'])}), "
-            f"hit rate {_pct(s['hit_rate'])}, {s['answers_ok']} answers, {s['errors']} errors, "
+        first50, last50, first99, last99 = (fmt_ms(p[i][f"ttft_{q}_ms"], ",.0f") for q in ("p50", "p99") for i in (0, -1))
+        log(f"     {s['tok_s']:.1f} tok/s over {s['wall_s']:.1f}s, TTFT p50 turn 1 {first50} -> "
+            f"turn {turns} {last50} (p99 {first99} -> {last99}), "
+            f"hit rate {fmt_pct(s['hit_rate'])}, {s['answers_ok']} answers, {s['errors']} errors, "
             f"{fmt(s['mean_tokens_per_answer'])} tok/answer; CPU cores: server {s['server_cpu_cores']}, "
             f"client {s['client_cpu_cores']}, other {s['other_cpu_cores']}")
         out["records"] = [{"user": r.user, "turn": r.turn + 1, "ttft_ms": r.ttft_ms,
@@ -224,14 +171,6 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
     finally:
         server.stop()
     return out
-
-
-def _ms(v):
-    return "n/a" if v is None else f"{v:,.0f}ms"
-
-
-def _pct(v):
-    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def best_vllm(shape_results: dict) -> str | None:
@@ -295,7 +234,7 @@ def render(report: dict) -> tuple[str, str]:
             r = res[t]
             p = r["per_turn"]
             summary.append([t, fmt(r["tok_s"]), fmt(p[0]["ttft_p50_ms"], 0), fmt(p[-1]["ttft_p50_ms"], 0),
-                            fmt(p[0]["ttft_p99_ms"], 0), fmt(p[-1]["ttft_p99_ms"], 0), _pct(r["hit_rate"]),
+                            fmt(p[0]["ttft_p99_ms"], 0), fmt(p[-1]["ttft_p99_ms"], 0), fmt_pct(r["hit_rate"]),
                             f"{fmt(r['first_turn_prompt_tokens'], 0)} / {fmt(r['last_turn_prompt_tokens'], 0)}",
                             fmt(r["mean_tokens_per_answer"]), str(r["errors"]), fmt(r["peak_rss_mb"], 0)])
         ratios = [["ratio", "tok/s", "TTFT p50 last", "TTFT p99 last"]]
@@ -319,8 +258,7 @@ def render(report: dict) -> tuple[str, str]:
         if len(ratios) > 1:
             md += ["Ratios ours/peer: tok/s higher is better, TTFT lower is better.", "", md_table(ratios), ""]
         md += ["TTFT by turn index:", "", md_table(per_turn), ""]
-    g = [f"{ {True: 'MET   ', False: 'MISSED', None: 'n/a   '}[x['met']]} {x['goal']}: {x['detail']}"
-         for x in report["goals"]]
+    g = goal_lines(report["goals"])
     text += ["", *g]
     md += ["## Goals", "", *[f"- {x}" for x in g], "", "## Servers", ""]
     for shape, res in report["results"].items():
@@ -334,73 +272,37 @@ def render(report: dict) -> tuple[str, str]:
 
 
 def main() -> None:
-    stop_servers_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = server_bench_parser(__doc__)
     ap.add_argument("--shapes", default="8x8,16x6", help="comma-separated USERSxTURNS")
     ap.add_argument("--targets", default=DEFAULT_TARGETS, help=f"comma-separated, from {DEFAULT_TARGETS}")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prefix-cache-tokens", type=int, default=4096,
                     help="ours' KV budget (--prefix-cache-tokens of chatstream serve; 4096 is its default)")
     ap.add_argument("--think", type=float, default=0.0, help="seconds a user waits between its turns")
-    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 users x 3 turns, no waiting for quiet")
-    ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
-    ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
-    ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>-multiturn[-quick])")
-    args = ap.parse_args()
-    if args.quick:
-        if args.shapes == ap.get_default("shapes"):
-            args.shapes = "2x3"
-        args.quiet_wait = 0
+    args = parse_run_args(ap, out="bench/results/<date>-<host-kind>-multiturn[-quick]",
+                          quick="smoke run: 2 users x 3 turns, no waiting for quiet", quick_defaults={"shapes": "2x3"})
     shapes = []
     for s in args.shapes.split(","):
         u, _, t = s.strip().partition("x")
         shapes.append((int(u), int(t)))
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    for t in targets:
-        if t not in TARGETS:
-            sys.exit(f"unknown target {t!r}; choose from {DEFAULT_TARGETS}")
+    targets = pick(args.targets, TARGETS, "target")
 
     PEERS["ours"].prefix_cache_tokens = PEERS["ours-bf16"].prefix_cache_tokens = args.prefix_cache_tokens
     ensure_peers(sorted({TARGETS[t][0] for t in targets}))
-    model_path = model_dir(args.model)
-    log(f"==> model {model_path}")
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    info = machine()
-    quiet = wait_for_quiet(args.quiet_load, args.quiet_wait * 60)
-    before = loadavg()
-    log(f"==> {info['cpu_model']} ({', '.join(info['cpu_simd'])}), {info['cores']} cores, {info['ram_gib']} GiB; "
-        f"load average {before}")
-    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-              "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": info,
-              "config": {"shapes": [f"{u}x{t}" for u, t in shapes], "targets": targets, "new_tokens": args.new_tokens,
-                         "think_s": args.think, "quick": args.quick, "sampling": "greedy (temperature 0)",
-                         "questions": {f"{u}x{t}": [[question(i, j) for j in range(t)] for i in range(u)]
-                                       for u, t in shapes}},
-              "results": {}, "errors": {}}
+    model_path, tokenizer = model_and_tokenizer(args.model)
+    report, before = start_report(args)
+    report["config"] = {"shapes": [f"{u}x{t}" for u, t in shapes], "targets": targets, "new_tokens": args.new_tokens,
+                        "think_s": args.think, "quick": args.quick, "sampling": "greedy (temperature 0)",
+                        "questions": {f"{u}x{t}": [[question(i, j) for j in range(t)] for i in range(u)]
+                                      for u, t in shapes}}
     for users, turns in shapes:
         shape = f"{users}x{turns}"
         report["results"][shape] = {}
         for t in targets:
             log(f"==> {shape}: {t} ({PEERS[TARGETS[t][0]].label}, {TARGETS[t][1]})")
-            try:
-                report["results"][shape][t] = bench_target(t, users, turns, args, model_path, tokenizer)
-            except Exception as exc:
-                log(f"  FAILED: {exc}")
-                report["errors"][f"{shape} {t}"] = str(exc)[:2000]
-    report["loadavg"] = {"before": before, "after": loadavg()}
-    report["quiet"] = quiet and before[0] < args.quiet_load
-    report["goals"] = goals(report["results"])
-    report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    text, md = render(report)
-    log("\n" + text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.out) if args.out else RESULTS / (
-        f"{report['date']}-{info['host_kind']}-multiturn" + ("-quick" if args.quick else ""))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(md)
-    log(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+            attempt(report, report["results"][shape], t,
+                    lambda: bench_target(t, users, turns, args, model_path, tokenizer), f"{shape} {t}")
+    finish_report(report, before, args, goals(report["results"]), render, "-multiturn")
 
 
 if __name__ == "__main__":

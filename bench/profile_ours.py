@@ -18,10 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_client import PROTOCOLS, run_level  # noqa: E402
-from bench_servers import LOGS, PEERS, PEERS_DIR, Server  # noqa: E402
+from lib.client import PROTOCOLS, run_level
+from lib.environment import model_dir
+from lib.servers import LOGS, PEERS, PEERS_DIR, Server
 
 PY_SPY = PEERS_DIR / "tools" / "bin" / "py-spy"
 
@@ -87,7 +86,6 @@ def main() -> None:
     if not PY_SPY.exists():
         subprocess.run([sys.executable, "-m", "venv", str(PEERS_DIR / "tools")], check=True)
         subprocess.run([str(PEERS_DIR / "tools" / "bin" / "pip"), "install", "-q", "py-spy"], check=True)
-    from run import model_dir
     model = model_dir(args.model)
     server = Server(PEERS["ours"], model, args.clients, args.new_tokens)
     server.start()

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from lib.host import cpuinfo
 
 # SmolLM2-135M-Instruct (config.json of the builtin model)
 HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 576, 30, 9, 3, 64, 1536, 49152
@@ -105,8 +106,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, help="a bench/run.py results JSON to set against the ceiling")
     args = ap.parse_args()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpuinfo()[0]
     bw = bandwidth()
     flops = throughput()
     best = max(flops.values())

@@ -13,122 +13,19 @@ bench/setup_peers.sh (run automatically when missing).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime as dt
-import json
-import os
-import platform
-import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_client import PROMPTS, PROTOCOLS, count_tokens, new_session, one_request, run_level  # noqa: E402
-from bench_report import (goal_lines, goals, level_stats, md_table, memory_rows,  # noqa: E402
-                          results_table, text_table)
-from bench_servers import (BENCH, PEERS, PROJECT_VENV, ROOT, VLLM, RSSSampler, Server, cpu_seconds, hwm_mb,  # noqa: E402
-                           machine_busy_seconds, rss_mb)
+from lib.client import PROMPTS, PROTOCOLS, count_tokens, run_level, warm
+from lib.environment import ensure_peers, model_and_tokenizer
+from lib.host import loadavg, log
+from lib.report import (fmt_ms, goal_lines, goals, level_stats, md_table, memory_rows, results_table,
+                        text_table)
+from lib.results import attempt, finish_report, parse_run_args, pick, server_bench_parser, start_report
+from lib.servers import PEERS, CpuUse, RSSSampler, Server, hwm_mb, note_start, rss_mb
 
 # vllm-2t-auto first among the peers: vLLM as its users run it (--dtype auto, bfloat16 on x86)
 DEFAULT_PEERS = "ours,ours-bf16,vllm-2t-auto,vllm-2t,ours-torch-linear,chatstream030,transformers,vllm"
-# CPU features that decide which kernels are fast; the report header names those present
-SIMD_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-RESULTS = BENCH / "results"
-
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def loadavg() -> list[float]:
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
-
-
-def sh(cmd: list[str], timeout: float = 120) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT)).stdout.strip()
-    except Exception as exc:
-        return f"unavailable ({exc})"
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    flags = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1]
-    with open("/proc/meminfo") as f:
-        mem_kb = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
-    cores = len(os.sched_getaffinity(0))
-    kind = f"{cores}cpu-" + re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-")
-    simd = [f for f in SIMD_FLAGS if f" {f} " in f" {flags} "]
-    versions = {}
-    for key, peer in PEERS.items():
-        if peer.python.exists():
-            versions[key] = sh([str(peer.python), "-c",
-                                "import json, torch, transformers; import importlib.metadata as m\n"
-                                "v={'torch': torch.__version__, 'transformers': transformers.__version__,"
-                                " 'torch_threads': torch.get_num_threads()}\n"
-                                "for d in ('chatstream', 'chatstream-k8s', 'vllm', 'fastapi', 'uvicorn'):\n"
-                                "    try: v[d] = m.version(d)\n"
-                                "    except Exception: pass\n"
-                                "print(json.dumps(v))"])
-            try:
-                versions[key] = json.loads(versions[key])
-            except ValueError:
-                pass
-    return {
-        "host_kind": kind, "hostname": socket.gethostname(), "cpu_model": cpu, "cpu_simd": simd,
-        "cores": cores, "cpu_count": os.cpu_count(), "ram_gib": round(mem_kb / 1024 ** 2, 1),
-        "kernel": platform.release(), "python": platform.python_version(),
-        "lscpu": sh(["lscpu"]),
-        "git_commit": sh(["git", "rev-parse", "HEAD"]),
-        "git_dirty_service": bool(sh(["git", "status", "--porcelain", "--", "service"])),
-        "versions": versions,
-    }
-
-
-def model_dir(arg: str | None) -> str:
-    if arg:
-        return str(Path(arg).resolve())
-    out = sh([str(PROJECT_VENV / "bin" / "chatstream"), "prepare-model"], timeout=1800)
-    path = out.splitlines()[-1].rpartition(" in ")[2].strip() if out else ""
-    if not Path(path).is_dir():
-        sys.exit(f"could not find the model directory from `chatstream prepare-model`: {out!r}")
-    return path
-
-
-def ensure_peers(keys: list[str]) -> None:
-    peers = sorted({PEERS[k].python.parent.parent.name for k in keys if not k.startswith("ours")})
-    missing = [k for k in peers if not (BENCH / ".peers" / k / "bin" / "python").exists()]
-    stamp_ok = all((BENCH / ".peers" / k / ".bench-ready").exists() for k in peers)
-    if missing or not stamp_ok:
-        log("==> setting up peer environments (bench/setup_peers.sh)")
-        subprocess.run(["bash", str(BENCH / "setup_peers.sh")] + peers, check=True)
-
-
-async def warm_up(server: Server, model: str, new_tokens: int) -> None:
-    proto = PROTOCOLS[server.peer.protocol]
-    async with new_session() as session:
-        for i in range(2):
-            r = await one_request(session, proto, server.base, model, 0, i, new_tokens)
-            if r.error:
-                raise RuntimeError(f"warm-up request failed: {r.error}\n{server.tail()}")
-        # one concurrent round so batching paths are exercised too (short for peers that
-        # take max_tokens; ChatStream 0.3.0 has a fixed max_new_tokens, so skip it there)
-        if server.peer.protocol == "openai":
-            await asyncio.gather(*(one_request(session, proto, server.base, model, i, i, 8) for i in range(8)))
 
 
 def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
@@ -139,14 +36,11 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
                  "notes": peer.notes, "levels": {}, "loadavg": {}}
     server.start()
     try:
-        out["startup_s"] = round(server.startup_s, 1)
-        note_binding(server, out)
+        note_start(server, out)
         time.sleep(2)
         idle = rss_mb(server.proc.pid)
         model = peer.model_name(model_path)
-        t = time.perf_counter()
-        asyncio.run(warm_up(server, model, args.new_tokens))
-        log(f"  warmed up in {time.perf_counter() - t:.1f}s")
+        warm(server, model, args.new_tokens, log)
         time.sleep(2)
         idle_warm = rss_mb(server.proc.pid)
         sampler = RSSSampler(server.proc.pid).start()
@@ -155,28 +49,25 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
             la = loadavg()
             log(f"  {c:>2} clients: load average {la[0]:.2f}; running {args.duration:.0f}s window ...")
             sampler.mark(str(c))
-            busy0, srv0 = machine_busy_seconds(), cpu_seconds(server.proc.pid)
+            cpu = CpuUse(server.proc.pid).start()
             run = asyncio.run(run_level(
                 PROTOCOLS[peer.protocol], server.base, model, c, args.new_tokens, duration=args.duration,
                 warmup=args.warmup, warmup_cap=args.warmup_cap, tail_cap=args.duration,
                 drain_cap=5.0 if last else args.drain_cap, repeat_prompts=args.repeat_prompts, log=log))
             sampler.mark(None)
-            busy, srv = machine_busy_seconds() - busy0, cpu_seconds(server.proc.pid) - srv0
+            cpu.stop()
             count_tokens(tokenizer, run.records)
             s = level_stats(run)
             s["loadavg_start"] = la
             s["loadavg_end"] = loadavg()
             s["peak_rss_mb"] = sampler.peaks.get(str(c))
             wall = run.end - run.t0
-            # CPU the server and this client used, and what everything else on the machine took
-            s["server_cpu_cores"] = round(srv / wall, 2)
-            s["client_cpu_cores"] = round(run.cpu_s / wall, 2)
-            s["other_cpu_cores"] = round(max(0.0, busy - srv - run.cpu_s) / wall, 2)
+            s.update(cpu.cores(run.cpu_s, wall))
             # tokens per CPU-second the server used: less sensitive to other work on the machine
             s["tok_per_server_cpu_s"] = round(s["tok_s"] / max(1e-9, s["server_cpu_cores"]), 2)
             out["levels"][str(c)] = s
-            log(f"     {s['tok_s']:.1f} tok/s, TTFT p50 {_ms(s['ttft_p50_ms'])} p99 {_ms(s['ttft_p99_ms'])}, "
-                f"ITL p50 {_ms(s['itl_p50_ms'])} p99 {_ms(s['itl_p99_ms'])}, "
+            log(f"     {s['tok_s']:.1f} tok/s, TTFT p50 {fmt_ms(s['ttft_p50_ms'])} p99 {fmt_ms(s['ttft_p99_ms'])}, "
+                f"ITL p50 {fmt_ms(s['itl_p50_ms'])} p99 {fmt_ms(s['itl_p99_ms'])}, "
                 f"{s['requests_measured']} requests measured, {s['errors']} errors, "
                 f"{_n(s['mean_tokens_per_request'])} tok/request; CPU cores used: server "
                 f"{s['server_cpu_cores']}, client {s['client_cpu_cores']}, other processes {s['other_cpu_cores']}; "
@@ -194,19 +85,6 @@ def bench_peer(key: str, args, model_path: str, tokenizer) -> dict:
     finally:
         server.stop()
     return out
-
-
-def note_binding(server: Server, out: dict) -> None:
-    """For vLLM: the CPUs its OpenMP threads were bound to, from its start-up log."""
-    if isinstance(server.peer, VLLM):
-        bound = VLLM.binding_from_log(server.log_path.read_text(errors="replace"))
-        out["omp_binding"] = bound
-        out["notes"] = out["notes"] + [f"OpenMP threads bound: {bound or 'not found in its log'}"]
-        log(f"  vLLM OpenMP binding: {bound}")
-
-
-def _ms(v):
-    return "n/a" if v is None else f"{v:.0f}ms"
 
 
 def _n(v):
@@ -264,29 +142,8 @@ def render(report: dict) -> tuple[str, str]:
     return text, "\n".join(md) + "\n"
 
 
-def stop_servers_on_sigterm() -> None:
-    """SIGTERM (timeout, kill) unwinds like Ctrl-C, so the server under test is stopped too:
-    each runs in its own process group and would outlive the benchmark otherwise."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
-def wait_for_quiet(limit: float, max_wait_s: float) -> bool:
-    waited = 0.0
-    while True:
-        la = loadavg()
-        if la[0] < limit:
-            return True
-        if waited >= max_wait_s:
-            log(f"load average still {la[0]:.2f} after {waited / 60:.0f} min: running anyway (recorded as not quiet)")
-            return False
-        log(f"load average {la[0]:.2f} >= {limit}: waiting a minute for a quieter machine ...")
-        time.sleep(60)
-        waited += 60
-
-
 def main() -> None:
-    stop_servers_on_sigterm()
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = server_bench_parser(__doc__)
     ap.add_argument("--clients", default="1,8,16,32", help="comma-separated concurrency levels")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--duration", type=float, default=60.0, help="measurement window per level, seconds")
@@ -298,75 +155,36 @@ def main() -> None:
     ap.add_argument("--repeat-prompts", action="store_true",
                     help="send the 8 prompts as they are (a prefix cache then skips their prefill); "
                          "by default each request's prompt starts with its own tag")
-    ap.add_argument("--model", help="model directory (default: `chatstream prepare-model`)")
-    ap.add_argument("--quick", action="store_true", help="short run for development: 1,8 clients, 10s windows")
-    ap.add_argument("--quiet-load", type=float, default=0.7, help="wait for a 1-minute load average below this")
-    ap.add_argument("--quiet-wait", type=float, default=20.0, help="minutes to wait for it (0: do not wait)")
     ap.add_argument("--transformers-cb", choices=("tuned", "default"), default="tuned",
                     help="transformers serve KV-cache sizing: tuned for this workload (default) or its own")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="weights/activations dtype, the same for every server")
-    ap.add_argument("--out", help="results file stem (default bench/results/<date>-<host-kind>[-quick])")
-    args = ap.parse_args()
+    args = parse_run_args(ap, out="bench/results/<date>-<host-kind>[-quick]",
+                          quick="short run for development: 1,8 clients, 10s windows",
+                          quick_defaults={"clients": "1,8", "duration": 10.0})
     if args.quick:
-        if args.clients == ap.get_default("clients"):
-            args.clients = "1,8"
-        if args.duration == ap.get_default("duration"):
-            args.duration = 10.0
         args.warmup_cap = min(args.warmup_cap, 15.0)
         args.drain_cap = min(args.drain_cap, 60.0)
-        args.quiet_wait = 0
     args.clients = [int(c) for c in args.clients.split(",")]
     PEERS["transformers"].cb_defaults = args.transformers_cb == "default"
     for peer in PEERS.values():
         if not peer.own_dtype:
             peer.dtype = args.dtype
-    keys = [k.strip() for k in args.peers.split(",") if k.strip()]
-    for k in keys:
-        if k not in PEERS:
-            sys.exit(f"unknown peer {k!r}; choose from {', '.join(PEERS)}")
+    keys = pick(args.peers, PEERS, "peer")
 
     ensure_peers(keys)
-    model_path = model_dir(args.model)
-    log(f"==> model {model_path}")
-    from transformers import AutoTokenizer  # project venv; used to re-tokenize ChatStream 0.3.0 answers
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model_path, tokenizer = model_and_tokenizer(args.model)  # re-tokenizes ChatStream 0.3.0's answers
 
-    info = machine()
-    quiet = wait_for_quiet(args.quiet_load, args.quiet_wait * 60)
-    before = loadavg()
-    log(f"==> {info['cpu_model']}, {info['cores']} cores, {info['ram_gib']} GiB; load average {before}")
-    report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-              "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "machine": info, "config": {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
-                                          "duration": args.duration, "warmup": args.warmup,
-                                          "warmup_cap": args.warmup_cap, "quick": args.quick,
-                                          "transformers_cb": args.transformers_cb, "dtype": args.dtype,
-                                          "prompts": PROMPTS, "sampling": "greedy (temperature 0)"},
-              "results": {}, "errors": {}}
+    report, before = start_report(args)
+    report["config"] = {"peers": keys, "clients": args.clients, "new_tokens": args.new_tokens,
+                        "duration": args.duration, "warmup": args.warmup, "warmup_cap": args.warmup_cap,
+                        "quick": args.quick, "transformers_cb": args.transformers_cb, "dtype": args.dtype,
+                        "prompts": PROMPTS, "sampling": "greedy (temperature 0)"}
     for k in keys:
         log(f"==> {PEERS[k].label}")
-        try:
-            report["results"][k] = bench_peer(k, args, model_path, tokenizer)
-        except Exception as exc:
-            log(f"  FAILED: {exc}")
-            report["errors"][k] = str(exc)[:2000]
-    after = loadavg()
-    report["loadavg"] = {"before": before, "after": after}
-    # the servers under test load the machine themselves, so only the start is judged; the
-    # CPU other processes took during each level is recorded per level (other_cpu_cores)
-    report["quiet"] = quiet and before[0] < args.quiet_load
-    report["goals"] = goals(report["results"])
-    report["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-    text, md = render(report)
-    log("\n" + text)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.out) if args.out else RESULTS / (
-        f"{report['date']}-{info['host_kind']}" + ("-quick" if args.quick else ""))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(md)
-    log(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+        attempt(report, report["results"], k, lambda: bench_peer(k, args, model_path, tokenizer))
+    # the CPU other processes took during each level is recorded per level (other_cpu_cores)
+    finish_report(report, before, args, goals(report["results"]), render)
 
 
 if __name__ == "__main__":

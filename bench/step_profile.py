@@ -11,17 +11,13 @@ batch-invariant attention's matmul / exp / cumsum in bfloat16 mode), and the res
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import types
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from dtype_quality import cpu_description  # noqa: E402
+from lib.host import cpu_description
 
 BUCKETS = [  # (bucket, substrings of an operator name), the first that matches wins
     ("products (oneDNN linear)", ["_linear_pointwise"]),

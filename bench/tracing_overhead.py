@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,13 +18,9 @@ import time
 
 import httpx
 
+from lib.host import free_port
+
 PROMPT = "Write a long story about a dragon."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(env_extra: dict) -> tuple[subprocess.Popen, str]:

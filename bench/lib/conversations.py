@@ -13,17 +13,17 @@ Two ways to hold a conversation:
     session cookie; only the new input is sent, the server holds the history. The answer
     is plain text deltas, with no token count (see ``count_tokens``).
 
-Timing as in bench_client: TTFT = request sent -> first chunk with non-empty content.
+Timing as in lib.streaming: TTFT = request sent -> first chunk with non-empty content.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
+from .streaming import TIMEOUT, Answer, post_stream, read_chat_sse
 
 # One opening question per user: 16 different subjects, so users share nothing but the
 # chat template's preamble (as real users of one server would).
@@ -68,60 +68,14 @@ def question(user: int, turn: int) -> str:
     return FOLLOW_UPS[(user + turn - 1) % len(FOLLOW_UPS)]
 
 
-@dataclass
-class Turn:
+@dataclass(kw_only=True)
+class Turn(Answer):
     user: int
     turn: int
-    start: float
-    end: float = 0.0
-    first: float | None = None
-    events: list[float] = field(default_factory=list)
-    text: str = ""
-    tokens: int | None = None            # server-reported completion tokens
-    tokens_retok: int | None = None      # final text re-tokenized (when the server reports none)
-    prompt_tokens: int | None = None     # server-reported prompt tokens
-    cached_tokens: int | None = None     # usage.prompt_tokens_details.cached_tokens, where sent
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.first is not None
 
     @property
     def ttft_ms(self) -> float | None:
         return None if self.first is None else (self.first - self.start) * 1000
-
-
-async def _read_sse(resp: aiohttp.ClientResponse, rec: Turn) -> None:
-    parts = []
-    async for line in resp.content:
-        now = time.perf_counter()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        chunk = json.loads(data)
-        if "error" in chunk:
-            rec.error = f"stream error: {chunk['error']}"
-            return
-        usage = chunk.get("usage")
-        if usage:
-            if usage.get("completion_tokens") is not None:
-                rec.tokens = int(usage["completion_tokens"])
-            if usage.get("prompt_tokens") is not None:
-                rec.prompt_tokens = int(usage["prompt_tokens"])
-            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-            if cached is not None:
-                rec.cached_tokens = int(cached)
-        for choice in chunk.get("choices") or ():
-            content = (choice.get("delta") or {}).get("content")
-            if content:
-                parts.append(content)
-                rec.events.append(now)
-                if rec.first is None:
-                    rec.first = now
-    rec.text = "".join(parts)
 
 
 async def _read_text(resp: aiohttp.ClientResponse, rec: Turn) -> None:
@@ -131,9 +85,7 @@ async def _read_text(resp: aiohttp.ClientResponse, rec: Turn) -> None:
         piece = raw.decode("utf-8", errors="replace")
         if piece:
             parts.append(piece)
-            rec.events.append(now)
-            if rec.first is None:
-                rec.first = now
+            rec.arrived(now)
     rec.text = "".join(parts)
 
 
@@ -147,7 +99,7 @@ class Conversation:
         # no cookies from IP-address hosts otherwise, and the server is 127.0.0.1)
         self.http = aiohttp.ClientSession(
             cookie_jar=aiohttp.CookieJar(unsafe=True) if api == "chat_stream" else aiohttp.DummyCookieJar(),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900))
+            timeout=TIMEOUT)
 
     async def close(self):
         await self.http.close()
@@ -160,22 +112,11 @@ class Conversation:
             body = {"model": self.model, "messages": self.history + [{"role": "user", "content": q}],
                     "stream": True, "max_tokens": self.max_tokens, "temperature": 0.0,
                     "stream_options": {"include_usage": True}}
-            reader = _read_sse
+            reader = read_chat_sse
         else:
             url, body, reader = self.base + "/chat_stream", {"user_input": q}, _read_text
         rec = Turn(user=self.user, turn=turn, start=time.perf_counter())
-        try:
-            async with self.http.post(url, json=body) as resp:
-                if resp.status != 200:
-                    rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                else:
-                    await reader(resp, rec)
-        except Exception as exc:  # counted, never fatal
-            rec.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            rec.end = time.perf_counter()
-        if rec.error is None and rec.first is None:
-            rec.error = "empty answer"
+        await post_stream(self.http, url, body, rec, reader)
         if rec.ok and self.api == "v1":
             # the client keeps the answer exactly as it received it
             self.history += [{"role": "user", "content": q}, {"role": "assistant", "content": rec.text}]

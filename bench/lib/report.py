@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from bench_client import LevelRun, Record
+from .client import LevelRun, Record
 
 # (metric key, heading, unit, higher is better)
 METRICS = [
@@ -88,6 +88,14 @@ def fmt(v, digits=1) -> str:
 
 def fmt_ratio(v) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
+
+
+def fmt_ms(v, spec: str = ".0f") -> str:
+    return "n/a" if v is None else f"{v:{spec}}ms"
+
+
+def fmt_pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
 def results_table(results: dict, peers: list[str], levels: list[int], labels: dict) -> list[list[str]]:

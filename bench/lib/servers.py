@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
+from .host import BENCH, ROOT, Sampler, free_port, log
+
 PEERS_DIR = BENCH / ".peers"
 LOGS = PEERS_DIR / "logs"
 # the project venv; CHATSTREAM_BENCH_VENV names another (a git worktree without a venv of its own)
@@ -29,6 +28,8 @@ CHATSTREAM030_PY = PEERS_DIR / "chatstream030" / "bin" / "python"
 TRANSFORMERS_PY = PEERS_DIR / "transformers" / "bin" / "python"
 VLLM_PY = PEERS_DIR / "vllm" / "bin" / "python"
 MODELS_DIR = PEERS_DIR / "models"
+# compare_commits.py and long_conversation.py: a worktree per commit served
+AT_COMMITS = PEERS_DIR / "ab"
 
 # ChatStream 0.3.0 as its README sets it up: 8 concurrent executions.
 CHATSTREAM030_SLOTS = 8
@@ -38,7 +39,7 @@ CHATSTREAM030_SLOTS = 8
 class Peer:
     key: str
     label: str
-    protocol: str                       # key of bench_client.PROTOCOLS
+    protocol: str                       # key of lib.client.PROTOCOLS
     ready_path: str
     python: Path
     notes: list[str] = field(default_factory=list)
@@ -83,30 +84,20 @@ class Ours(Peer):
                 "--temperature", "0", "--device", "cpu", "--dtype", self.dtype, *cache]
 
 
-class OursTorchLinear(Ours):
-    """Ours with PyTorch's own CPU linear kernel: shows what the engine does without oneDNN prepacking."""
+class OursCpuLinear(Ours):
+    """Ours with another ``--cpu-linear`` kernel: ``torch``, PyTorch's own CPU linear kernel (what the engine
+    does without oneDNN prepacking), or ``bfloat16``, a float32 model whose products run in bfloat16 (where
+    the CPU passes the engine's check at start; batch-invariant attention, bf16_linear.py)."""
 
-    def __init__(self):
-        Peer.__init__(self, "ours-torch-linear", "this project, --cpu-linear torch", "openai", "/readyz", PROJECT_PY)
-
-    def command(self, model_dir, port, max_clients, new_tokens):
-        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", "torch"]
-        self.notes = [self.notes[0].replace("--dtype", "--cpu-linear torch --dtype")]
-        return cmd
-
-
-class OursBF16(Ours):
-    """Ours with a float32 model whose products run in bfloat16 (``--cpu-linear bfloat16``: where the CPU
-    passes the engine's check at start; batch-invariant attention, bf16_linear.py)."""
-
-    def __init__(self):
-        Peer.__init__(self, "ours-bf16", "this project, --cpu-linear bfloat16 (float32 model, bfloat16 products)",
-                      "openai", "/readyz", PROJECT_PY, own_dtype=True)
+    def __init__(self, key: str, label: str, kernel: str, own_dtype: bool = False):
+        Peer.__init__(self, key, label, "openai", "/readyz", PROJECT_PY, own_dtype=own_dtype)
+        self.kernel = kernel
 
     def command(self, model_dir, port, max_clients, new_tokens):
-        self.dtype = "float32"
-        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", "bfloat16"]
-        self.notes = [self.notes[0].replace("--dtype", "--cpu-linear bfloat16 --dtype")]
+        if self.own_dtype:
+            self.dtype = "float32"
+        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", self.kernel]
+        self.notes = [self.notes[0].replace("--dtype", f"--cpu-linear {self.kernel} --dtype")]
         return cmd
 
 
@@ -254,14 +245,43 @@ class VLLM(Peer):
         return None
 
 
-PEERS = {p.key: p for p in (Ours(), OursBF16(), OursTorchLinear(), ChatStream030(), TransformersServe(),
+class OursAt(Ours):
+    """Ours serving another commit's service/ (``checkout``'s worktree of it) with the project venv
+    (CHATSTREAM_BENCH_VENV, else this checkout's .venv)."""
+
+    def __init__(self, rev: str, tree: Path, extra_env: dict):
+        super().__init__()
+        self.key, self.label, self.tree, self.extra_env = f"ours@{rev}", f"this project at {rev}", tree, extra_env
+
+    def command(self, model_dir, port, max_clients, new_tokens):
+        cmd = super().command(model_dir, port, max_clients, new_tokens)
+        return [str(PROJECT_PY), "-m", "chatstream"] + cmd[1:]
+
+    def env(self) -> dict:
+        env = super().env()
+        env["PYTHONPATH"] = str(self.tree / "service")
+        env.update(self.extra_env)
+        return env
+
+
+def checkout(rev: str) -> Path:
+    """A detached worktree of ``rev`` under bench/.peers/ab, made once."""
+    sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = AT_COMMITS / sha
+    if not tree.exists():
+        AT_COMMITS.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), sha], cwd=ROOT, check=True,
+                       capture_output=True)
+    return tree
+
+
+PEERS = {p.key: p for p in (Ours(),
+                            OursCpuLinear("ours-bf16", "this project, --cpu-linear bfloat16 (float32 model, "
+                                          "bfloat16 products)", "bfloat16", own_dtype=True),
+                            OursCpuLinear("ours-torch-linear", "this project, --cpu-linear torch", "torch"),
+                            ChatStream030(), TransformersServe(),
                             VLLM("vllm-2t-auto", "all", "auto"), VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 2.0) -> int:
@@ -270,6 +290,29 @@ def http_get(url: str, timeout: float = 2.0) -> int:
             return r.status
     except Exception:
         return 0
+
+
+def read_metrics(base: str) -> dict[str, float] | None:
+    """Prometheus text exposition -> {sample name: value summed over labels}; None without /metrics."""
+    try:
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            if r.status != 200:
+                return None
+            text = r.read().decode("utf-8", errors="replace")
+    except Exception:
+        return None
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{.*\})?\s+(\S+)", line)
+        if not m:
+            continue
+        try:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+        except ValueError:
+            pass
+    return out
 
 
 def tree_pids(pid: int) -> list[int]:
@@ -331,33 +374,23 @@ def machine_busy_seconds() -> float:
     return (sum(v) - idle - guest) / _TICK
 
 
-class RSSSampler:
+class RSSSampler(Sampler):
     """Samples the server tree's RSS every ``period`` s on a thread; ``mark()`` starts a
     new named span so each concurrency level gets its own peak."""
 
     def __init__(self, pid: int, period: float = 0.2):
-        self.pid, self.period = pid, period
+        super().__init__(period)
+        self.pid = pid
         self.peaks: dict[str, float] = {}
         self.span: str | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self):
-        self._thread.start()
-        return self
 
     def mark(self, span: str | None):
         self.span = span
 
-    def _run(self):
-        while not self._stop.wait(self.period):
-            if self.span is not None:
-                v = rss_mb(self.pid)
-                self.peaks[self.span] = max(self.peaks.get(self.span, 0.0), v)
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
+    def sample(self):
+        if self.span is not None:
+            v = rss_mb(self.pid)
+            self.peaks[self.span] = max(self.peaks.get(self.span, 0.0), v)
 
 
 class Server:
@@ -412,3 +445,33 @@ class Server:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def note_start(server: Server, out: dict) -> None:
+    """Its start-up time, and for vLLM the CPUs its OpenMP threads were bound to, from its start-up log."""
+    out["startup_s"] = round(server.startup_s, 1)
+    if isinstance(server.peer, VLLM):
+        bound = VLLM.binding_from_log(server.log_path.read_text(errors="replace"))
+        out["omp_binding"] = bound
+        out["notes"] = out["notes"] + [f"OpenMP threads bound: {bound or 'not found in its log'}"]
+        log(f"  vLLM OpenMP binding: {bound}")
+
+
+class CpuUse:
+    """The CPU seconds the server's process tree and the whole machine took between start() and stop()."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def start(self) -> CpuUse:
+        self.busy0, self.srv0 = machine_busy_seconds(), cpu_seconds(self.pid)
+        return self
+
+    def stop(self) -> None:
+        self.busy, self.srv = machine_busy_seconds() - self.busy0, cpu_seconds(self.pid) - self.srv0
+
+    def cores(self, client_cpu_s: float, wall: float) -> dict:
+        """Cores used on average over ``wall``: by the server, by this client (``client_cpu_s``) and by
+        every other process on the machine."""
+        return {"server_cpu_cores": round(self.srv / wall, 2), "client_cpu_cores": round(client_cpu_s / wall, 2),
+                "other_cpu_cores": round(max(0.0, self.busy - self.srv - client_cpu_s) / wall, 2)}

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
+from .streaming import TIMEOUT, Answer, post_stream, read_chat_sse
 
 CHATSTREAM030_END = "<::EOS::>"
 
@@ -45,23 +45,10 @@ PROMPTS = [
 ]
 
 
-@dataclass
-class Record:
+@dataclass(kw_only=True)
+class Record(Answer):
     client: int
     prompt: int
-    start: float
-    end: float = 0.0
-    first: float | None = None                          # first non-empty content
-    events: list[float] = field(default_factory=list)   # arrival of each content chunk
-    text: str = ""
-    tokens: int | None = None                           # server-reported completion tokens
-    tokens_retok: int | None = None                     # final text re-tokenized
-    finish: str | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.first is not None
 
 
 class Protocol:
@@ -83,31 +70,7 @@ class OpenAIProtocol(Protocol):
             "max_tokens": max_tokens, "temperature": 0.0, "stream_options": {"include_usage": True}}
 
     async def read(self, resp, rec):
-        parts = []
-        async for line in resp.content:
-            now = time.perf_counter()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            chunk = json.loads(data)
-            if "error" in chunk:
-                rec.error = f"stream error: {chunk['error']}"
-                return
-            usage = chunk.get("usage")
-            if usage and usage.get("completion_tokens") is not None:
-                rec.tokens = int(usage["completion_tokens"])
-            for choice in chunk.get("choices") or ():
-                content = (choice.get("delta") or {}).get("content")
-                if content:
-                    parts.append(content)
-                    rec.events.append(now)
-                    if rec.first is None:
-                        rec.first = now
-                if choice.get("finish_reason"):
-                    rec.finish = choice["finish_reason"]
-        rec.text = "".join(parts)
+        await read_chat_sse(resp, rec)
 
 
 class ChatStream030Protocol(Protocol):
@@ -127,9 +90,7 @@ class ChatStream030Protocol(Protocol):
                 if seg != text:          # one generated token may add no visible text
                     text = seg
                     if seg:
-                        rec.events.append(now)
-                        if rec.first is None:
-                            rec.first = now
+                        rec.arrived(now)
         buf += decoder.decode(b"", final=True)
         if buf.startswith("{"):          # queue full answers 200 {"error": "too_many_requests"}
             rec.error = f"server said: {buf[:200]}"
@@ -144,7 +105,7 @@ def new_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=0, force_close=False),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900))
+        timeout=TIMEOUT)
 
 
 async def one_request(session, proto: Protocol, base: str, model: str, client: int, prompt_idx: int,
@@ -153,22 +114,7 @@ async def one_request(session, proto: Protocol, base: str, model: str, client: i
     cache only the chat template's preamble to reuse, as distinct users' questions would."""
     url, body = proto.request(base, f"{tag}{PROMPTS[prompt_idx]}", max_tokens, model)
     rec = Record(client=client, prompt=prompt_idx, start=time.perf_counter())
-    try:
-        async with session.post(url, json=body) as resp:
-            if resp.status != 200:
-                rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-            else:
-                await proto.read(resp, rec)
-    except asyncio.CancelledError:
-        rec.error = "cancelled"
-        raise
-    except Exception as exc:  # connection reset, timeouts: counted, never fatal
-        rec.error = f"{type(exc).__name__}: {exc}"
-    finally:
-        rec.end = time.perf_counter()
-    if rec.error is None and rec.first is None:
-        rec.error = "empty answer"
-    return rec
+    return await post_stream(session, url, body, rec, proto.read)
 
 
 @dataclass
@@ -255,3 +201,24 @@ def count_tokens(tokenizer, records: list[Record]) -> None:
     for r in records:
         if r.text:
             r.tokens_retok = len(next(it))
+
+
+async def warm_up(server, model: str, new_tokens: int) -> None:
+    """Two requests to a started ``lib.servers.Server``, then one concurrent round."""
+    proto = PROTOCOLS[server.peer.protocol]
+    async with new_session() as session:
+        for i in range(2):
+            r = await one_request(session, proto, server.base, model, 0, i, new_tokens)
+            if r.error:
+                raise RuntimeError(f"warm-up request failed: {r.error}\n{server.tail()}")
+        # one concurrent round so batching paths are exercised too (short for peers that
+        # take max_tokens; ChatStream 0.3.0 has a fixed max_new_tokens, so skip it there)
+        if server.peer.protocol == "openai":
+            await asyncio.gather(*(one_request(session, proto, server.base, model, i, i, 8) for i in range(8)))
+
+
+def warm(server, model: str, new_tokens: int, log=print) -> None:
+    """``warm_up``, and how long it took."""
+    t = time.perf_counter()
+    asyncio.run(warm_up(server, model, new_tokens))
+    log(f"  warmed up in {time.perf_counter() - t:.1f}s")
