@@ -54,23 +54,30 @@ def block_bias(mask: torch.Tensor) -> torch.Tensor:
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
            scale: float) -> torch.Tensor:
     """Attention of ``q`` (``[B, kv_heads, M, head_dim]``: each key/value head's queries, grouped)
-    over ``keys``/``values`` (``[B, kv_heads, L, head_dim]``, ``L`` a multiple of :data:`BLOCK`) with
-    ``bias`` = :func:`block_bias` of the mask; ``[B, kv_heads, M, head_dim]``.
+    over ``keys``/``values`` (``[B, kv_heads, L, head_dim]``, ``L`` a multiple of :data:`BLOCK`; views of
+    longer cache rows are read in place, not copied) with ``bias`` = :func:`block_bias` of the mask;
+    ``[B, kv_heads, M, head_dim]``.
 
     Every query must see at least one key. Positions a query does not see may hold anything finite.
     """
     b, h, m, d = q.shape
     n = keys.shape[2] // BLOCK
-    kb = keys.view(b, h, n, BLOCK, d)
-    vb = values.view(b, h, n, BLOCK, d)
-    # [B, h, n, M, BLOCK]: block j's scores, a product over head_dim for each (query, key); -inf where unseen
-    scores = _rows(torch.matmul, _pad_rows(q[:, :, None]), kb.transpose(-1, -2), m) * scale + bias
+    # [B, h, n, M, BLOCK]: each (query, key) score is one product over head_dim, whatever L is; -inf where unseen
+    scores = torch.matmul(_pad_rows(q), keys.transpose(-1, -2))[..., :m, :]
+    scores = scores.view(b, h, m, n, BLOCK).transpose(2, 3).mul_(scale).add_(bias)
     top = scores.amax(dim=(2, 4), keepdim=True)  # a maximum: the same in any order
-    weights = torch.exp(scores - top)            # exact zeros where unseen
+    weights = scores.sub_(top).exp_()            # exact zeros where unseen
     # Sums over blocks in index order: trailing blocks of zeros leave the sum as it was.
     denominator = _in_order(weights.sum(-1, keepdim=True))                 # [B, h, M, 1]
-    out = _in_order(_rows(torch.matmul, _pad_rows(weights), vb, m))        # [B, h, M, d]
-    return out / denominator
+    # The weighted values: one product per block, accumulated in index order. A view of a cache row is
+    # not one batch of blocks (its rows are further apart than its length), so the blocks are a loop
+    # over [B * h] batches, each read in place.
+    padded = _pad_rows(weights).flatten(0, 1)  # [B * h, n, P, BLOCK]
+    rows = values.flatten(0, 1)                # [B * h, L, d], a view
+    out = torch.bmm(padded[:, 0], rows[:, :BLOCK])
+    for j in range(1, n):
+        out.baddbmm_(padded[:, j], rows[:, j * BLOCK:(j + 1) * BLOCK])
+    return out.view(b, h, -1, d)[..., :m, :] / denominator
 
 
 def _in_order(blocks: torch.Tensor) -> torch.Tensor:
@@ -84,6 +91,3 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
     return x if short <= 0 else torch.cat([x, x.new_zeros(*x.shape[:-2], short, x.shape[-1])], -2)
 
 
-def _rows(product, a: torch.Tensor, b: torch.Tensor, m: int) -> torch.Tensor:
-    out = product(a, b)
-    return out if out.shape[-2] == m else out[..., :m, :]

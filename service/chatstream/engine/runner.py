@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from . import llama_forward
+from . import attention, llama_forward
 from .architectures import FULL, attention_windows
 from .kv_cache import SlotKVCache
 from .prefix_cache import Drop, Save
@@ -169,14 +169,10 @@ class ModelRunner:
         return ids.to(self.device), pos.to(self.device), mask, plan
 
     def _view(self, view_len: int) -> int:
-        """The positions a pass's queries attend over. The invariant attention reads whole rows of the
-        cache (its capacity, a multiple of its blocks): a shorter view of a row is not contiguous, and
-        PyTorch's matmul copies the keys and values of every layer to fold it (a quarter of a step at 8
-        rows, bench/step_profile.py); the positions past a row's own add exact zeros there."""
-        if not self.invariant:
-            return view_len
-        self.cache.ensure_capacity(view_len)
-        return self.cache.capacity
+        """The positions a pass's queries attend over: the invariant attention reads whole blocks
+        (attention.BLOCK), as a view of each cache row, never the row's whole capacity (a conversation's
+        rows reserve their answer's room too, and the capacity is the largest reservation so far)."""
+        return attention.padded_view(view_len) if self.invariant else view_len
 
     def _masks(self, queries: torch.Tensor, view_len: int):
         """The boolean masks (``[n, 1, q, view_len]``) of queries at absolute positions ``queries`` (``[n, q]``;
