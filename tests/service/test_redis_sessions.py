@@ -20,6 +20,8 @@ from chatstream import ChatPrompt, ChatStream
 from chatstream.redis_store import RedisStore
 from chatstream.sessions import SessionMiddleware
 
+from .apps import notes_app
+
 
 
 @pytest.fixture
@@ -242,13 +244,8 @@ def test_a_redis_that_accepts_and_never_answers(live_server):
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)  # accepts (the kernel does) and never answers
-    app = FastAPI()
     store = RedisStore(f"redis://127.0.0.1:{hole.getsockname()[1]}/0", connect_timeout=0.3, timeout=0.3)
-    app.add_middleware(SessionMiddleware, secret_key="test-secret", store=store)
-
-    @app.get("/note")
-    async def note(request: Request):
-        return {"note": request.state.session.get_session().get("note")}
+    app = notes_app(store=store)
 
     @app.get("/ticks")
     async def ticks():
