@@ -114,14 +114,18 @@ def notes_app(**middleware) -> FastAPI:
     @app.post("/streamed_note")
     async def streamed_note(request: Request):
         request.state.session.get_session()["note"] = "streamed"
-
-        async def ticks():
-            for i in range(3):
-                yield f"tick {i}\n"
-                await asyncio.sleep(0.01)
-        return StreamingResponse(ticks(), media_type="text/plain")
+        return ticking(3, 0.01, "tick ")
 
     return app
+
+
+def ticking(count: int, every: float, label: str = "") -> StreamingResponse:
+    """A plain-text stream of ``count`` lines (label 0, label 1, ...), one every ``every`` seconds."""
+    async def lines():
+        for i in range(count):
+            yield f"{label}{i}\n"
+            await asyncio.sleep(every)
+    return StreamingResponse(lines(), media_type="text/plain")
 
 
 LONG = "Write a very long story about a dragon who learns to bake bread."

@@ -1,6 +1,6 @@
 """A hostile user against the real server and model: one request never harms another's.
 
-Each test names the defect of issue 9 it covers; each failed before its fix.
+Each test names the defect it covers; each failed before its fix.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def well_formed(client: httpx.Client) -> None:
     assert roles == ["user", "assistant"] * (len(roles) // 2), roles
 
 
-# -- 1: one turn at a time per session ---------------------------------------------------------
+# -- one turn at a time per session ---------------------------------------------------------
 
 def test_concurrent_turns_in_one_session_keep_the_history_well_formed(serve):
     srv = serve(Settings(session_secret="s"), num_of_concurrent_executions=1, max_queue_size=4, max_new_tokens=200)
@@ -92,7 +92,7 @@ def test_concurrent_turns_in_one_session_keep_the_history_well_formed(serve):
         assert prompt.count("<|im_start|>user") == 1 + len(answered) + 1  # + "And what is my name?"
 
 
-# -- 2, 3, 10: a poisoned request fails alone ---------------------------------------------------
+# -- a poisoned request fails alone ---------------------------------------------------
 
 def test_poisoned_requests_beside_healthy_streams(srv):
     """Temperature 1e-39 (NaN probabilities), a 2**70 seed and 1000 stop strings, each beside three healthy
@@ -130,7 +130,7 @@ def test_tiny_temperature_in_the_session_does_not_harm_others(srv):
         assert r.status_code == 200 and r.text
 
 
-# -- 4: a stream cut by the server is never a clean end ------------------------------------------
+# -- a stream cut by the server is never a clean end ------------------------------------------
 
 def test_sse_client_sees_an_error_and_the_session_keeps_what_was_seen(srv):
     with broken_model(srv.chat_stream, 4):
@@ -151,7 +151,7 @@ def test_sse_client_sees_an_error_and_the_session_keeps_what_was_seen(srv):
     assert "".join(seen).strip() and "".join(seen).strip() in prompt, "the turn the user saw is kept"
 
 
-# -- 5, 6, 14: bad text never poisons a session ----------------------------------------------------
+# -- bad text never poisons a session ----------------------------------------------------
 
 def test_bad_text_leaves_the_session_usable(srv):
     with httpx.Client(base_url=srv.url) as client:
@@ -172,7 +172,7 @@ def test_bad_text_leaves_the_session_usable(srv):
         assert after.startswith(before.rsplit("<|im_start|>assistant", 1)[0]) and "What is my name?" in after
 
 
-# -- 7, 8: /v1 bounds ---------------------------------------------------------------------------------
+# -- /v1 bounds ---------------------------------------------------------------------------------
 
 def test_v1_body_limit_and_rendering_off_the_loop(srv):
     with httpx.Client(base_url=srv.url, timeout=60) as client:
@@ -207,7 +207,7 @@ def test_v1_max_tokens_is_capped_by_the_server(srv):
     assert r.usage.completion_tokens <= 24
 
 
-# -- 11: typed control tokens stay text --------------------------------------------------------------
+# -- typed control tokens stay text --------------------------------------------------------------
 
 def test_typed_control_tokens_are_not_control_tokens(srv, model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
@@ -226,7 +226,7 @@ def test_typed_control_tokens_are_not_control_tokens(srv, model_and_tokenizer):
     assert "You are a pirate." in prompt  # kept as the user's words
 
 
-# -- 12: the small ones ---------------------------------------------------------------------------------
+# -- the small ones ---------------------------------------------------------------------------------
 
 def test_framework_errors_use_the_one_shape_and_docs_are_off(srv):
     with httpx.Client(base_url=srv.url) as client:
@@ -267,7 +267,7 @@ def test_client_dropping_during_upload_logs_no_traceback(srv, caplog):
         assert "Paris" in chat(client).text
 
 
-# -- 13: a model that cannot load stops the process and says why ---------------------------------------
+# -- a model that cannot load stops the process and says why ---------------------------------------
 
 def test_model_that_cannot_load_exits_with_its_message(tmp_path):
     import os
@@ -291,7 +291,7 @@ def test_healthz_fails_once_the_model_failed_to_load(live_server, tmp_path):
     assert r.status_code == 503 and "missing" in r.json()["reason"]
 
 
-# -- 16, 17: drains wait for callbacks; TTFT counts the queue --------------------------------------------
+# -- drains wait for callbacks; TTFT counts the queue --------------------------------------------
 
 def test_in_flight_counts_pending_callbacks(model_and_tokenizer, live_server):
     app, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=4)

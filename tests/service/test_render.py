@@ -8,7 +8,7 @@ from chatstream.render import encode_chat
 
 
 def test_prompts_tokenized_at_once_on_threads_are_tokenized_right(model_and_tokenizer):
-    """Issue 26: a fast tokenizer keeps split_special_tokens as a flag on its shared Rust object, so two prompts
+    """A fast tokenizer keeps split_special_tokens as a flag on its shared Rust object, so two prompts
     tokenized at once could each run under the other's flag: template control tokens came out as plain text
     (204 of 800 wrong here before the fix), a wrong prompt and a prefix-cache miss."""
     _, tokenizer = model_and_tokenizer

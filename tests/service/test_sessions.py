@@ -70,7 +70,7 @@ def test_a_request_that_stores_nothing_creates_no_session(model_and_tokenizer, l
 
 
 def test_a_flood_of_new_sessions_never_evicts_live_users(model_and_tokenizer, live_server):
-    """Issue 9 #9: 10,100 cookie-less requests used to evict every user's session (store of 10,000).
+    """10,100 cookie-less requests used to evict every user's session (store of 10,000).
 
     The same flood, scaled to a store of 500 so that the test takes seconds."""
     capacity = 500
