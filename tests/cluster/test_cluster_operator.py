@@ -287,7 +287,7 @@ def test_deleted_children_come_back_at_once(cpu_example):
     for kind in ("deployment", "service"):
         took[kind], obj = _time_to_return(kind, name, ns)
         assert obj["metadata"]["ownerReferences"][0]["name"] == name
-    print(f"\ndeleted child back after: " + ", ".join(f"{k} {v:.2f}s" for k, v in took.items()))
+    print("\ndeleted child back after: " + ", ".join(f"{k} {v:.2f}s" for k, v in took.items()))
     assert all(v < 5 for v in took.values()), took
     wait_ready(name, ns, 2)
 

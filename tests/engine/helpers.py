@@ -1,11 +1,16 @@
 """What the engine tests share. Without a model: a fake runner inside a real :class:`Engine` (its
 real scheduler, step and output processor; a fake tokenizer), see test_scheduler. On the real model:
-a collector of one stream's events, and chat prompts."""
+a ModelRunner driven pass by pass, a started engine, prompts asked at once, and chat prompts."""
 
 from __future__ import annotations
 
+import contextlib
+import types
+
+import torch
+
 from chatstream.engine import Collector, Engine, Failed, Finished, SamplingParams
-from chatstream.engine.scheduler import Move, Scheduler, StepPlan
+from chatstream.engine.scheduler import Chunk, Move, Scheduler, StepPlan
 from chatstream.engine.sequence import Sequence, State
 
 
@@ -111,6 +116,16 @@ class Driver:
         self.runner.check()
         return ran
 
+    def end_one_at_random(self, rng, chance: float) -> None:
+        """With probability ``chance``, one live sequence ends: cancelled, or its sampling fails."""
+        live = self.scheduler.sequences()
+        if rng.random() < chance and live:
+            victim = rng.choice(live)
+            if rng.random() < 0.5:
+                self.engine.cancel(victim)              # ends: what it computed may be kept
+            else:
+                self.runner.poisoned.add(id(victim))    # fails: nothing is kept
+
     def run_out(self, limit: int = 10_000) -> None:
         for _ in range(limit):
             if not self.step():
@@ -119,6 +134,47 @@ class Driver:
 
 
 # -- the real model ------------------------------------------------------------------------------------------
+
+def seq(ids, row):
+    """What the runner reads of a sequence, for driving a ModelRunner without the engine."""
+    return types.SimpleNamespace(prompt_ids=ids, row=row, length=0, next_token=None)
+
+
+def forward_passes(runner, prompts, rows_decoding=6) -> list:
+    """Prefill ``prompts`` in two chunked passes (ragged, right-aligned), then decode; every pass's logits."""
+    seqs = [seq(ids, row) for row, ids in enumerate(prompts)]
+    out = []
+    with torch.inference_mode():
+        runner.reserve(max(len(p) for p in prompts) + rows_decoding + 1)
+        half = [len(p) // 2 for p in prompts]
+        out.append(runner.prefill([Chunk(s, 0, h) for s, h in zip(seqs, half)]))
+        out.append(runner.prefill([Chunk(s, h, len(s.prompt_ids) - h) for s, h in zip(seqs, half)]))
+        for s in seqs:
+            s.length = len(s.prompt_ids)
+        logits = out[-1]
+        for _ in range(rows_decoding):
+            for s, row in zip(seqs, logits):
+                s.next_token = int(row.argmax())
+            logits = runner.decode(seqs)
+            for s in seqs:
+                s.length += 1
+            out.append(logits)
+    return out
+
+
+@contextlib.contextmanager
+def running(model_and_tokenizer, **options):
+    """A started engine on the real model (4 rows, 512 tokens of context and prefill budgets of 48 and 16
+    tokens unless ``options`` say otherwise), stopped after the block."""
+    model, tok = model_and_tokenizer
+    engine = Engine(model, tok, **{"max_batch": 4, "max_context": 512, "prefill_tokens": 48,
+                                   "prefill_tokens_decoding": 16, **options})
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
 
 def ask(engine, prompts: list[list[int]], timeout: float = 180, **params) -> list[Collector]:
     """Every prompt submitted at once (greedy, 20 new tokens unless `params` say otherwise), all awaited."""

@@ -3,7 +3,7 @@
 Tiny random models of each family (two or four layers, hidden size 64), built here from transformers' own
 config classes (no downloads), with the builtin tokenizer's vocabulary. The sliding windows (16 positions)
 are shorter than the prompts (up to 50 tokens), so a window that the engine's masks left out changes the
-greedy answer (it did before issue 22: Mistral, Qwen2 with ``use_sliding_window``, Gemma 2, Phi-3).
+greedy answer (it once did: Mistral, Qwen2 with ``use_sliding_window``, Gemma 2, Phi-3).
 Compared with ``generate`` on an untouched copy of the weights: alone, four prompts of different lengths
 batched over three rows (queueing, chunked prefill beside decoding rows, row moves), and second turns
 started from the prefix cache with more cached tokens than the window.

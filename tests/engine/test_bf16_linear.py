@@ -16,7 +16,7 @@ from chatstream.engine import Engine, SamplingParams, attention, bf16_linear
 from chatstream.engine.runner import ModelRunner
 from chatstream.render import encode_chat
 
-from .test_llama_forward import run
+from .helpers import forward_passes
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis briefly.",
              "List three prime numbers.", "Who wrote Hamlet?", "How do airplanes fly?",
@@ -33,8 +33,8 @@ def test_the_invariant_attention_computes_attention():
                ("The capital of France is", "Water boils at a temperature of one hundred", "Hi there")]
     runner = ModelRunner(model, 4)
     runner.invariant = True
-    got = run(runner, prompts)
-    want = run(ModelRunner(model, 4), prompts)
+    got = forward_passes(runner, prompts)
+    want = forward_passes(ModelRunner(model, 4), prompts)
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=2e-4, rtol=1e-4)
         assert torch.equal(g.argmax(-1), w.argmax(-1))

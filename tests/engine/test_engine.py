@@ -6,23 +6,25 @@ import time
 
 import pytest
 
-from chatstream.engine import Engine, Failed, Finished, SamplingParams
+from chatstream.engine import Failed, Finished, SamplingParams
 
-from .helpers import QUESTIONS, Collector, ask, prompt
+from .helpers import QUESTIONS, Collector, ask, prompt, running
 
 
 @pytest.fixture
 def engine(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16,
-                 cpu_linear="onednn")
-    eng.start()
-    yield eng
-    eng.stop()
+    with running(model_and_tokenizer, cpu_linear="onednn") as eng:
+        yield eng
 
 
 def run_all(engine, tok, questions, **params):
     return ask(engine, [prompt(tok, q) for q in questions], timeout=120, **params)
+
+
+def assert_serves_again(engine, tok):
+    """No row is held any more, and the next request is answered right."""
+    assert engine.scheduler.active == 0
+    assert "Paris" in run_all(engine, tok, [QUESTIONS[0]])[0].text
 
 
 def test_greedy_output_is_the_same_alone_and_in_a_batch(engine, model_and_tokenizer):
@@ -72,9 +74,7 @@ def test_cancel_frees_the_row_at_the_next_step(engine, model_and_tokenizer):
     engine.cancel(seq)
     assert c.done.wait(5)
     assert c.end.reason == "cancelled" and c.end.completion_tokens < 400
-    assert engine.scheduler.active == 0
-    # The freed row serves the next request correctly.
-    assert "Paris" in run_all(engine, tok, [QUESTIONS[0]])[0].text
+    assert_serves_again(engine, tok)  # from the freed row
 
 
 def test_sampling_is_seeded_per_request(engine, model_and_tokenizer):
@@ -115,8 +115,7 @@ def test_a_failing_step_fails_its_streams_and_the_engine_recovers(engine, model_
     engine.submit(prompt(tok, QUESTIONS[0]), SamplingParams(temperature=0), c)
     assert c.done.wait(10) and isinstance(c.end, Failed)
     engine.runner.model = healthy
-    assert engine.scheduler.active == 0
-    assert "Paris" in run_all(engine, tok, [QUESTIONS[0]])[0].text
+    assert_serves_again(engine, tok)
 
 
 def test_cache_reserves_each_sequence_on_admission_and_shrinks_when_idle(engine, model_and_tokenizer):

@@ -1,25 +1,22 @@
-"""One request never harms another (issue 9): a request whose sampling, admission or consumer fails is failed
+"""One request never harms another: a request whose sampling, admission or consumer fails is failed
 alone, and the streams beside it finish with exactly the text they would have had alone."""
 
 from __future__ import annotations
 
 import pytest
 
-from chatstream.engine import Delta, Engine, Failed, SamplingParams
+from chatstream.engine import Delta, Failed, SamplingParams
 from chatstream.engine.sampling import MAX_STOP_LENGTH, MAX_STOP_STRINGS
 
-from .helpers import QUESTIONS, Collector, prompt
+from .helpers import QUESTIONS, Collector, prompt, running
 
 HEALTHY = QUESTIONS[:3]
 
 
 @pytest.fixture(scope="module")
 def engine(model_and_tokenizer):
-    model, tok = model_and_tokenizer
-    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16)
-    eng.start()
-    yield eng
-    eng.stop()
+    with running(model_and_tokenizer) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +67,7 @@ def test_a_request_whose_sampling_raises_fails_alone(engine, model_and_tokenizer
 
 @pytest.mark.parametrize("temperature", [1e-39, 1e-30, 5e-6])
 def test_a_vanishing_temperature_is_greedy(engine, model_and_tokenizer, alone, temperature):
-    # Issue 9 #2: 1e-39 made NaN probabilities; multinomial raised and every stream of every user ended.
+    # Once 1e-39 made NaN probabilities; multinomial raised and every stream of every user ended.
     _, tok = model_and_tokenizer
     tiny, healthy = beside_three_healthy(engine, tok, prompt(tok, HEALTHY[1]),
                                          SamplingParams(max_new_tokens=20, temperature=temperature, top_p=0.9))
@@ -89,7 +86,7 @@ def test_a_huge_top_k_is_no_filter(engine, model_and_tokenizer, alone):
 
 @pytest.mark.parametrize("seed", [2**64, 2**70, -1, 1.5, True])
 def test_out_of_range_seeds_are_refused_at_submit(engine, seed):
-    # Issue 9 #3: seed 2**70 raised in admission; every other stream failed and this one hung forever.
+    # Once seed 2**70 raised in admission; every other stream failed and this one hung forever.
     with pytest.raises(ValueError, match="seed"):
         engine.submit([1, 2, 3], SamplingParams(seed=seed), Collector())
     SamplingParams(seed=2**64 - 1).validate()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -14,31 +12,7 @@ from chatstream.engine.fused_linear import fuse_projections
 from chatstream.engine.runner import ModelRunner
 from chatstream.engine.scheduler import Chunk
 
-
-def seq(ids, row):
-    return types.SimpleNamespace(prompt_ids=ids, row=row, length=0, next_token=None)
-
-
-def run(runner, prompts, rows_decoding=6):
-    """Prefill ``prompts`` in two chunked passes (ragged, right-aligned), then decode; every pass's logits."""
-    seqs = [seq(ids, row) for row, ids in enumerate(prompts)]
-    out = []
-    with torch.inference_mode():
-        runner.reserve(max(len(p) for p in prompts) + rows_decoding + 1)
-        half = [len(p) // 2 for p in prompts]
-        out.append(runner.prefill([Chunk(s, 0, h) for s, h in zip(seqs, half)]))
-        out.append(runner.prefill([Chunk(s, h, len(s.prompt_ids) - h) for s, h in zip(seqs, half)]))
-        for s in seqs:
-            s.length = len(s.prompt_ids)
-        logits = out[-1]
-        for _ in range(rows_decoding):
-            for s, row in zip(seqs, logits):
-                s.next_token = int(row.argmax())
-            logits = runner.decode(seqs)
-            for s in seqs:
-                s.length += 1
-            out.append(logits)
-    return out
+from .helpers import forward_passes, seq
 
 
 @pytest.mark.parametrize("prepared", ["as loaded", "fused and packed"])
@@ -51,8 +25,8 @@ def test_the_same_logits_as_transformers(prepared):
             pack_linears(model)
     prompts = [tok(text)["input_ids"] for text in
                ("The capital of France is", "Water boils at a temperature of one hundred", "Hi there")]
-    native = run(ModelRunner(model, 4, native=True), prompts)
-    reference = run(ModelRunner(model, 4, native=False), prompts)
+    native = forward_passes(ModelRunner(model, 4, native=True), prompts)
+    reference = forward_passes(ModelRunner(model, 4, native=False), prompts)
     assert len(native) == len(reference) == 8
     for got, want in zip(native, reference):
         assert torch.equal(got, want)
@@ -63,7 +37,7 @@ def test_other_models_run_through_transformers():
     model.config._attn_implementation = "eager"
     assert "eager" in llama_forward.unsupported(model)
     runner = ModelRunner(model, 2)
-    run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
+    forward_passes(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
     assert runner._native_forward is None
     assert "Linear" in llama_forward.unsupported(torch.nn.Linear(2, 2))
 
@@ -82,11 +56,11 @@ def test_a_swapped_model_is_the_one_that_runs(model_and_tokenizer):
             return model.parameters()
 
     runner = ModelRunner(model, 2)
-    run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
+    forward_passes(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
     assert runner._native_forward is not None
     runner.model = Broken()
     with pytest.raises(RuntimeError, match="on purpose"):
-        run(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
+        forward_passes(runner, [tok("Hello there, how are you?")["input_ids"]], rows_decoding=1)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the served CPU kernel is oneDNN's")

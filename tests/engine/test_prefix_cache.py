@@ -1,4 +1,4 @@
-"""The prefix cache (issue 12): kept KV of finished sequences serves the prompts that start with it.
+"""The prefix cache: kept KV of finished sequences serves the prompts that start with it.
 
 Without a model first (the engine's real step around the fake runner of helpers.py: every row must hold
 exactly its sequence's tokens, loaded or prefilled), then on the real model: greedy output with a
@@ -11,10 +11,9 @@ import random
 
 import pytest
 
-from chatstream.engine import Engine
 from chatstream.engine.prefix_cache import Drop, PrefixIndex, Save
 
-from .helpers import Driver, FakeRunner, ask
+from .helpers import Driver, FakeRunner, ask, running
 
 
 class KeepingRunner(FakeRunner):
@@ -98,13 +97,7 @@ def test_random_conversations_always_find_their_own_tokens(seed):
             prompt = base + [rng.randint(0, 50) for _ in range(rng.randint(1, 10))]
             if len(prompt) < 200:
                 drv.submit(prompt=prompt, max_new=rng.randint(1, 8))
-        live = drv.scheduler.sequences()
-        if rng.random() < 0.03 and live:
-            victim = rng.choice(live)
-            if rng.random() < 0.5:
-                drv.engine.cancel(victim)              # ends: its row's positions are kept
-            else:
-                drv.runner.poisoned.add(id(victim))    # fails: nothing is kept
+        drv.end_one_at_random(rng, 0.03)
         drv.step()
     drv.run_out()
     assert drv.scheduler.prefixes.hit_tokens > 0
@@ -130,29 +123,16 @@ def render(tok, turns):
 @pytest.fixture(scope="module")
 def plain(model_and_tokenizer):
     """Answers computed without a prefix cache, for any list of prompts."""
-    model, tok = model_and_tokenizer
     memo = {}
 
     def answers(prompts):
         missing = [p for p in prompts if tuple(p) not in memo]
         if missing:
-            eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16)
-            eng.start()
-            try:
+            with running(model_and_tokenizer) as eng:
                 for ids, c in zip(missing, ask(eng, missing)):
-                    memo[tuple(ids)] = (c.text, c.end.reason, c.end.completion_tokens)
-            finally:
-                eng.stop()
+                    memo[tuple(ids)] = summary(c)
         return [memo[tuple(p)] for p in prompts]
     return answers
-
-
-def cached_engine(model_and_tokenizer, budget):
-    model, tok = model_and_tokenizer
-    eng = Engine(model, tok, max_batch=4, max_context=512, prefill_tokens=48, prefill_tokens_decoding=16,
-                 prefix_cache_tokens=budget)
-    eng.start()
-    return eng
 
 
 def summary(c):
@@ -161,8 +141,7 @@ def summary(c):
 
 def test_next_turn_hits_and_answers_as_without_cache(model_and_tokenizer, plain):
     _, tok = model_and_tokenizer
-    eng = cached_engine(model_and_tokenizer, 4096)
-    try:
+    with running(model_and_tokenizer, prefix_cache_tokens=4096) as eng:
         turns = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
         first_ids = render(tok, turns)
         first = ask(eng, [first_ids])[0]
@@ -181,37 +160,26 @@ def test_next_turn_hits_and_answers_as_without_cache(model_and_tokenizer, plain)
         assert stats["cached_tokens"] == sum(c.end.cached_prompt_tokens for c in (first, other, second))
         assert stats["prompt_tokens"] == len(first_ids) + other.end.prompt_tokens + len(second_ids)
         assert 0 < stats["held_tokens"] <= 4096 and stats["held_bytes"] == stats["held_tokens"] * 30 * 2 * 3 * 64 * 4
-    finally:
-        eng.stop()
 
 
 def test_concurrent_hits_on_one_prefix_answer_as_without_cache(model_and_tokenizer, plain):
-    _, tok = model_and_tokenizer
-    prompts = system_prompts(tok)
-    eng = cached_engine(model_and_tokenizer, 4096)
-    try:
+    prompts = system_prompts(model_and_tokenizer[1])
+    with running(model_and_tokenizer, prefix_cache_tokens=4096) as eng:
         warm = ask(eng, [prompts[0]])
         outs = ask(eng, prompts)  # four at once, all starting from the kept system prompt
-        assert all(c.end.cached_prompt_tokens >= 30 for c in outs)
-        assert [summary(c) for c in warm + outs] == plain([prompts[0]] + prompts)
-    finally:
-        eng.stop()
+    assert all(c.end.cached_prompt_tokens >= 30 for c in outs)
+    assert [summary(c) for c in warm + outs] == plain([prompts[0]] + prompts)
 
 
 def test_eviction_keeps_the_budget_and_never_changes_an_answer(model_and_tokenizer, plain):
-    _, tok = model_and_tokenizer
-    prompts = system_prompts(tok)
+    prompts = system_prompts(model_and_tokenizer[1])
     budget = len(prompts[0]) + 30   # room for about one finished sequence: each end evicts the previous one
-    eng = cached_engine(model_and_tokenizer, budget)
-    held = []
-    try:
-        outs = []
+    held, outs = [], []
+    with running(model_and_tokenizer, prefix_cache_tokens=budget) as eng:
         for _ in range(2):
             for c in ask(eng, prompts):
                 outs.append(c)
                 held.append(eng.prefix_cache_stats["held_tokens"])
-        assert max(held) <= budget
-        assert any(c.end.cached_prompt_tokens for c in outs)
-        assert [summary(c) for c in outs] == plain(prompts + prompts)
-    finally:
-        eng.stop()
+    assert max(held) <= budget
+    assert any(c.end.cached_prompt_tokens for c in outs)
+    assert [summary(c) for c in outs] == plain(prompts + prompts)

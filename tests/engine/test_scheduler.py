@@ -156,13 +156,7 @@ def test_random_traffic_never_mixes_up_rows(seed):
     for t in range(400):
         if t < 300 and rng.random() < 0.3:
             submitted.append(drv.submit(rng.randint(1, 60), max_new=rng.randint(1, 25), base=len(submitted)))
-        live = drv.scheduler.sequences()
-        if rng.random() < 0.05 and live:
-            victim = rng.choice(live)
-            if rng.random() < 0.5:
-                drv.engine.cancel(victim)
-            else:
-                drv.runner.poisoned.add(id(victim))
+        drv.end_one_at_random(rng, 0.05)
         drv.step()
     drv.run_out()
     assert sorted(map(id, drv.finished)) == sorted(map(id, submitted))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from chatstream.engine.detokenize import IncrementalDetokenizer, StopMatcher
 
 
@@ -18,22 +20,17 @@ def test_multibyte_text_is_never_split(model_and_tokenizer):
         d.encode("utf-8")  # each delta is whole text
 
 
-def test_stop_string_is_held_back_then_cut():
-    m = StopMatcher(["</end>"])
-    assert m.feed("Hello </e") == ("Hello ", False)
-    assert m.feed("nd> more") == ("", True)
-
-
-def test_false_alarm_is_released():
-    m = StopMatcher(["STOP"])
-    assert m.feed("ST") == ("", False)
-    assert m.feed("ART") == ("START", False)
-    assert m.flush() == ""
-
-
-def test_no_stop_strings_passes_through():
-    m = StopMatcher([])
-    assert m.feed("abc") == ("abc", False)
+@pytest.mark.parametrize("stops, feeds, flushed", [
+    (["</end>"], [("Hello </e", "Hello ", False), ("nd> more", "", True)], None),      # held back, then cut
+    (["STOP"], [("ST", "", False), ("ART", "START", False)], ""),                      # a false alarm, released
+    ([], [("abc", "abc", False)], None),                                               # no stop strings
+], ids=["held-then-cut", "false-alarm-released", "no-stop-strings"])
+def test_stop_strings_are_held_back_then_cut_or_released(stops, feeds, flushed):
+    m = StopMatcher(stops)
+    for text, emitted, hit in feeds:
+        assert m.feed(text) == (emitted, hit), text
+    if flushed is not None:
+        assert m.flush() == flushed
 
 
 def reference_feed(pending: str, text: str, stops: list[str]) -> tuple[str, bool, str]:
@@ -65,7 +62,7 @@ def test_matcher_agrees_with_the_plain_definition():
 
 
 def test_many_long_stop_strings_cost_little_per_token():
-    # Issue 9 #10: matching used to cost stops x held^2 per token on the engine thread (1000 stops: 26 s of
+    # Matching used to cost stops x held^2 per token on the engine thread (1000 stops: 26 s of
     # engine time for one request). The server caps the stops (sampling.MAX_STOP_STRINGS); the matcher stays
     # cheap even far past the cap, while text that may become a stop string is held back.
     import time

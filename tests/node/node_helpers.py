@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 from support import metrics
-from support.kube import CLUSTER_DIR, ROOT, apply, condition, get, get_list
+from support.kube import CLUSTER_DIR, ROOT, apply, condition, get, get_list, wait_for
 
 NODE_NAME = "chatstream-node"
 TAINT_KEY = "chatstream.io/real-node"
@@ -139,6 +139,14 @@ def csd_ready(name: str, ns: str, generation: int | None = None) -> bool:
             and (generation is None or (ready.get("observedGeneration") == generation
                                         and csd["status"].get("observedGeneration") == generation
                                         and condition(csd, "Progressing").get("status") == "False")))
+
+
+def deploy_with_redis(name: str, ns: str, redis_image: str, replicas: int = 2, **spec) -> None:
+    """A Redis pod, and the example ChatStreamDeployment `name` keeping its sessions there (REDIS_SESSIONS),
+    waited for until Ready with its router."""
+    redis(ns, redis_image)
+    apply(example(name, replicas=replicas, sessions=REDIS_SESSIONS, **spec), ns)
+    wait_for(f"{name} Ready with its router", lambda: csd_ready(name, ns), timeout=600, interval=1)
 
 
 def answered(pod_ip: str) -> int:

@@ -10,8 +10,27 @@ from dataclasses import dataclass, field
 
 import httpx
 from support.client import ChatEvents
+from support.kube import kubectl
 
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
+
+
+def stream_and_force_delete(url: str, body: dict, pod_name: str, ns: str) -> tuple[ChatEvents, Exception | None,
+                                                                                     float | None]:
+    """Streams `body` from url's /v1/chat/completions and force-deletes the pod `pod_name` (no grace) once
+    three pieces have come. Returns the stream's events, the error that ended it (None: it just ended)
+    and when the pod was deleted (None: the stream ended first)."""
+    stream, error, t_deleted = ChatEvents(), None, None
+    try:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=60)) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if stream.feed(line) and stream.events == 3:
+                    kubectl("delete", "pod", pod_name, "-n", ns, "--grace-period=0", "--force")
+                    t_deleted = time.monotonic()
+    except httpx.HTTPError as err:
+        error = err
+    return stream, error, t_deleted
 
 
 @dataclass

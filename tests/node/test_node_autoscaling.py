@@ -21,6 +21,7 @@ from node_helpers import NODE_NAME, example, model_pods, record, report
 from streams import Load
 from support.client import ChatEvents
 from support.kube import apply, condition, get, kubectl, pod_ready, wait_for
+from support.net import wait_ready
 
 pytestmark = pytest.mark.node
 
@@ -85,13 +86,7 @@ def wait_reachable(name: str, ns: str) -> str:
     later, and until then a connection is refused. The activator's /signal
     port answers without waking anything, so it is the probe at zero."""
     router = get("service", f"{name}-router", ns)["spec"]["clusterIP"]
-
-    def reachable() -> bool:
-        try:
-            return httpx.get(f"http://{router}:8405/signal", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-    wait_for("the router Service reachable", reachable, timeout=60, interval=0.5)
+    wait_ready(f"http://{router}:8405", 60, path="/signal", interval=0.5)
     return f"http://{router}:8000"
 
 

@@ -26,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import REDIS_SESSIONS, answered, csd_ready, example, model_pods, record, redis, report, service_url
-from streams import Load, stream_once
+from node_helpers import answered, csd_ready, deploy_with_redis, example, model_pods, record, report, service_url
+from streams import Load, stream_and_force_delete, stream_once
 from support.client import ChatEvents
 from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
@@ -78,10 +78,8 @@ def user_turns(client: httpx.Client) -> list[str]:
 @pytest.fixture(scope="module")
 def faulty(operator_pod, redis_image, module_namespace):
     ns = module_namespace
-    redis(ns, redis_image)
-    apply(example(NAME, replicas=2, sessions=REDIS_SESSIONS,
-                  generation={"maxNewTokens": 64, "contextLength": 2048}, shutdownGraceSeconds=GRACE), ns)
-    wait_for(f"{NAME} Ready with its router", lambda: csd_ready(NAME, ns), timeout=600, interval=1)
+    deploy_with_redis(NAME, ns, redis_image, generation={"maxNewTokens": 64, "contextLength": 2048},
+                      shutdownGraceSeconds=GRACE)
     url = service_url(router.router_name(NAME), ns)
     wait_for("the router answering", lambda: stream_once(url, 4, 30)[0] == "completed", timeout=120)
     return ns, url
@@ -102,18 +100,7 @@ def test_router_force_deleted_mid_stream(faulty):
 
         victim = router_pod(NAME, ns)
         body = {"model": MODEL, "stream": True, "max_tokens": 256, "messages": [{"role": "user", "content": STORY}]}
-        stream, error, t_deleted = ChatEvents(), None, None
-        try:
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
-                              timeout=httpx.Timeout(60, read=60)) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if stream.feed(line) and stream.events == 3:
-                        kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns,
-                                "--grace-period=0", "--force")
-                        t_deleted = time.monotonic()
-        except httpx.HTTPError as err:
-            error = err
+        stream, error, t_deleted = stream_and_force_delete(url, body, victim["metadata"]["name"], ns)
         assert t_deleted is not None, "the stream ended before the router could be deleted"
         ended = time.monotonic() - t_deleted
         seen = f"{stream.events} pieces, then {type(error).__name__ if error else 'EOF without [DONE]'}"

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 from node_helpers import example, model_pods, record, report, service_url
-from streams import Load, stream_once
-from support.client import ChatEvents
+from streams import Load, stream_and_force_delete, stream_once
 from support.kube import apply, condition, get, kubectl, wait_for
 
 pytestmark = pytest.mark.node
@@ -83,16 +81,7 @@ def test_pod_lost_mid_stream_ends_the_stream_and_the_next_request_is_answered(op
     (victim,) = pods(name, ns)
     body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 256,
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]}
-    stream, error, t_deleted = ChatEvents(), None, None
-    try:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=60)) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if stream.feed(line) and stream.events == 3:
-                    kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns, "--grace-period=0", "--force")
-                    t_deleted = time.monotonic()
-    except httpx.HTTPError as err:
-        error = err
+    stream, error, t_deleted = stream_and_force_delete(url, body, victim["metadata"]["name"], ns)
     assert t_deleted is not None, "the stream ended before the pod could be deleted"
     ended_after = time.monotonic() - t_deleted
     record("force-deleted pod: stream end seen by the client after", ended_after)

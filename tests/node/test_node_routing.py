@@ -18,11 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from node_helpers import REDIS_SESSIONS, csd_ready, example, model_pods, record, redis, report, service_url
+from node_helpers import deploy_with_redis, model_pods, record, report, service_url
 from support import metrics
 from support.client import ChatEvents
-from support.kube import CLUSTER_DIR, ROOT, apply, get, kubectl, pod_ready, wait_for
-from support.net import free_port
+from support.kube import CLUSTER_DIR, ROOT, get, kubectl, pod_ready, wait_for
+from support.net import free_port, wait_ready
 
 pytestmark = pytest.mark.node
 
@@ -102,11 +102,7 @@ def show(label: str, w: dict) -> str:
 @pytest.fixture(scope="module")
 def routed(operator_pod, redis_image, module_namespace):
     ns = module_namespace
-    redis(ns, redis_image)
-    apply(example(NAME, replicas=2, sessions=REDIS_SESSIONS,
-                  generation={"maxNewTokens": 64, "contextLength": 2048}), ns)
-
-    wait_for(f"{NAME} Ready with its router", lambda: csd_ready(NAME, ns), timeout=600, interval=1)
+    deploy_with_redis(NAME, ns, redis_image, generation={"maxNewTokens": 64, "contextLength": 2048})
     csd = get("csd", NAME, ns)
     assert csd["status"]["routingEndpoint"] == f"http://{NAME}-router.{ns}.svc:8000"
     router = service_url(f"{NAME}-router", ns)
@@ -129,15 +125,11 @@ def bare_process():
     with open(CLUSTER_DIR / "bare-process.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "chatstream", "serve"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
-    def ready():
+    def alive():
         assert proc.poll() is None, (CLUSTER_DIR / "bare-process.log").read_text()[-2000:]
-        try:
-            return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
 
     try:
-        wait_for("the bare process ready", ready, timeout=180)
+        wait_ready(base, 180, alive)
         yield base
     finally:
         proc.terminate()

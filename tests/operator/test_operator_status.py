@@ -3,6 +3,8 @@ the last reconcile error (status.compute)."""
 
 from __future__ import annotations
 
+import pytest
+
 from chatstream_operator import resources, status
 
 from builder_helpers import make_resource
@@ -83,17 +85,14 @@ def test_scaled_to_zero():
     assert by_type(st)["Progressing"] == ("False", "RolloutComplete")
 
 
-def test_progress_deadline_is_degraded():
-    stuck = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "took too long"}
-    st = compute(observed(ready=0, available=0, conditions=[stuck]))
-    assert by_type(st)["Degraded"] == ("True", "ProgressDeadlineExceeded")
-    assert cond(st, "Degraded")["message"] == "took too long"
-
-
-def test_replica_failure_is_degraded():
-    quota = {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "exceeded quota"}
-    st = compute(observed(ready=0, available=0, conditions=[quota]))
-    assert by_type(st)["Degraded"] == ("True", "FailedCreate")
+@pytest.mark.parametrize("failing", [
+    {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "took too long"},
+    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "exceeded quota"},
+], ids=["progress-deadline", "replica-failure"])
+def test_a_failing_deployment_condition_is_degraded_with_its_reason_and_message(failing):
+    st = compute(observed(ready=0, available=0, conditions=[failing]))
+    assert by_type(st)["Degraded"] == ("True", failing["reason"])
+    assert cond(st, "Degraded")["message"] == failing["message"]
 
 
 # --- a model that cannot load: the pods say why ----------------------------

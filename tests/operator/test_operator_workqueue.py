@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from chatstream_operator.workqueue import WorkQueue
 
 
@@ -24,68 +26,65 @@ class Recorder:
         return self.retry.pop(0) if self.retry else None
 
 
-def test_a_burst_of_events_costs_two_runs_and_never_overlaps():
+def run(script, retry=None, hold: float = 0.0) -> Recorder:
+    """`script(queue, work)` against a fresh queue over a Recorder; the Recorder after it."""
     async def main():
-        work = Recorder(hold=0.5)
-        q = WorkQueue(work)
+        work = Recorder(retry=retry, hold=hold)
+        await script(WorkQueue(work), work)
+        return work
+    return asyncio.run(main())
+
+
+async def run_once(q: WorkQueue, key: str = "a") -> None:
+    q.trigger(key)
+    await q.drain()
+
+
+def test_a_burst_of_events_costs_two_runs_and_never_overlaps():
+    async def burst(q, work):
         for _ in range(20):  # e.g. a rollout's pod and Deployment events, within one run
             q.trigger("a")
             await asyncio.sleep(0)
         await q.drain()
-        return work
-    work = asyncio.run(main())
+    work = run(burst, hold=0.5)
     assert work.runs == ["a", "a"] and work.overlaps == 0
 
 
 def test_an_event_after_a_run_runs_again():
-    async def main():
-        work = Recorder(hold=0)
-        q = WorkQueue(work)
-        q.trigger("a")
-        await q.drain()
-        q.trigger("a")
-        await q.drain()
-        return work
-    assert asyncio.run(main()).runs == ["a", "a"]
+    async def twice(q, work):
+        await run_once(q)
+        await run_once(q)
+    assert run(twice).runs == ["a", "a"]
 
 
 def test_resources_do_not_wait_for_each_other():
-    async def main():
-        work = Recorder(hold=0.2)
-        q = WorkQueue(work)
+    both = set()
+
+    async def two_resources(q, work):
         q.trigger("a")
         q.trigger("b")
         await asyncio.sleep(0.05)
-        both = set(work.active)
+        both.update(work.active)
         await q.drain()
-        return both
-    assert asyncio.run(main()) == {"a", "b"}
+    run(two_resources, hold=0.2)
+    assert both == {"a", "b"}
 
 
-def test_a_failed_run_retries_after_its_delay_unless_forgotten():
-    async def main(forget: bool):
-        work = Recorder(retry=[0.05], hold=0)
-        q = WorkQueue(work)
-        q.trigger("a")
-        await q.drain()
+@pytest.mark.parametrize("forget, runs", [(False, ["a", "a"]), (True, ["a"])])
+def test_a_failed_run_retries_after_its_delay_unless_forgotten(forget, runs):
+    async def fail_once(q, work):
+        await run_once(q)
         if forget:
             q.forget("a")  # the resource was deleted
         await asyncio.sleep(0.15)
         await q.drain()
-        return work.runs
-    assert asyncio.run(main(False)) == ["a", "a"]
-    assert asyncio.run(main(True)) == ["a"]
+    assert run(fail_once, retry=[0.05]).runs == runs
 
 
 def test_a_run_in_between_replaces_the_pending_retry():
-    async def main():
-        work = Recorder(retry=[0.1], hold=0)
-        q = WorkQueue(work)
-        q.trigger("a")          # fails, retry in 0.1 s
-        await q.drain()
-        q.trigger("a")          # an event: runs now, succeeds
-        await q.drain()
+    async def event_before_retry(q, work):
+        await run_once(q)       # fails, retry in 0.1 s
+        await run_once(q)       # an event: runs now, succeeds
         await asyncio.sleep(0.2)
         await q.drain()
-        return work.runs
-    assert asyncio.run(main()) == ["a", "a"]
+    assert run(event_before_retry, retry=[0.1]).runs == ["a", "a"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from support.net import free_port, redis_server
 
-from .harness import DNSMASQ, HAPROXY, Dns, Pod, Router
+from .harness import Dns, Pod, Router, need_haproxy, running
 
 
 @pytest.fixture(scope="module")
@@ -19,22 +19,13 @@ def redis_url(tmp_path_factory):
 def pods(redis_url, tmp_path_factory):
     logs = tmp_path_factory.mktemp("pods")
     port = free_port()
-    started = [Pod(f"pod{i}", f"127.0.0.{i + 1}", port, redis_url, logs) for i in (1, 2, 3)]
-    try:
-        for pod in started:
-            pod.start()
-        for pod in started:
-            pod.wait_ready()
-        yield started
-    finally:
-        for pod in started:
-            pod.stop()
+    with running(*(Pod(f"pod{i}", f"127.0.0.{i + 1}", port, redis_url, logs) for i in (1, 2, 3))) as started:
+        yield list(started)
 
 
 @pytest.fixture(scope="module")
 def proxy(pods, tmp_path_factory):
-    if HAPROXY is None:
-        pytest.fail("haproxy is not installed (scripts/system-deps.sh installs it)")
+    need_haproxy()
     with Router(pods, tmp_path_factory.mktemp("router")) as r:
         yield r
 
@@ -43,8 +34,7 @@ def proxy(pods, tmp_path_factory):
 def plain_proxy(pods, tmp_path_factory):
     """The same config without its stick rules: the control that shows the
     affinity assertions can fail."""
-    if HAPROXY is None:
-        pytest.fail("haproxy is not installed (scripts/system-deps.sh installs it)")
+    need_haproxy()
     with Router(pods, tmp_path_factory.mktemp("plain"), affinity=False) as r:
         yield r
 
@@ -52,8 +42,7 @@ def plain_proxy(pods, tmp_path_factory):
 @pytest.fixture(scope="module")
 def dns_proxy(pods, tmp_path_factory):
     """The cluster form of the config: pods found through DNS."""
-    if HAPROXY is None or DNSMASQ is None:
-        pytest.fail("haproxy or dnsmasq is not installed (scripts/system-deps.sh installs them)")
+    need_haproxy(dnsmasq=True)
     workdir = tmp_path_factory.mktemp("dns")
     dns = Dns(workdir).start([p.host for p in pods])
     try:

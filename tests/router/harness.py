@@ -7,6 +7,7 @@ addresses here, DNS `server-template` slots there (same file otherwise)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support import metrics
 from support.net import free_port, stop, wait_ready, wait_until
 
@@ -24,6 +26,28 @@ HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/us
 DNSMASQ = shutil.which("dnsmasq") or ("/usr/sbin/dnsmasq" if os.path.exists("/usr/sbin/dnsmasq") else None)
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NEW_TOKENS = 48
+
+
+def need_haproxy(dnsmasq: bool = False) -> None:
+    """Fails the test (never skips it) when a program it runs is not installed."""
+    if HAPROXY is None:
+        pytest.fail("haproxy is not installed (scripts/system-deps.sh installs it)")
+    if dnsmasq and DNSMASQ is None:
+        pytest.fail("dnsmasq is not installed (scripts/system-deps.sh installs it)")
+
+
+@contextlib.contextmanager
+def running(*pods: "Pod"):
+    """The pods started at once, each ready before the block; all stopped after it, whatever happened."""
+    try:
+        for pod in pods:
+            pod.start()
+        for pod in pods:
+            pod.wait_ready()
+        yield pods
+    finally:
+        for pod in pods:
+            pod.stop()
 
 
 class Pod:

@@ -1,4 +1,4 @@
-"""Session-affine routing through the real HAProxy (issue 13).
+"""Session-affine routing through the real HAProxy.
 
 Every request goes through haproxy to real `chatstream serve` processes; the
 pod that answered is read from the X-Served-By header the router adds, and
@@ -306,7 +306,7 @@ def test_pods_found_through_cluster_dns_and_one_leaving_it(dns_proxy, pods):
         served = [client.post("/chat_stream", json={"user_input": t}).headers[SERVED_BY]
                   for t in ("My name is Bob. Please remember it.", "Hello again.")]
         assert len(set(served)) == 1, served
-        slot, addr = served[0], slots[served[0]]
+        addr = slots[served[0]]
         dns_proxy.dns.publish(sorted(hosts - {addr}))
         try:
             t0 = time.monotonic()

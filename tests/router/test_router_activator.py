@@ -25,7 +25,7 @@ from support.net import free_port, stop, wait_until
 from chatstream import envvars
 from chatstream_operator import router, scaler
 
-from .harness import HAPROXY, ROOT, Pod, Router
+from .harness import ROOT, Pod, Router, need_haproxy, running
 
 MODEL = "smollm2-135m-instruct"
 POD_START_SECONDS = 1.5   # how long the fake Deployment takes to have its pod up
@@ -34,21 +34,15 @@ POD_START_SECONDS = 1.5   # how long the fake Deployment takes to have its pod u
 @pytest.fixture(scope="module")
 def pod(redis_url, tmp_path_factory):
     # One kernel named: no timing of both at start (what is served does not matter here; the test's time does).
-    p = Pod("pod1", "127.0.0.1", free_port(), redis_url, tmp_path_factory.mktemp("pod"),
-            env={envvars.CPU_LINEAR: "onednn"})
-    p.start()
-    try:
-        p.wait_ready()
+    with running(Pod("pod1", "127.0.0.1", free_port(), redis_url, tmp_path_factory.mktemp("pod"),
+                     env={envvars.CPU_LINEAR: "onednn"})) as (p,):
         yield p
-    finally:
-        p.stop()
 
 
 @pytest.fixture(scope="module")
 def held(pod, tmp_path_factory):
     """haproxy with the activator wiring; its activator is started per test."""
-    if HAPROXY is None:
-        pytest.fail("haproxy is not installed (scripts/system-deps.sh installs it)")
+    need_haproxy()
     ports = {"proxy": free_port(), "control": free_port(), "replay": free_port()}
     wiring = {"hold_timeout": 60, "proxy": f"127.0.0.1:{ports['proxy']}", "check_port": ports["control"],
               "replay_bind": f"127.0.0.1:{ports['replay']}"}

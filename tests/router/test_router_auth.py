@@ -4,7 +4,6 @@ health checks reach the pods' open /readyz."""
 
 from __future__ import annotations
 
-
 import httpx
 import openai
 import pytest
@@ -12,26 +11,21 @@ from support.net import free_port
 
 from chatstream_operator import router
 
-from .harness import HAPROXY, Pod, Router
+from .harness import Pod, Router, need_haproxy, running
 
 KEY = "cs-router-5e1f0a9b"
 
 
 @pytest.fixture(scope="module")
 def keyed_proxy(redis_url, tmp_path_factory):
-    if HAPROXY is None:
-        pytest.fail("haproxy is not installed (scripts/system-deps.sh installs it)")
+    need_haproxy()
     workdir = tmp_path_factory.mktemp("keyed")
     (workdir / "keys").write_text(KEY + "\n")
     pod = Pod("keyed", "127.0.0.2", free_port(), redis_url, workdir, env={"CHATSTREAM_API_KEYS_FILE": str(workdir / "keys")})
-    try:
-        pod.start()
-        pod.wait_ready()  # /readyz needs no key
+    with running(pod):  # ready: /readyz needs no key
         with Router([pod], workdir) as r:  # waits until haproxy's /readyz checks mark the pod up
             r.pod = pod
             yield r
-    finally:
-        pod.stop()
 
 
 def test_authorization_passes_through_the_router(keyed_proxy):

@@ -3,15 +3,19 @@ helpers the service tests share (fixtures: tests/service/conftest.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import socket
 import threading
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from support import net
 
 from chatstream import ChatStream
+from chatstream.sessions import SessionMiddleware
 
 
 class CallbackLog:
@@ -32,6 +36,10 @@ class CallbackLog:
         with self.changed:
             self.changed.wait_for(lambda: len(self.calls) >= count, timeout)
             return list(self.calls)
+
+    def outcomes(self, count: int) -> list[str]:
+        """The messages of the first ``count`` calls (fewer if they do not come within a minute)."""
+        return [message for _, message, _ in self.wait_for(count)]
 
 
 def make_app(model, tokenizer, **options) -> tuple[FastAPI, ChatStream, CallbackLog]:
@@ -59,27 +67,80 @@ def make_app(model, tokenizer, **options) -> tuple[FastAPI, ChatStream, Callback
         assert "user_input" in data
         return await chat_stream.handle_chat_stream_request(request, body)
 
-    @app.post("/chat_stream_callback")
-    async def stream_api_callback(request: Request):
-        def callback_func(request, message):
-            log.record(request, message)
-        return await chat_stream.handle_chat_stream_request(request, callback=callback_func)
+    def record(request, message):
+        log.record(request, message)
 
-    @app.post("/chat_stream_async_callback")
-    async def stream_api_async_callback(request: Request):
-        async def callback_func(request, message):
-            log.record(request, message)
-        return await chat_stream.handle_chat_stream_request(request, callback=callback_func)
+    async def record_async(request, message):
+        log.record(request, message)
 
-    @app.post("/chat_stream_raising_callback")
-    async def stream_api_raising(request: Request):
-        def callback_func(request, message):
-            log.record(request, message)
-            raise RuntimeError("callback exploded")
-        return await chat_stream.handle_chat_stream_request(request, callback=callback_func)
+    def record_and_raise(request, message):
+        log.record(request, message)
+        raise RuntimeError("callback exploded")
+
+    def stream_api_with(callback_func):
+        async def stream_api_callback(request: Request):
+            return await chat_stream.handle_chat_stream_request(request, callback=callback_func)
+        return stream_api_callback
+
+    app.post("/chat_stream_callback")(stream_api_with(record))
+    app.post("/chat_stream_async_callback")(stream_api_with(record_async))
+    app.post("/chat_stream_raising_callback")(stream_api_with(record_and_raise))
 
     chat_stream.append_apis(app)
     return app, chat_stream, log
+
+
+def notes_app(**middleware) -> FastAPI:
+    """The session middleware alone (options: ``middleware``) around a note a request may store, and
+    routes that store one and then reserve the session or stream."""
+    app = FastAPI()
+    app.add_middleware(SessionMiddleware, secret_key="test-secret", **middleware)
+
+    @app.post("/note")
+    async def note(request: Request):
+        request.state.session.get_session()["note"] = (await request.json())["note"]
+        return {"ok": True}
+
+    @app.get("/note")
+    async def read(request: Request):
+        return {"note": request.state.session.get_session().get("note")}
+
+    @app.post("/reserved_note")
+    async def reserved_note(request: Request):
+        request.state.session.get_session()["note"] = "reserved"
+        await request.state.session.reserve()  # a SessionCapacityError here becomes the 503
+        return {"ok": True}
+
+    @app.post("/streamed_note")
+    async def streamed_note(request: Request):
+        request.state.session.get_session()["note"] = "streamed"
+        return ticking(3, 0.01, "tick ")
+
+    return app
+
+
+def ticking(count: int, every: float, label: str = "") -> StreamingResponse:
+    """A plain-text stream of ``count`` lines (label 0, label 1, ...), one every ``every`` seconds."""
+    async def lines():
+        for i in range(count):
+            yield f"{label}{i}\n"
+            await asyncio.sleep(every)
+    return StreamingResponse(lines(), media_type="text/plain")
+
+
+LONG = "Write a very long story about a dragon who learns to bake bread."
+
+
+def streaming(srv, text: str = LONG, path: str = "/chat_stream_callback") -> socket.socket:
+    """A raw request whose answer has begun (its 200 head read): it holds a slot until its socket is closed."""
+    sock = send_raw(srv, text, path)
+    assert b"200 OK" in sock.recv(4096)
+    return sock
+
+
+def send_raw(srv, text: str, path: str = "/chat_stream_callback") -> socket.socket:
+    """A raw request sent and not read: it is admitted or waits in the queue until its socket is closed."""
+    return net.raw_request(srv.port, path, json.dumps({"user_input": text}).encode())
 
 
 def wait_until(predicate, timeout=30.0):

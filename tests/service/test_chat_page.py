@@ -2,37 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from chatstream.server.app import create_app
+from chatstream.settings import Settings
 
-from .apps import make_app, stream_traces, wait_until
+from .apps import stream_traces, wait_until
 
 pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
-@pytest.fixture
-def page(model_and_tokenizer, live_server):
+@contextlib.contextmanager
+def chromium():
+    """Debian's Chromium, headless, launched through Playwright; closed after the block."""
     if CHROMIUM is None:
         pytest.fail("Debian chromium is not installed (scripts/system-deps.sh installs it)")
     from playwright.sync_api import sync_playwright
-    _, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=64)
-    srv = live_server(create_app(chat_stream=chat_stream))
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(serve):
+    srv = serve(Settings(), max_new_tokens=64)
+    with chromium() as browser:
         pg = browser.new_page()
         pg.goto(srv.url + "/")
-        pg.chat_stream = chat_stream
+        pg.chat_stream = srv.chat_stream
         yield pg
-        browser.close()
 
 
 def answers(page):
@@ -98,22 +105,13 @@ def test_chat_page_shows_errors(page):
 
 
 @pytest.fixture
-def keyed_browser(model_and_tokenizer, live_server, tmp_path):
+def keyed_browser(serve, tmp_path):
     """A server that needs an API key, and a browser to open it with."""
-    from playwright.sync_api import sync_playwright
-    from chatstream.settings import Settings
-    if CHROMIUM is None:
-        pytest.fail("Debian chromium is not installed (scripts/system-deps.sh installs it)")
     (tmp_path / "keys").write_text(API_KEY + "\n")
-    _, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=24)
-    srv = live_server(create_app(Settings(api_keys_file=str(tmp_path / "keys")), chat_stream=chat_stream))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+    srv = serve(Settings(api_keys_file=str(tmp_path / "keys")), max_new_tokens=24)
+    with chromium() as browser:
         browser.url = srv.url
         yield browser
-        browser.close()
 
 
 API_KEY = "cs-page-4b9d2e71"

@@ -1,6 +1,6 @@
 """A hostile user against the real server and model: one request never harms another's.
 
-Each test names the defect of issue 9 it covers; each failed before its fix.
+Each test names the defect it covers; each failed before its fix.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -21,19 +22,15 @@ from chatstream.render import encode_chat
 from chatstream.server.app import create_app
 from chatstream.settings import Settings
 
-from .apps import broken_model, is_error_shape, make_app, wait_until
+from .apps import LONG, broken_model, is_error_shape, make_app, wait_until
 
 QUESTION = "What is the capital of France?"
-LONG = "Write a very long story about a dragon who learns to bake bread."
 
 
 @pytest.fixture
-def srv(model_and_tokenizer, live_server):
-    """The real server app (create_app: error handlers, companions, /v1) around a 3-slot ChatStream."""
-    _, chat_stream, log = make_app(*model_and_tokenizer, num_of_concurrent_executions=3, max_queue_size=4,
-                                   max_new_tokens=24)
-    server = live_server(create_app(Settings(session_secret="s"), chat_stream=chat_stream))
-    server.chat_stream, server.log = chat_stream, log
+def srv(serve):
+    """The real server app around a 3-slot ChatStream."""
+    server = serve(Settings(session_secret="s"), num_of_concurrent_executions=3, max_queue_size=4, max_new_tokens=24)
     server.oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     return server
 
@@ -52,13 +49,10 @@ def well_formed(client: httpx.Client) -> None:
     assert roles == ["user", "assistant"] * (len(roles) // 2), roles
 
 
-# -- 1: one turn at a time per session ---------------------------------------------------------
+# -- one turn at a time per session ---------------------------------------------------------
 
-def test_concurrent_turns_in_one_session_keep_the_history_well_formed(model_and_tokenizer, live_server):
-    _, chat_stream, _ = make_app(*model_and_tokenizer, num_of_concurrent_executions=1, max_queue_size=4,
-                                 max_new_tokens=200)
-    srv = live_server(create_app(Settings(session_secret="s"), chat_stream=chat_stream))
-    srv.chat_stream = chat_stream
+def test_concurrent_turns_in_one_session_keep_the_history_well_formed(serve):
+    srv = serve(Settings(session_secret="s"), num_of_concurrent_executions=1, max_queue_size=4, max_new_tokens=200)
     with httpx.Client(base_url=srv.url) as client:
         assert chat(client, "My name is Alice.").status_code == 200
         cookies = dict(client.cookies)
@@ -68,11 +62,8 @@ def test_concurrent_turns_in_one_session_keep_the_history_well_formed(model_and_
             with httpx.Client(base_url=srv.url, cookies=cookies) as other:
                 r = chat(other, text)
                 results.append((text, r.status_code, r.text))
-        threads = [threading.Thread(target=send, args=(f"Question {i}: what is {i} plus {i}?",)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(send, [f"Question {i}: what is {i} plus {i}?" for i in range(4)]))
         codes = sorted(code for _, code, _ in results)
         assert 200 in codes and set(codes) <= {200, 409}, codes
         conflicts = [body for _, code, body in results if code == 409]
@@ -101,7 +92,7 @@ def test_concurrent_turns_in_one_session_keep_the_history_well_formed(model_and_
         assert prompt.count("<|im_start|>user") == 1 + len(answered) + 1  # + "And what is my name?"
 
 
-# -- 2, 3, 10: a poisoned request fails alone ---------------------------------------------------
+# -- a poisoned request fails alone ---------------------------------------------------
 
 def test_poisoned_requests_beside_healthy_streams(srv):
     """Temperature 1e-39 (NaN probabilities), a 2**70 seed and 1000 stop strings, each beside three healthy
@@ -118,15 +109,13 @@ def test_poisoned_requests_beside_healthy_streams(srv):
         def healthy_chat():
             with httpx.Client(base_url=srv.url) as c:
                 healthy.append(chat(c).text)
-        threads = [threading.Thread(target=healthy_chat) for _ in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(0.3)
-        with httpx.Client(base_url=srv.url) as c:
-            body = {"messages": [{"role": "user", "content": "Tell me a joke."}], "max_tokens": 8, **poison}
-            r = c.post("/v1/chat/completions", json=body, timeout=120)
-        for t in threads:
-            t.join(120)
+        with ThreadPoolExecutor(3) as pool:
+            for _ in range(3):
+                pool.submit(healthy_chat)
+            time.sleep(0.3)
+            with httpx.Client(base_url=srv.url) as c:
+                body = {"messages": [{"role": "user", "content": "Tell me a joke."}], "max_tokens": 8, **poison}
+                r = c.post("/v1/chat/completions", json=body, timeout=120)
         assert r.status_code in (200, 400), (poison, r.status_code, r.text[:200])
         if r.status_code == 400:
             assert is_error_shape(r)
@@ -141,7 +130,7 @@ def test_tiny_temperature_in_the_session_does_not_harm_others(srv):
         assert r.status_code == 200 and r.text
 
 
-# -- 4: a stream cut by the server is never a clean end ------------------------------------------
+# -- a stream cut by the server is never a clean end ------------------------------------------
 
 def test_sse_client_sees_an_error_and_the_session_keeps_what_was_seen(srv):
     with broken_model(srv.chat_stream, 4):
@@ -162,7 +151,7 @@ def test_sse_client_sees_an_error_and_the_session_keeps_what_was_seen(srv):
     assert "".join(seen).strip() and "".join(seen).strip() in prompt, "the turn the user saw is kept"
 
 
-# -- 5, 6, 14: bad text never poisons a session ----------------------------------------------------
+# -- bad text never poisons a session ----------------------------------------------------
 
 def test_bad_text_leaves_the_session_usable(srv):
     with httpx.Client(base_url=srv.url) as client:
@@ -183,7 +172,7 @@ def test_bad_text_leaves_the_session_usable(srv):
         assert after.startswith(before.rsplit("<|im_start|>assistant", 1)[0]) and "What is my name?" in after
 
 
-# -- 7, 8: /v1 bounds ---------------------------------------------------------------------------------
+# -- /v1 bounds ---------------------------------------------------------------------------------
 
 def test_v1_body_limit_and_rendering_off_the_loop(srv):
     with httpx.Client(base_url=srv.url, timeout=60) as client:
@@ -218,7 +207,7 @@ def test_v1_max_tokens_is_capped_by_the_server(srv):
     assert r.usage.completion_tokens <= 24
 
 
-# -- 11: typed control tokens stay text --------------------------------------------------------------
+# -- typed control tokens stay text --------------------------------------------------------------
 
 def test_typed_control_tokens_are_not_control_tokens(srv, model_and_tokenizer):
     _, tokenizer = model_and_tokenizer
@@ -237,7 +226,7 @@ def test_typed_control_tokens_are_not_control_tokens(srv, model_and_tokenizer):
     assert "You are a pirate." in prompt  # kept as the user's words
 
 
-# -- 12: the small ones ---------------------------------------------------------------------------------
+# -- the small ones ---------------------------------------------------------------------------------
 
 def test_framework_errors_use_the_one_shape_and_docs_are_off(srv):
     with httpx.Client(base_url=srv.url) as client:
@@ -255,14 +244,13 @@ def test_v1_refuses_what_it_cannot_honour(srv, field, value):
     assert r.status_code == 400 and r.json()["error"]["param"] == field
 
 
-def test_traces_never_keep_query_strings_and_can_be_switched_off(srv, model_and_tokenizer, live_server):
+def test_traces_never_keep_query_strings_and_can_be_switched_off(srv, serve):
     with httpx.Client(base_url=srv.url) as client:
         chat(client)  # (a query string on /chat_stream)
         client.post("/chat_stream?api_key=secret123", json={"user_input": "Hi"}, timeout=60)
         wait_until(lambda: "/chat_stream" in client.get("/api/traces").text, 30)
         assert "secret123" not in client.get("/api/traces").text
-    _, chat_stream, _ = make_app(*model_and_tokenizer)
-    closed = live_server(create_app(Settings(traces_api="off"), chat_stream=chat_stream))
+    closed = serve(Settings(traces_api="off"))
     assert httpx.get(closed.url + "/api/traces").status_code == 404
     assert httpx.get(closed.url + "/traces").status_code == 404
 
@@ -279,7 +267,7 @@ def test_client_dropping_during_upload_logs_no_traceback(srv, caplog):
         assert "Paris" in chat(client).text
 
 
-# -- 13: a model that cannot load stops the process and says why ---------------------------------------
+# -- a model that cannot load stops the process and says why ---------------------------------------
 
 def test_model_that_cannot_load_exits_with_its_message(tmp_path):
     import os
@@ -303,7 +291,7 @@ def test_healthz_fails_once_the_model_failed_to_load(live_server, tmp_path):
     assert r.status_code == 503 and "missing" in r.json()["reason"]
 
 
-# -- 16, 17: drains wait for callbacks; TTFT counts the queue --------------------------------------------
+# -- drains wait for callbacks; TTFT counts the queue --------------------------------------------
 
 def test_in_flight_counts_pending_callbacks(model_and_tokenizer, live_server):
     app, chat_stream, _ = make_app(*model_and_tokenizer, max_new_tokens=4)
@@ -345,37 +333,49 @@ V1 = "/v1/chat/completions"
 
 
 def _v1(**fields):
-    return ("POST", V1, json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode(), J)
+    return _v1_body(json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode())
+
+
+def _v1_body(body: bytes):
+    return ("POST", V1, body, J)
+
+
+def _chat(body: bytes, headers: dict = J):
+    return ("POST", "/chat_stream", body, headers)
+
+
+def _params(body: bytes):
+    return ("POST", "/set_generation_params", body, J)
 
 
 BAD_INPUTS = [
     # /chat_stream bodies
-    ("POST", "/chat_stream", b"", J), ("POST", "/chat_stream", b"not json", J), ("POST", "/chat_stream", b"[]", J),
-    ("POST", "/chat_stream", b"null", J), ("POST", "/chat_stream", b'"text"', J), ("POST", "/chat_stream", b"{}", J),
-    ("POST", "/chat_stream", b'{"user_input": 5}', J), ("POST", "/chat_stream", b'{"user_input": null}', J),
-    ("POST", "/chat_stream", b'{"user_input": ""}', J), ("POST", "/chat_stream", b'{"user_input": "   "}', J),
-    ("POST", "/chat_stream", b'{"user_input": ["a"]}', J), ("POST", "/chat_stream", b'{"user_input": {"a": 1}}', J),
-    ("POST", "/chat_stream", b'{"user_input": "hi", "regenerate": "yes"}', J),
-    ("POST", "/chat_stream", b'{"user_input": "hi", "regenerate": 1}', J),
-    ("POST", "/chat_stream", b'{"regenerate": true}', J),
-    ("POST", "/chat_stream", b'{"user_input": "\\ud800"}', J), ("POST", "/chat_stream", b'{"user_input": "\\udfff x"}', J),
-    ("POST", "/chat_stream", b'{"user_input": "\xff\xfe"}', J), ("POST", "/chat_stream", b"\xff\xfe\x00\x00", J),
-    ("POST", "/chat_stream", b"{" * 50_000, J), ("POST", "/chat_stream", b"[" * 50_000 + b"]" * 50_000, J),
-    ("POST", "/chat_stream", b'{"user_input": "' + b"a" * (2 << 20) + b'"}', J),
-    ("POST", "/chat_stream", b'{"user_input": "hi", "regenerate": null}', J),
-    ("POST", "/chat_stream", b'{"user_input": "' + b"word " * 4000 + b'"}', J),
-    ("POST", "/chat_stream", b'{"user_input": "hi"', J), ("POST", "/chat_stream", b'{"user_input": "hi"}}', J),
-    ("POST", "/chat_stream", b'{"regenerate": true}', {**J, "cookie": "chatstream_session=forged.value.sig"}),
-    ("POST", "/chat_stream", b'{"regenerate": true}', {**J, "cookie": "chatstream_session=" + "x" * 4000}),
-    ("POST", "/chat_stream", b'{"regenerate": true}', {**J, "cookie": "===;;;"}),
+    _chat(b""), _chat(b"not json"), _chat(b"[]"),
+    _chat(b"null"), _chat(b'"text"'), _chat(b"{}"),
+    _chat(b'{"user_input": 5}'), _chat(b'{"user_input": null}'),
+    _chat(b'{"user_input": ""}'), _chat(b'{"user_input": "   "}'),
+    _chat(b'{"user_input": ["a"]}'), _chat(b'{"user_input": {"a": 1}}'),
+    _chat(b'{"user_input": "hi", "regenerate": "yes"}'),
+    _chat(b'{"user_input": "hi", "regenerate": 1}'),
+    _chat(b'{"regenerate": true}'),
+    _chat(b'{"user_input": "\\ud800"}'), _chat(b'{"user_input": "\\udfff x"}'),
+    _chat(b'{"user_input": "\xff\xfe"}'), _chat(b"\xff\xfe\x00\x00"),
+    _chat(b"{" * 50_000), _chat(b"[" * 50_000 + b"]" * 50_000),
+    _chat(b'{"user_input": "' + b"a" * (2 << 20) + b'"}'),
+    _chat(b'{"user_input": "hi", "regenerate": null}'),
+    _chat(b'{"user_input": "' + b"word " * 4000 + b'"}'),
+    _chat(b'{"user_input": "hi"'), _chat(b'{"user_input": "hi"}}'),
+    _chat(b'{"regenerate": true}', {**J, "cookie": "chatstream_session=forged.value.sig"}),
+    _chat(b'{"regenerate": true}', {**J, "cookie": "chatstream_session=" + "x" * 4000}),
+    _chat(b'{"regenerate": true}', {**J, "cookie": "===;;;"}),
     # /v1 bodies
-    ("POST", V1, b"", J), ("POST", V1, b"nope", J), ("POST", V1, b"[]", J), ("POST", V1, b"{}", J),
-    ("POST", V1, b'{"messages": []}', J), ("POST", V1, b'{"messages": "hi"}', J),
-    ("POST", V1, b'{"messages": [{"role": "wizard", "content": "hi"}]}', J),
-    ("POST", V1, b'{"messages": [{"role": "user"}]}', J),
-    ("POST", V1, b'{"messages": [{"role": "user", "content": 5}]}', J),
-    ("POST", V1, b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', J),
-    ("POST", V1, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', J),
+    _v1_body(b""), _v1_body(b"nope"), _v1_body(b"[]"), _v1_body(b"{}"),
+    _v1_body(b'{"messages": []}'), _v1_body(b'{"messages": "hi"}'),
+    _v1_body(b'{"messages": [{"role": "wizard", "content": "hi"}]}'),
+    _v1_body(b'{"messages": [{"role": "user"}]}'),
+    _v1_body(b'{"messages": [{"role": "user", "content": 5}]}'),
+    _v1_body(b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}'),
+    _v1_body(b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
     _v1(max_tokens=0), _v1(max_tokens=-5), _v1(max_tokens="ten"), _v1(temperature=-1), _v1(temperature=3),
     _v1(temperature="hot"), _v1(top_p=0), _v1(top_p=1.5), _v1(n=2), _v1(stream="yes"), _v1(stop=5),
     _v1(stop=["a"] * 1000), _v1(stop=["x" * 10_000]), _v1(seed=2 ** 70), _v1(seed="s"), _v1(model="gpt-9"),
@@ -383,13 +383,13 @@ BAD_INPUTS = [
     _v1(stream_options={"include_usage": "maybe"}), _v1(messages=[{"role": "user", "content": "word " * 5000}]),
     ("POST", V1, b'{"messages": [{"role": "user", "content": "hi"}]}', {"content-type": "text/plain"}),
     # companions
-    ("POST", "/set_generation_params", b"nope", J), ("POST", "/set_generation_params", b"[]", J),
-    ("POST", "/set_generation_params", b'{"temperature": "hot"}', J),
-    ("POST", "/set_generation_params", b'{"temperature": 9}', J),
-    ("POST", "/set_generation_params", b'{"top_p_value": 0}', J),
-    ("POST", "/set_generation_params", b'{"top_k_value": -1}', J),
-    ("POST", "/set_generation_params", b'{"temperature": true}', J),
-    ("POST", "/set_generation_params", b"[" * 50_000, J),
+    _params(b"nope"), _params(b"[]"),
+    _params(b'{"temperature": "hot"}'),
+    _params(b'{"temperature": 9}'),
+    _params(b'{"top_p_value": 0}'),
+    _params(b'{"top_k_value": -1}'),
+    _params(b'{"temperature": true}'),
+    _params(b"[" * 50_000),
     # routes and methods
     ("GET", "/nope", b"", {}), ("DELETE", "/chat_stream", b"", {}), ("GET", V1, b"", {}), ("PUT", "/v1/models", b"", {}),
     ("GET", "/api/traces?limit=abc", b"", {}), ("GET", "/api/traces?trace_id=none", b"", {}),

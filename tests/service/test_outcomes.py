@@ -8,11 +8,8 @@ import time
 
 import httpx
 import pytest
-from support.net import raw_request
 
-from .apps import broken_model, make_app, wait_until
-
-LONG = "Write a very long story about a dragon who learns to bake bread."
+from .apps import LONG, broken_model, send_raw, streaming, wait_until
 
 
 def load(srv):
@@ -31,9 +28,7 @@ def test_success(one_slot, path):
 
 
 def test_disconnect_while_streaming_stops_generation(one_slot):
-    sock = raw_request(one_slot.port, "/chat_stream_callback", b'{"user_input": "%s"}' % LONG.encode())
-    head = sock.recv(4096)
-    assert b"200 OK" in head
+    sock = streaming(one_slot)
     steps_before = one_slot.chat_stream.engine.steps
     sock.close()
     calls = one_slot.log.wait_for(1)
@@ -46,9 +41,8 @@ def test_disconnect_while_streaming_stops_generation(one_slot):
 
 
 def test_disconnect_while_queued(one_slot):
-    busy = raw_request(one_slot.port, "/chat_stream_callback", b'{"user_input": "%s"}' % LONG.encode())
-    assert b"200 OK" in busy.recv(4096)
-    queued = raw_request(one_slot.port, "/chat_stream_callback", b'{"user_input": "Hello there"}')
+    busy = streaming(one_slot)
+    queued = send_raw(one_slot, "Hello there")
     wait_until(lambda: load(one_slot) == (1, 1))
     queued.close()
     wait_until(lambda: load(one_slot) == (1, 0), 5)  # it left the queue at once
@@ -56,8 +50,7 @@ def test_disconnect_while_queued(one_slot):
     assert [c[1] for c in calls] == ["client_disconnected_before_streaming"]
     assert "Hello there" not in calls[0][2], "a request that never streamed leaves no turn behind"
     busy.close()
-    calls = one_slot.log.wait_for(2)
-    assert [c[1] for c in calls] == ["client_disconnected_before_streaming", "client_disconnected_while_streaming"]
+    assert one_slot.log.outcomes(2) == ["client_disconnected_before_streaming", "client_disconnected_while_streaming"]
     wait_until(lambda: load(one_slot) == (0, 0))
 
 
@@ -75,8 +68,7 @@ def test_unknown_error(one_slot, fail_after, status):
                 else:
                     with pytest.raises(httpx.RemoteProtocolError):
                         r.read()
-        calls = one_slot.log.wait_for(1)
-        assert [c[1] for c in calls] == ["unknown_error_occurred"]
+        assert one_slot.log.outcomes(1) == ["unknown_error_occurred"]
     wait_until(lambda: load(one_slot) == (0, 0))
     with httpx.Client(base_url=one_slot.url) as client:  # and the server keeps serving
         assert "Paris" in client.post("/chat_stream", json={"user_input": "What is the capital of France?"},
@@ -88,7 +80,7 @@ def test_raising_callback_harms_nothing(one_slot):
         for _ in range(2):
             r = client.post("/chat_stream_raising_callback", json={"user_input": "Hi"}, timeout=120)
             assert r.status_code == 200
-    assert [c[1] for c in one_slot.log.wait_for(2)] == ["success", "success"]
+    assert one_slot.log.outcomes(2) == ["success", "success"]
     wait_until(lambda: load(one_slot) == (0, 0))
 
 
@@ -103,8 +95,7 @@ def test_slow_callback_does_not_stall_other_streams(one_slot):
 
 
 def test_queue_full_is_503_with_retry_after(one_slot):
-    socks = [raw_request(one_slot.port, "/chat_stream_callback", b'{"user_input": "%s"}' % LONG.encode())
-             for _ in range(3)]
+    socks = [send_raw(one_slot, LONG) for _ in range(3)]
     wait_until(lambda: load(one_slot) == (1, 2))
     with httpx.Client(base_url=one_slot.url) as client:
         r = client.post("/chat_stream_callback", json={"user_input": "one too many"}, timeout=30)
@@ -118,10 +109,9 @@ def test_queue_full_is_503_with_retry_after(one_slot):
     assert len(calls) == 3, "a refused request gets no callback; each admitted one gets exactly one"
 
 
-def test_disconnect_storm_leaks_no_slot(model_and_tokenizer, live_server):
-    app, chat_stream, log = make_app(*model_and_tokenizer, num_of_concurrent_executions=2, max_queue_size=3,
-                                     max_new_tokens=24)
-    srv = live_server(app)
+def test_disconnect_storm_leaks_no_slot(serve):
+    srv = serve(num_of_concurrent_executions=2, max_queue_size=3, max_new_tokens=24)
+    chat_stream, log = srv.chat_stream, srv.log
     rng = random.Random(7)
     results = {"ok": 0, "refused": 0, "left": 0}
 

@@ -20,6 +20,8 @@ from chatstream import ChatPrompt, ChatStream
 from chatstream.redis_store import RedisStore
 from chatstream.sessions import SessionMiddleware
 
+from .apps import notes_app, ticking
+
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def test_conversation_moves_between_replicas(model_and_tokenizer, live_server, r
 
 
 def test_a_long_conversation_keeps_its_window_on_another_replica(model_and_tokenizer, live_server, redis_url):
-    """Issue 26: the turns left out of the prompt are saved with the session, so the replica that takes the next
+    """The turns left out of the prompt are saved with the session, so the replica that takes the next
     turn extends the same window (and its cached beginning) instead of cutting the history anew."""
     a = live_server(replica(*model_and_tokenizer, redis_url, context_len=256))
     b = live_server(replica(*model_and_tokenizer, redis_url, context_len=256))
@@ -96,7 +98,7 @@ def set_calls(client: redis.Redis) -> int:
 
 
 def test_one_write_per_request_and_none_for_reads(model_and_tokenizer, live_server, redis_url):
-    """Issue 9 #15: the store was written twice per chat turn, and on every read."""
+    """The store was once written twice per chat turn, and on every read."""
     srv = live_server(replica(*model_and_tokenizer, redis_url))
     r = redis.Redis.from_url(redis_url)
     with httpx.Client(base_url=srv.url, timeout=120) as client:
@@ -125,7 +127,7 @@ class Planted:
 
 def test_stored_data_never_names_a_class_to_import(model_and_tokenizer, live_server, redis_url, tmp_path,
                                                    monkeypatch):
-    """Issue 9 #15: the store imported whatever module path the stored JSON named."""
+    """The store once imported whatever module path the stored JSON named."""
     mark = tmp_path / "planted-was-imported"
     (tmp_path / "planted_sessions_module.py").write_text(PLANTED.format(mark=str(mark)))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -163,7 +165,7 @@ def test_registered_prompt_classes_only(redis_url):
 
 def test_a_hung_redis_answers_503_quickly_and_other_streams_keep_flowing(model_and_tokenizer, live_server,
                                                                          redis_url):
-    """Issue 9 #15: a synchronous client without timeouts froze every stream while Redis hung."""
+    """A synchronous client without timeouts once froze every stream while Redis hung."""
     srv = live_server(replica(*model_and_tokenizer, redis_url, max_new_tokens=400, timeout=0.5, connect_timeout=0.5))
     bob = httpx.Client(base_url=srv.url, timeout=30)
     assert bob.post("/chat_stream", json={"user_input": "My name is Bob."}).status_code == 200
@@ -237,26 +239,16 @@ def test_saves_during_and_after_the_response_are_safe(redis_url, live_server):
 def test_a_redis_that_accepts_and_never_answers(live_server):
     """A store behind a black hole: requests with a session get a 503 within the timeout; others flow."""
     from itsdangerous import TimestampSigner
-    from fastapi.responses import StreamingResponse
 
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)  # accepts (the kernel does) and never answers
-    app = FastAPI()
     store = RedisStore(f"redis://127.0.0.1:{hole.getsockname()[1]}/0", connect_timeout=0.3, timeout=0.3)
-    app.add_middleware(SessionMiddleware, secret_key="test-secret", store=store)
-
-    @app.get("/note")
-    async def note(request: Request):
-        return {"note": request.state.session.get_session().get("note")}
+    app = notes_app(store=store)
 
     @app.get("/ticks")
     async def ticks():
-        async def gen():
-            for i in range(40):
-                yield f"{i}\n"
-                await asyncio.sleep(0.05)
-        return StreamingResponse(gen(), media_type="text/plain")
+        return ticking(40, 0.05)
 
     srv = live_server(app)
     cookie = {"chatstream_session": TimestampSigner("test-secret").sign("some-session").decode()}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from chatstream.render import encode_chat
 
 
 def test_prompts_tokenized_at_once_on_threads_are_tokenized_right(model_and_tokenizer):
-    """Issue 26: a fast tokenizer keeps split_special_tokens as a flag on its shared Rust object, so two prompts
+    """A fast tokenizer keeps split_special_tokens as a flag on its shared Rust object, so two prompts
     tokenized at once could each run under the other's flag: template control tokens came out as plain text
     (204 of 800 wrong here before the fix), a wrong prompt and a prefix-cache miss."""
     _, tokenizer = model_and_tokenizer
@@ -23,9 +23,6 @@ def test_prompts_tokenized_at_once_on_threads_are_tokenized_right(model_and_toke
             if encode_chat(tokenizer, chats[i]) != want[i]:
                 wrong.append(i)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
     assert not wrong, f"{len(wrong)} of 400 encodings differ from the same chat's tokenized alone"

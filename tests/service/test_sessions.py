@@ -9,13 +9,12 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi import FastAPI
 
 from chatstream import ChatStream
-from chatstream.sessions import MemoryStore, SessionCapacityError, SessionMiddleware
+from chatstream.sessions import MemoryStore, SessionCapacityError
 
-from .apps import make_app
+from .apps import make_app, notes_app
 
 
 def no_cookies() -> CookieJar:
@@ -71,7 +70,7 @@ def test_a_request_that_stores_nothing_creates_no_session(model_and_tokenizer, l
 
 
 def test_a_flood_of_new_sessions_never_evicts_live_users(model_and_tokenizer, live_server):
-    """Issue 9 #9: 10,100 cookie-less requests used to evict every user's session (store of 10,000).
+    """10,100 cookie-less requests used to evict every user's session (store of 10,000).
 
     The same flood, scaled to a store of 500 so that the test takes seconds."""
     capacity = 500
@@ -99,39 +98,7 @@ def test_a_flood_of_new_sessions_never_evicts_live_users(model_and_tokenizer, li
         assert "My name is Alice." in after and "What is my name?" in after, "the next turn continues it"
 
 
-# -- the middleware alone, over real HTTP --------------------------------------------------------
-def notes_app(**middleware) -> FastAPI:
-    app = FastAPI()
-    app.add_middleware(SessionMiddleware, secret_key="test-secret", **middleware)
-
-    @app.post("/note")
-    async def note(request: Request):
-        request.state.session.get_session()["note"] = (await request.json())["note"]
-        return {"ok": True}
-
-    @app.get("/note")
-    async def read(request: Request):
-        return {"note": request.state.session.get_session().get("note")}
-
-    @app.post("/reserved_note")
-    async def reserved_note(request: Request):
-        request.state.session.get_session()["note"] = "reserved"
-        await request.state.session.reserve()  # a SessionCapacityError here becomes the 503
-        return {"ok": True}
-
-    @app.post("/streamed_note")
-    async def streamed_note(request: Request):
-        request.state.session.get_session()["note"] = "streamed"
-
-        async def ticks():
-            for i in range(3):
-                yield f"tick {i}\n"
-                await asyncio.sleep(0.01)
-        return StreamingResponse(ticks(), media_type="text/plain")
-
-    return app
-
-
+# -- the middleware alone (apps.notes_app), over real HTTP ------------------------------------------
 def test_new_sessions_may_evict_only_idle_sessions(live_server):
     store = MemoryStore(max_sessions=20, evictable_after_seconds=1.0)
     srv = live_server(notes_app(store=store))

@@ -12,14 +12,14 @@ import httpx
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from support.net import free_port, raw_request
+from support.net import free_port
 
 from chatstream.server.app import create_app
+from chatstream.settings import Settings
 from chatstream.telemetry import Telemetry
 
-from .apps import broken_model, make_app, stream_traces, wait_until
+from .apps import broken_model, make_app, send_raw, stream_traces, streaming, wait_until
 
-LONG = "Write a very long story about a dragon who learns to bake bread."
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
@@ -76,9 +76,7 @@ def test_success_trace(srv):
 
 
 def test_disconnect_while_streaming_trace(srv):
-    sock = raw_request(srv.port, "/chat_stream_callback", b'{"user_input": "%s"}' % LONG.encode())
-    assert b"200 OK" in sock.recv(4096)
-    sock.close()
+    streaming(srv).close()
     closed_ns = time.time_ns()
     trace, chat = wait_trace(srv.chat_stream, "client_disconnected_while_streaming")
     check_nesting(trace, chat, ["chatstream.queue", "chatstream.prefill", "chatstream.stream", "chatstream.callback"])
@@ -87,9 +85,8 @@ def test_disconnect_while_streaming_trace(srv):
 
 
 def test_disconnect_before_streaming_trace(srv):
-    busy = raw_request(srv.port, "/chat_stream_callback", b'{"user_input": "%s"}' % LONG.encode())
-    assert b"200 OK" in busy.recv(4096)
-    queued = raw_request(srv.port, "/chat_stream_callback", b'{"user_input": "Hello"}')
+    busy = streaming(srv)
+    queued = send_raw(srv, "Hello")
     wait_until(lambda: srv.chat_stream.admission.waiting == 1)
     time.sleep(0.2)
     queued.close()
@@ -123,12 +120,11 @@ def test_incoming_traceparent_is_honoured(srv):
     assert server["parent_id"] == parent_id
 
 
-def test_content_only_when_enabled(model_and_tokenizer, live_server):
-    _, chat_stream, _ = make_app(*model_and_tokenizer, telemetry=Telemetry(record_content=True))
-    s = live_server(create_app(chat_stream=chat_stream))
+def test_content_only_when_enabled(serve):
+    s = serve(Settings(), telemetry=Telemetry(record_content=True))
     httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
-    trace, chat = wait_trace(chat_stream, "success", ("chatstream.stream",))
+    trace, chat = wait_trace(s.chat_stream, "success", ("chatstream.stream",))
     assert "capital of France" in chat["attributes"]["gen_ai.input.messages"]
     assert "Paris" in chat["attributes"]["gen_ai.output.messages"]
     assert chat["attributes"]["chatstream.endpoint"] == "/v1/chat/completions"
@@ -160,16 +156,16 @@ class OTLPReceiver(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_spans_are_exported_over_otlp_http(model_and_tokenizer, live_server, monkeypatch):
+def test_spans_are_exported_over_otlp_http(serve, monkeypatch):
     port = free_port()
     receiver = http.server.ThreadingHTTPServer(("127.0.0.1", port), OTLPReceiver)
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("OTEL_SERVICE_NAME", "chatstream-test")
     try:
-        _, chat_stream, _ = make_app(*model_and_tokenizer)
+        s = serve(Settings())
+        chat_stream = s.chat_stream
         assert chat_stream.telemetry.exporting
-        s = live_server(create_app(chat_stream=chat_stream))
         httpx.post(s.url + "/v1/chat/completions", timeout=60, json={
             "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
         wait_trace(chat_stream, "success", ("chatstream.stream",))
