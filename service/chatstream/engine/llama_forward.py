@@ -85,7 +85,7 @@ class LlamaForward:
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
         # attention.attend instead of SDPA: a row's bits do not depend on its batch (bfloat16 linear
-        # layers need it); the runner then hands it whole cache rows (ModelRunner._view).
+        # layers need it); the runner then hands it views of whole blocks (ModelRunner._view).
         self.invariant = invariant
 
     def __call__(self, p: Pass, cache) -> torch.Tensor:
