@@ -26,10 +26,10 @@ def test_sigterm_drains_streams_in_flight(tmp_path):
             assert proc.poll() is None, proc.stdout.read()
         wait_ready(url, 120, alive)
         with httpx.Client(base_url=url, timeout=120) as client:
-            # A stream that outlives the admit window (400 tokens, about 10 s here): the server stays up
-            # past it, so that the request sent after the window reaches a live server and is refused.
-            count = "Count from 1 to 1000, one number per line."
-            with client.stream("POST", "/chat_stream", json={"user_input": count}) as r:
+            # A stream that outlives the admit window (a story runs to the 400-token cap, about 10 s here):
+            # the server stays up past it, so that the request sent after the window meets a live server.
+            story = "Write a long story about a cat."
+            with client.stream("POST", "/chat_stream", json={"user_input": story}) as r:
                 chunks = r.iter_text()
                 first = next(chunks)
                 proc.send_signal(signal.SIGTERM)
