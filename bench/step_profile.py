@@ -22,7 +22,7 @@ from lib.host import cpu_description
 BUCKETS = [  # (bucket, substrings of an operator name), the first that matches wins
     ("products (oneDNN linear)", ["_linear_pointwise"]),
     ("attention: SDPA", ["scaled_dot_product", "flash_attention"]),
-    ("attention: matmul/bmm", ["aten::bmm", "aten::matmul"]),
+    ("attention: matmul/bmm", ["aten::bmm", "aten::baddbmm", "aten::matmul"]),
     ("attention: softmax parts", ["aten::exp", "aten::cumsum", "aten::amax", "aten::masked_fill", "aten::sum",
                                   "aten::div"]),
     ("casts and copies", ["aten::to", "aten::_to_copy", "aten::copy_", "aten::contiguous", "aten::cat",
