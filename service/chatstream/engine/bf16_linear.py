@@ -11,13 +11,18 @@ and the logits stay float32, so the model's quality is within a hair of float32'
 The engine promises that a greedy answer does not depend on the batch or on the prefix cache. That
 needs every product to give a row the same bits whatever the number of rows. oneDNN's bfloat16
 kernel does so for inputs up to 576 wide but changes its reduction for wider ones (down_proj, 1536
-wide, from 13 rows on); so each layer's input is cut into pieces no wider than :data:`SPLIT`, each
-piece multiplied on its own and the pieces summed in float32, in order. Attention must be
-batch-invariant too (attention.py): the engine's own Llama pass uses it whenever these layers serve.
+wide, from 13 rows on, on the AMD EPYC of bench/results); so each layer's input is cut into pieces no
+wider than :data:`SPLIT`, each piece multiplied on its own and the pieces summed in float32, in order.
+On CPUs with AMX, oneDNN takes another kernel from 33 rows on, and there some rows (5 of 37 for the
+fused q/k/v) get other bits than alone; there the rows are multiplied in pieces of at most
+:data:`MAX_ROWS` (a prefill pays for it: 512 rows took 2.2x as long on the Intel Xeon with AMX of
+bench/results). Attention must be batch-invariant too (attention.py): the engine's own Llama pass
+uses it whenever these layers serve.
 
 :func:`check` is what ``linear_dtype="auto"`` runs at start: the CPU must multiply bfloat16 natively,
-and on this CPU and torch each layer's rows and the invariant attention must give the same bits
-alone as among other rows. Where anything fails the engine serves float32 and logs why.
+and on this CPU and torch every row of each layer's product (whole, or in pieces of :data:`MAX_ROWS`
+rows) and the invariant attention must give the same bits alone as among other rows. Where anything
+fails the engine serves float32 and logs why.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import logging
 
 import torch
 
-from . import attention
+from . import attention, attention_native
 
 log = logging.getLogger("chatstream.engine")
 
 SPLIT = 576  # widest input piece oneDNN's bfloat16 kernel reduces the same way at every row count
+MAX_ROWS = 32  # the most rows oneDNN multiplies with its small-batch kernel (AMX takes another from 33)
 DTYPES = ("float32", "bfloat16", "auto")
 
 
@@ -40,11 +46,13 @@ def check_request(linear_dtype: str) -> None:
 
 
 class BF16Linear(torch.nn.Module):
-    """``nn.Linear`` computed in bfloat16 by oneDNN (weight prepacked), float32 in and out."""
+    """``nn.Linear`` computed in bfloat16 by oneDNN (weight prepacked), float32 in and out; with
+    ``max_rows``, the rows are multiplied in pieces of at most that many."""
 
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 32):
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 32, max_rows: int | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.max_rows = max_rows
         weight = linear.weight.detach().to(torch.bfloat16)
         pieces = -(-self.in_features // SPLIT)
         size = -(-self.in_features // pieces)
@@ -54,6 +62,14 @@ class BF16Linear(torch.nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if self.max_rows and rows > self.max_rows:
+            flat = x.reshape(rows, self.in_features)
+            pieces = [self._product(flat[start:start + self.max_rows]) for start in range(0, rows, self.max_rows)]
+            return torch.cat(pieces).view(*x.shape[:-1], self.out_features)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         xb, out = x.to(torch.bfloat16), None
         for start, stop, packed in self.parts:
             piece = xb if len(self.parts) == 1 else xb[..., start:stop].contiguous()
@@ -62,7 +78,8 @@ class BF16Linear(torch.nn.Module):
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, onednn=bfloat16x{len(self.parts)}"
+        rows = f", rows<={self.max_rows}" if self.max_rows else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn=bfloat16x{len(self.parts)}{rows}"
 
 
 def cpu_multiplies_bf16() -> str | None:
@@ -88,20 +105,29 @@ CHECKED_ROWS = (2, 5, 13, 33, 300, 700)
 
 
 def rows_invariant(layer: torch.nn.Module, in_features: int, rows=CHECKED_ROWS) -> bool:
-    """Whether each checked row of ``layer``'s output has the same bits as that row computed alone."""
+    """Whether every row of ``layer``'s output, at each checked row count, has the same bits as that row
+    computed alone. Every row: on AMX a few rows in the middle differ (5 of 37), so a sample misses them."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(max(rows), in_features, generator=gen)
-    for n in rows:
-        out = layer(x[:n])
-        for r in {0, n // 2, n - 1}:
-            if not torch.equal(layer(x[r:r + 1]), out[r:r + 1]):
-                return False
-    return True
+    alone = torch.cat([layer(x[r:r + 1]) for r in range(max(rows))])
+    return all(torch.equal(layer(x[:n]), alone[:n]) for n in rows)
 
 
-def attention_invariant() -> bool:
-    """Whether :func:`attention.attend` gives a decoding row's query the same bits alone, among longer
-    rows, and as the last query of a prefill chunk (the three ways the engine computes it)."""
+def attention_invariant(kernel: bool | None = None) -> bool:
+    """Whether the batch-invariant attention gives a decoding row's query the same bits alone, among
+    longer rows, and as the last query of a prefill chunk (the three ways the engine computes it).
+    ``kernel``: the compiled kernel (attention_native.py) or attention.py's operators; by default the
+    one the engine serves with (the kernel where it builds)."""
+    reason = attention_native.load()
+    if kernel and reason:
+        raise RuntimeError(f"the attention kernel is not available: {reason}")
+    kernel = reason is None if kernel is None else kernel
+
+    def attend(q, k, v, mask):  # mask: [B, 1, M, L], True where a query sees a key
+        if kernel:
+            return attention_native.attend(q, k, v, mask[:, 0], 0.125)
+        return attention.attend(q, k, v, attention.block_bias(mask), 0.125)
+
     gen = torch.Generator().manual_seed(2)
     heads, groups, dim, length, width = 3, 3, 64, 100, 7
     view = attention.padded_view(length)
@@ -109,7 +135,7 @@ def attention_invariant() -> bool:
     q = torch.randn(1, heads, groups, dim, generator=gen)
     mask = torch.zeros(1, 1, groups, view, dtype=torch.bool)
     mask[..., :length] = True
-    alone = attention.attend(q, k, v, attention.block_bias(mask), 0.125)[0]
+    alone = attend(q, k, v, mask)[0]
     wide = attention.padded_view(length + 150)
     # views of longer rows, as the engine reads its cache (a row's capacity is the largest reservation)
     kb, vb = (torch.randn(4, heads, wide + 128, dim, generator=gen)[:, :, :wide] for _ in range(2))
@@ -118,30 +144,47 @@ def attention_invariant() -> bool:
     qb[2] = q[0]
     maskb = torch.ones(4, 1, groups, wide, dtype=torch.bool)
     maskb[2, ..., length:] = False
-    if not torch.equal(attention.attend(qb, kb, vb, attention.block_bias(maskb), 0.125)[2], alone):
+    if not torch.equal(attend(qb, kb, vb, maskb)[2], alone):
         return False
     qp = torch.randn(1, heads, groups, width, dim, generator=gen)
     qp[0, :, :, -1] = q[0]
     causal = torch.arange(wide)[None, :] <= torch.arange(length - width, length)[:, None]
     maskp = causal[None, None, None].expand(1, 1, groups, width, wide).reshape(1, 1, groups * width, wide)
     grouped = qp.reshape(1, heads, groups * width, dim)
-    out = attention.attend(grouped, kb[2:3], vb[2:3], attention.block_bias(maskp), 0.125)
+    out = attend(grouped, kb[2:3], vb[2:3], maskp)
     return torch.equal(out.view(1, heads, groups, width, dim)[0, :, :, -1], alone)
 
 
-def check(model: torch.nn.Module) -> str | None:
-    """None when bfloat16 linear layers keep the engine's promise for ``model`` on this machine, else why not."""
-    reason = cpu_multiplies_bf16()
-    if reason:
-        return reason
+def product_rows(model: torch.nn.Module) -> tuple[str | None, int | None]:
+    """``(None, max_rows)`` when every linear shape of ``model`` gives a row the same bits at any row
+    count, multiplied whole (``max_rows`` None) or in pieces of :data:`MAX_ROWS` rows; else why not."""
     shapes = {(m.out_features, m.in_features) for m in model.modules() if type(m) is torch.nn.Linear}
     with torch.inference_mode():
-        for out_features, in_features in sorted(shapes):
-            layer = BF16Linear(torch.nn.Linear(in_features, out_features, bias=False, device="cpu"))
-            # lm_head-sized layers see one row per sequence, never a prefill's hundreds
-            rows = CHECKED_ROWS if out_features * in_features < 2**24 else CHECKED_ROWS[:4]
-            if not rows_invariant(layer, in_features, rows):
-                return f"oneDNN's bfloat16 product {out_features}x{in_features} gives a row other bits among other rows"
+        for max_rows in (None, MAX_ROWS):
+            failed = None
+            for out_features, in_features in sorted(shapes):
+                linear = torch.nn.Linear(in_features, out_features, bias=False, device="cpu")
+                layer = BF16Linear(linear, max_rows=max_rows)
+                # lm_head-sized layers see one row per sequence, never a prefill's hundreds
+                rows = CHECKED_ROWS if out_features * in_features < 2**24 else CHECKED_ROWS[:4]
+                if not rows_invariant(layer, in_features, rows):
+                    failed = f"oneDNN's bfloat16 product {out_features}x{in_features} gives a row other bits among other rows"
+                    break
+            if failed is None:
+                return None, max_rows
+    return failed, None
+
+
+def check(model: torch.nn.Module) -> tuple[str | None, int | None]:
+    """``(None, max_rows)`` when bfloat16 linear layers keep the engine's promise for ``model`` on this
+    machine (``max_rows``: see :func:`product_rows`), else ``(why not, None)``."""
+    reason = cpu_multiplies_bf16()
+    if reason:
+        return reason, None
+    reason, max_rows = product_rows(model)
+    if reason:
+        return reason, None
+    with torch.inference_mode():
         if not attention_invariant():
-            return "the batch-invariant attention gives a row other bits among other rows on this CPU"
-    return None
+            return "the batch-invariant attention gives a row other bits among other rows on this CPU", None
+    return None, max_rows

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.llama.modeling_llama import rotate_half
 
-from . import attention
+from . import attention, attention_native
 from .kv_cache import Plan
 
 
@@ -71,7 +71,7 @@ class Pass:
     chunks: tuple[int, int] = (0, 0)      # (n, width): the last n * width tokens, one chunk per row
     prefill_mask: torch.Tensor | None = None   # [n, 1, width, view]
     prefill_plan: Plan | None = None
-    decode_bias: torch.Tensor | None = None    # the masks for attention.attend (invariant attention only)
+    decode_bias: torch.Tensor | None = None    # the masks for attention.attend (invariant operators only)
     prefill_bias: torch.Tensor | None = None
 
 
@@ -84,16 +84,18 @@ class LlamaForward:
         self.head_dim = attn.head_dim
         self.groups = attn.num_key_value_groups
         self.scaling = attn.scaling
-        # attention.attend instead of SDPA: a row's bits do not depend on its batch (bfloat16 linear
-        # layers need it); the runner then hands it views of whole blocks (ModelRunner._view).
+        # Batch-invariant attention instead of SDPA: a row's bits do not depend on its batch (bfloat16
+        # linear layers need it); the runner then hands it views of whole blocks (ModelRunner._view).
+        # The compiled kernel where it builds (attention_native.py), else attention.py's operators.
         self.invariant = invariant
+        self.kernel = invariant and attention_native.load() is None
 
     def __call__(self, p: Pass, cache) -> torch.Tensor:
         inner = self.model.model  # read at each call: the engine packs and fuses the modules after building this
         hidden = inner.embed_tokens(p.ids[None])
         cos, sin = inner.rotary_emb(hidden, position_ids=p.positions[None])
         cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, head_dim], against [T, heads, head_dim]
-        if self.invariant:  # the masks in attention.attend's form, once a pass
+        if self.invariant and not self.kernel:  # the masks in attention.attend's form, once a pass
             groups = self.groups
             if p.decode:
                 mask = p.decode_mask
@@ -121,7 +123,9 @@ class LlamaForward:
             keys, values = cache.update(k[:d, :, None], v[:d, :, None], index, plan=p.decode_plan)
             # One query per row: its heads attend to their key/value head as one block of queries.
             qd = q[:d].reshape(d, -1, self.groups, self.head_dim)
-            if self.invariant:
+            if self.kernel:
+                out = attention_native.attend(qd, keys, values, p.decode_mask[:, 0], self.scaling)
+            elif self.invariant:
                 out = attention.attend(qd, keys, values, p.decode_bias, self.scaling)
             else:
                 out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=p.decode_mask, scale=self.scaling)
@@ -134,8 +138,11 @@ class LlamaForward:
             if self.invariant:
                 # each key/value head's queries as one block: [n, kv_heads, groups * width, head_dim]
                 grouped = qp.reshape(n, keys.shape[1], self.groups * width, self.head_dim)
-                out = attention.attend(grouped, keys, values, p.prefill_bias,
-                                       self.scaling).view(n, -1, width, self.head_dim)
+                if self.kernel:  # query g * width + w sees what mask row w sees
+                    out = attention_native.attend(grouped, keys, values, p.prefill_mask[:, 0], self.scaling)
+                else:
+                    out = attention.attend(grouped, keys, values, p.prefill_bias, self.scaling)
+                out = out.view(n, -1, width, self.head_dim)
             else:
                 out = F.scaled_dot_product_attention(qp, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
                                                      attn_mask=p.prefill_mask, scale=self.scaling)
