@@ -22,6 +22,7 @@ from lib.host import cpu_description
 BUCKETS = [  # (bucket, substrings of an operator name), the first that matches wins
     ("products (oneDNN linear)", ["_linear_pointwise"]),
     ("attention: SDPA", ["scaled_dot_product", "flash_attention"]),
+    ("attention: compiled kernel", ["chatstream::attend"]),
     ("attention: matmul/bmm", ["aten::bmm", "aten::baddbmm", "aten::matmul"]),
     ("attention: softmax parts", ["aten::exp", "aten::cumsum", "aten::amax", "aten::masked_fill", "aten::sum",
                                   "aten::div"]),
@@ -31,6 +32,11 @@ BUCKETS = [  # (bucket, substrings of an operator name), the first that matches 
 ]
 
 
+MODES = [("float32", True, "float32 products, SDPA"),
+         ("bfloat16", True, "bfloat16 products, compiled invariant attention"),
+         ("bfloat16", False, "bfloat16 products, invariant attention from operators")]
+
+
 def bucket(name: str) -> str:
     for label, keys in BUCKETS:
         if any(k in name for k in keys):
@@ -38,7 +44,7 @@ def bucket(name: str) -> str:
     return "other (norms, rotary, adds, embedding)"
 
 
-def runner_for(linear_dtype: str, rows: int):
+def runner_for(linear_dtype: str, rows: int, kernel: bool = True):
     from chatstream import load_model
     from chatstream.engine import cpu_linear
     from chatstream.engine.runner import ModelRunner
@@ -46,12 +52,15 @@ def runner_for(linear_dtype: str, rows: int):
     choice = cpu_linear.prepare_linears(model, "onednn", linear_dtype)
     runner = ModelRunner(model, rows)
     runner.invariant = choice.linear_dtype == "bfloat16"
+    if runner.invariant and not kernel:  # attention.py's operators instead of the compiled kernel
+        runner._native().kernel = False
     return runner
 
 
-def profile(linear_dtype: str, rows: int, context: int, steps: int) -> tuple[float, dict[str, float]]:
+def profile(linear_dtype: str, rows: int, context: int, steps: int,
+            kernel: bool = True) -> tuple[float, dict[str, float]]:
     from chatstream.engine.scheduler import Chunk
-    runner = runner_for(linear_dtype, rows)
+    runner = runner_for(linear_dtype, rows, kernel)
     gen = torch.Generator().manual_seed(0)
     seqs = [types.SimpleNamespace(prompt_ids=torch.randint(100, 20000, (context,), generator=gen).tolist(), row=r,
                                   length=0, next_token=None) for r in range(rows)]
@@ -86,9 +95,9 @@ def main() -> None:
     print(f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}), {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; {args.context} cached positions per row, {args.steps} decode steps")
     for rows in (int(r) for r in args.rows.split(",")):
-        for linear_dtype in ("float32", "bfloat16"):
-            per_step, shares = profile(linear_dtype, rows, args.context, args.steps)
-            print(f"\n{rows} rows, {linear_dtype} products: {per_step * 1e3:.1f} ms a step "
+        for linear_dtype, kernel, label in MODES:
+            per_step, shares = profile(linear_dtype, rows, args.context, args.steps, kernel)
+            print(f"\n{rows} rows, {label}: {per_step * 1e3:.1f} ms a step "
                   f"({rows / per_step:.1f} tok/s)")
             for k, v in shares.items():
                 print(f"  {v:6.1%}  {k}")
