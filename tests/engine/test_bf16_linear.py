@@ -67,14 +67,15 @@ def test_a_row_gets_the_same_bits_alone_among_longer_rows_and_in_a_prefill_chunk
 def test_bf16_products_give_a_row_the_same_bits_at_any_row_count():
     # down_proj's shape: oneDNN's bfloat16 kernel reduces a 1536-wide input differently from 13 rows on
     # unless the input is split (SPLIT).
-    # On AMX, oneDNN's kernel from 33 rows on gives some rows other bits: there rows go in pieces.
+    # down_proj's shape. On the AMD EPYC oneDNN reduces a 1536-wide input differently from 13 rows on
+    # unless the input is split; on AMX its kernel from 33 rows on gives some rows other bits unless the
+    # rows go in pieces. The check finds what this CPU needs.
     linear = torch.nn.Linear(1536, 576, bias=False)
-    reason, max_rows = bf16_linear.product_rows(torch.nn.Sequential(linear))
-    assert reason is None and max_rows in (None, bf16_linear.MAX_ROWS)
+    reason, layouts = bf16_linear.product_layouts(torch.nn.Sequential(linear))
+    assert reason is None and layouts[(576, 1536)] in bf16_linear.LAYOUTS
     with torch.inference_mode():
-        layer = bf16_linear.BF16Linear(linear, max_rows=max_rows)
-        assert bf16_linear.rows_invariant(layer, 1536)
-        assert len(layer.parts) == 3
+        layer = bf16_linear.BF16Linear(linear, layout=layouts[(576, 1536)])
+        assert bf16_linear.rows_invariant(layer, 1536, rows=(2, 13, 33, 100, 700))
 
 
 def test_the_row_check_compares_every_row():

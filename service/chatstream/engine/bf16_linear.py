@@ -9,29 +9,32 @@ and the logits stay float32, so the model's quality is within a hair of float32'
 (bench/dtype_quality.py measures it).
 
 The engine promises that a greedy answer does not depend on the batch or on the prefix cache. That
-needs every product to give a row the same bits whatever the number of rows. oneDNN's bfloat16
-kernel does so for inputs up to 576 wide but changes its reduction for wider ones (down_proj, 1536
-wide, from 13 rows on, on the AMD EPYC of bench/results); so each layer's input is cut into pieces no
-wider than :data:`SPLIT`, each piece multiplied on its own and the pieces summed in float32, in order.
-On CPUs with AMX, oneDNN takes another kernel from 33 rows on, and there some rows (5 of 37 for the
-fused q/k/v) get other bits than alone; there the rows are multiplied in pieces of at most
-:data:`MAX_ROWS` (a prefill pays for it: 512 rows took 2.2x as long on the Intel Xeon with AMX of
-bench/results). Attention must be batch-invariant too (attention.py): the engine's own Llama pass
-uses it whenever these layers serve.
+needs every product to give a row the same bits whatever the number of rows, and oneDNN's bfloat16
+kernels do not, in ways that depend on the CPU: on the AMD EPYC of bench/results a 1536-wide input
+(down_proj) is reduced differently from 13 rows on, so there the input is cut into pieces no wider
+than :data:`SPLIT`, multiplied one by one and summed in float32, in order; on the Intel Xeon with AMX
+another kernel takes over from 33 rows and gives some rows (5 of 37 for the fused q/k/v) other bits,
+so there the rows go in pieces of at most :data:`MAX_ROWS` (a 512-token prefill's products take 2.2x
+as long). :func:`product_layouts` tries the cuts (:data:`LAYOUTS`) on each of the model's shapes and
+keeps the first with which every row is the same alone and among others. Attention must be
+batch-invariant too (attention_native.py, attention.py): the engine's own Llama pass uses it whenever
+these layers serve.
 
-:func:`check` is what ``linear_dtype="auto"`` runs at start: the CPU must multiply bfloat16 natively,
-and on this CPU and torch every row of each layer's product (whole, or in pieces of :data:`MAX_ROWS`
-rows) and the invariant attention must give the same bits alone as among other rows. Where anything
-fails the engine serves float32 and logs why.
+:func:`check` is what ``linear_dtype="auto"`` runs at start (about a second): the CPU must multiply
+bfloat16 natively, every shape needs a layout that passes, and the invariant attention must give a
+row the same bits alone as among other rows. Where anything fails the engine serves float32 and logs
+why.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from . import attention, attention_native
+from .fused_linear import fused_shapes
 
 log = logging.getLogger("chatstream.engine")
 
@@ -45,16 +48,28 @@ def check_request(linear_dtype: str) -> None:
         raise ValueError(f"linear_dtype must be 'float32', 'bfloat16' or 'auto', not {linear_dtype!r}")
 
 
-class BF16Linear(torch.nn.Module):
-    """``nn.Linear`` computed in bfloat16 by oneDNN (weight prepacked), float32 in and out; with
-    ``max_rows``, the rows are multiplied in pieces of at most that many."""
+@dataclass(frozen=True)
+class Layout:
+    """How a layer's product is cut so that a row gets the same bits at any row count: input columns in
+    pieces of at most ``split`` (None: whole), rows in pieces of at most ``max_rows`` (None: whole)."""
+    max_rows: int | None = None
+    split: int | None = SPLIT
 
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 32, max_rows: int | None = None):
+
+# What :func:`product_layouts` tries for each shape, fastest first: the fewest pieces that pass.
+LAYOUTS = (Layout(None, None), Layout(None, SPLIT), Layout(MAX_ROWS, None), Layout(MAX_ROWS, SPLIT))
+
+
+class BF16Linear(torch.nn.Module):
+    """``nn.Linear`` computed in bfloat16 by oneDNN (weight prepacked), float32 in and out, cut as
+    ``layout`` says."""
+
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 32, layout: Layout = Layout()):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.max_rows = max_rows
+        self.max_rows = layout.max_rows
         weight = linear.weight.detach().to(torch.bfloat16)
-        pieces = -(-self.in_features // SPLIT)
+        pieces = -(-self.in_features // (layout.split or self.in_features))
         size = -(-self.in_features // pieces)
         self.parts = [(start, min(start + size, self.in_features),
                        torch.ops.mkldnn._reorder_linear_weight(weight[:, start:start + size].contiguous(), batch_hint))
@@ -155,36 +170,37 @@ def attention_invariant(kernel: bool | None = None) -> bool:
     return torch.equal(out.view(1, heads, groups, width, dim)[0, :, :, -1], alone)
 
 
-def product_rows(model: torch.nn.Module) -> tuple[str | None, int | None]:
-    """``(None, max_rows)`` when every linear shape of ``model`` gives a row the same bits at any row
-    count, multiplied whole (``max_rows`` None) or in pieces of :data:`MAX_ROWS` rows; else why not."""
+def product_layouts(model: torch.nn.Module) -> tuple[str | None, dict[tuple[int, int], Layout]]:
+    """``(None, layouts)``: for each linear shape of ``model`` (``(out_features, in_features)``, its
+    fused projections' too) the first of :data:`LAYOUTS` with which every row gets the same bits at
+    any row count; else ``(why not, {})``."""
     shapes = {(m.out_features, m.in_features) for m in model.modules() if type(m) is torch.nn.Linear}
+    shapes |= fused_shapes(model)
+    layouts = {}
     with torch.inference_mode():
-        for max_rows in (None, MAX_ROWS):
-            failed = None
-            for out_features, in_features in sorted(shapes):
-                linear = torch.nn.Linear(in_features, out_features, bias=False, device="cpu")
-                layer = BF16Linear(linear, max_rows=max_rows)
-                # lm_head-sized layers see one row per sequence, never a prefill's hundreds
-                rows = CHECKED_ROWS if out_features * in_features < 2**24 else CHECKED_ROWS[:4]
-                if not rows_invariant(layer, in_features, rows):
-                    failed = f"oneDNN's bfloat16 product {out_features}x{in_features} gives a row other bits among other rows"
-                    break
-            if failed is None:
-                return None, max_rows
-    return failed, None
+        for out_features, in_features in sorted(shapes):
+            linear = torch.nn.Linear(in_features, out_features, bias=False, device="cpu")
+            # lm_head-sized layers see one row per sequence, never a prefill's hundreds
+            rows = CHECKED_ROWS if out_features * in_features < 2**24 else CHECKED_ROWS[:4]
+            layouts[(out_features, in_features)] = next(
+                (layout for layout in LAYOUTS
+                 if rows_invariant(BF16Linear(linear, layout=layout), in_features, rows)), None)
+            if layouts[(out_features, in_features)] is None:
+                return (f"oneDNN's bfloat16 product {out_features}x{in_features} gives a row other bits among "
+                        "other rows", {})
+    return None, layouts
 
 
-def check(model: torch.nn.Module) -> tuple[str | None, int | None]:
-    """``(None, max_rows)`` when bfloat16 linear layers keep the engine's promise for ``model`` on this
-    machine (``max_rows``: see :func:`product_rows`), else ``(why not, None)``."""
+def check(model: torch.nn.Module) -> tuple[str | None, dict[tuple[int, int], Layout]]:
+    """``(None, layouts)`` when bfloat16 linear layers keep the engine's promise for ``model`` on this
+    machine (``layouts``: see :func:`product_layouts`), else ``(why not, {})``."""
     reason = cpu_multiplies_bf16()
     if reason:
-        return reason, None
-    reason, max_rows = product_rows(model)
+        return reason, {}
+    reason, layouts = product_layouts(model)
     if reason:
-        return reason, None
+        return reason, {}
     with torch.inference_mode():
         if not attention_invariant():
-            return "the batch-invariant attention gives a row other bits among other rows on this CPU", None
-    return None, max_rows
+            return "the batch-invariant attention gives a row other bits among other rows on this CPU", {}
+    return None, layouts

@@ -95,21 +95,20 @@ def prepare_linears(model: torch.nn.Module, request: str = "auto", linear_dtype:
         param = next(model.parameters(), None)
         if reason is None and param.dtype != torch.float32:
             reason = f"the model is {param.dtype}, not float32"
-        max_rows = bf16_linear.MAX_ROWS
+        layouts = {}
         if reason is None and linear_dtype == "auto":
-            reason, max_rows = bf16_linear.check(model)
-        elif reason is None:  # asked for: served even where a check fails, in row pieces unless whole ones pass
-            failed, whole = bf16_linear.product_rows(model)
-            max_rows = bf16_linear.MAX_ROWS if failed else whole
+            reason, layouts = bf16_linear.check(model)
+        elif reason is None:  # asked for: served even where the check fails, then in the most pieces
+            layouts = bf16_linear.product_layouts(model)[1]
         if reason:
             log.warning("linear layers serve in float32, not bfloat16 (linear_dtype=%s): %s", linear_dtype, reason)
         else:
             fused = fuse_projections(model)
-            packed = pack_linears(model, dtype=torch.bfloat16, max_rows=max_rows)
+            packed = pack_linears(model, dtype=torch.bfloat16, layouts=layouts)
             if packed:
-                log.info("linear layers serve in bfloat16 (oneDNN, inputs split at %d columns, rows %s); "
-                         "attention is the batch-invariant one", bf16_linear.SPLIT,
-                         f"in pieces of {max_rows}" if max_rows else "whole")
+                log.info("linear layers serve in bfloat16 (oneDNN; pieces by shape: %s); attention is the "
+                         "batch-invariant one", ", ".join(f"{o}x{i} {layout}" for (o, i), layout in layouts.items())
+                         or "the most")
                 return KernelChoice("onednn", None, packed, fused, "bfloat16")
             log.warning("linear layers serve in float32: packing them in bfloat16 failed")
     choice, timings = request, None
@@ -243,10 +242,10 @@ def packed_count(model: torch.nn.Module) -> int:
 
 
 def pack_linears(model: torch.nn.Module, batch_hint: int = 32, dtype: torch.dtype | None = None,
-                 max_rows: int | None = None) -> int:
+                 layouts: dict[tuple[int, int], bf16_linear.Layout] | None = None) -> int:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`PackedLinear` (a :class:`bf16_linear.BF16Linear`
-    with ``dtype=torch.bfloat16``, multiplying at most ``max_rows`` rows at a time); return how many the
-    model now has.
+    with ``dtype=torch.bfloat16``, cut as ``layouts`` says for its shape, else in the most pieces);
+    return how many the model now has.
 
     Packing a model twice (two engines over one model) is harmless: the second call finds nothing to swap.
     """
@@ -261,7 +260,8 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 32, dtype: torch.dtyp
         for parent, name, linear in targets:
             try:
                 if dtype == torch.bfloat16:
-                    replacement = bf16_linear.BF16Linear(linear, batch_hint, max_rows)
+                    layout = (layouts or {}).get((linear.out_features, linear.in_features), bf16_linear.LAYOUTS[-1])
+                    replacement = bf16_linear.BF16Linear(linear, batch_hint, layout)
                 else:
                     packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
                     replacement = PackedLinear(linear, packed)

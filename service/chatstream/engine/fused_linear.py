@@ -94,6 +94,20 @@ def fuse_projections(model: torch.nn.Module) -> int:
     dtype and device, all with a bias or all without. Fusing twice finds nothing left to fuse.
     """
     fused = 0
+    for parent, names, members in _groups(model):
+        group = FusedLinear(members)
+        for index, (name, member) in enumerate(zip(names, members)):
+            setattr(parent, name, LinearSlice(group, index, member))
+        fused += 1
+    return fused
+
+
+def fused_shapes(model: torch.nn.Module) -> set[tuple[int, int]]:
+    """The ``(out_features, in_features)`` of the layers :func:`fuse_projections` would make."""
+    return {(sum(m.out_features for m in members), members[0].in_features) for _, _, members in _groups(model)}
+
+
+def _groups(model: torch.nn.Module):
     for parent in list(model.modules()):
         for names in GROUPS:
             members = [getattr(parent, name, None) for name in names]
@@ -104,8 +118,4 @@ def fuse_projections(model: torch.nn.Module) -> int:
                    or m.weight.device != first.weight.device or (m.bias is None) != (first.bias is None)
                    for m in members):
                 continue
-            group = FusedLinear(members)
-            for index, (name, member) in enumerate(zip(names, members)):
-                setattr(parent, name, LinearSlice(group, index, member))
-            fused += 1
-    return fused
+            yield parent, names, members
