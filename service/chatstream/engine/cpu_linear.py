@@ -56,6 +56,9 @@ class PackedLinear(torch.nn.Module):
 
 
 REQUESTS = ("auto", "onednn", "torch", "bfloat16")
+# The model attribute where ``auto`` notes its choice, so that a second engine over the model keeps it
+# without measuring again (a packed model shows its choice; one left to PyTorch's kernel would not).
+CHOSEN = "chatstream_linear_kernel"
 
 
 def check_request(request: str) -> None:
@@ -116,9 +119,12 @@ def prepare_linears(model: torch.nn.Module, request: str = "auto", linear_dtype:
         choice = "torch"
         if packed_count(model):  # a second engine over a model the first one packed
             choice = "onednn"
+        elif getattr(model, CHOSEN, None):  # ... or left as it was, having measured PyTorch's kernel faster
+            choice = getattr(model, CHOSEN)
         elif why_not_packable(model) is None:
             timings = measure(model)
             choice = choose(timings)
+            setattr(model, CHOSEN, choice)
             log.info("linear kernels measured on this CPU: oneDNN %.2fx PyTorch's (%s); serving with %s",
                      speedup(timings), ", ".join(f"{n} rows {t['torch'] * 1e3:.1f} vs {t['onednn'] * 1e3:.1f} ms"
                                                  for n, t in timings.items()), choice)
