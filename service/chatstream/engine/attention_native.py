@@ -8,7 +8,8 @@ and is invariant by how it is written, not by what MKL happens to do: each query
 over the keys it sees, in an order fixed in the source (the file says how).
 
 The kernel is compiled here with the machine's C++ compiler against the installed torch, for this
-CPU (``-march=native``), once, into the cache directory (about 30 s, logged); later starts load it in
+CPU (``-march=native``), once, into the cache directory (8-11 s on the 2-core Intel Xeon of
+bench/results, logged); later starts load it in
 well under a second. Where no compiler is found or the build fails, :func:`load` says why and the
 engine keeps attention.py's operators, which are invariant too. ``CHATSTREAM_NATIVE_ATTENTION=0``
 turns the kernel off.
@@ -16,6 +17,7 @@ turns the kernel off.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -32,14 +34,12 @@ log = logging.getLogger("chatstream.engine")
 SOURCE = Path(__file__).with_name("attention_kernel.cpp")
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-fPIC", "-shared",
          "-fopenmp"]
-_state: dict[str, str | None] = {}
 
 
+@functools.cache
 def load() -> str | None:
-    """None once ``torch.ops.chatstream.attend`` can be called, else why it cannot (cached per process)."""
-    if "reason" not in _state:
-        _state["reason"] = _load()
-    return _state["reason"]
+    """None once ``torch.ops.chatstream.attend`` can be called, else why it cannot (once per process)."""
+    return _load()
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -101,7 +101,7 @@ def _build(compiler: str, library: Path) -> str | None:
                *(f"-I{path}" for path in cpp_extension.include_paths()),
                f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(partial),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
-    log.info("compiling the batch-invariant attention kernel for this CPU (once, about 30 s) into %s", library)
+    log.info("compiling the batch-invariant attention kernel for this CPU (once, about 10 s) into %s", library)
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
