@@ -32,9 +32,10 @@ BUCKETS = [  # (bucket, substrings of an operator name), the first that matches 
 ]
 
 
-MODES = [("float32", True, "float32 products, SDPA"),
-         ("bfloat16", True, "bfloat16 products, compiled invariant attention"),
-         ("bfloat16", False, "bfloat16 products, invariant attention from operators")]
+MODES = [("float32", "kernel", "float32 products, SDPA"),
+         ("bfloat16", "kernel", "bfloat16 products, compiled invariant attention, bfloat16 keys (as served)"),
+         ("bfloat16", "kernel, float32 keys", "bfloat16 products, compiled invariant attention, float32 keys"),
+         ("bfloat16", "operators", "bfloat16 products, invariant attention from operators")]
 
 
 def bucket(name: str) -> str:
@@ -44,23 +45,25 @@ def bucket(name: str) -> str:
     return "other (norms, rotary, adds, embedding)"
 
 
-def runner_for(linear_dtype: str, rows: int, kernel: bool = True):
+def runner_for(linear_dtype: str, rows: int, attention: str = "kernel"):
     from chatstream import load_model
     from chatstream.engine import cpu_linear
     from chatstream.engine.runner import ModelRunner
     model, _ = load_model("builtin:smollm2-135m-instruct", device="cpu")
     choice = cpu_linear.prepare_linears(model, "onednn", linear_dtype)
     runner = ModelRunner(model, rows)
-    runner.invariant = choice.linear_dtype == "bfloat16"
-    if runner.invariant and not kernel:  # attention.py's operators instead of the compiled kernel
-        runner._native().kernel = False
+    if choice.linear_dtype == "bfloat16":
+        runner.serve_invariant()
+        if attention != "kernel":  # float32 keys; and attention.py's operators instead of the compiled kernel
+            runner.cache.dtype = None
+            runner._native().kernel = attention != "operators"
     return runner
 
 
 def profile(linear_dtype: str, rows: int, context: int, steps: int,
-            kernel: bool = True) -> tuple[float, dict[str, float]]:
+            attention: str = "kernel") -> tuple[float, dict[str, float]]:
     from chatstream.engine.scheduler import Chunk
-    runner = runner_for(linear_dtype, rows, kernel)
+    runner = runner_for(linear_dtype, rows, attention)
     gen = torch.Generator().manual_seed(0)
     seqs = [types.SimpleNamespace(prompt_ids=torch.randint(100, 20000, (context,), generator=gen).tolist(), row=r,
                                   length=0, next_token=None) for r in range(rows)]
@@ -95,8 +98,8 @@ def main() -> None:
     print(f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}), {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; {args.context} cached positions per row, {args.steps} decode steps")
     for rows in (int(r) for r in args.rows.split(",")):
-        for linear_dtype, kernel, label in MODES:
-            per_step, shares = profile(linear_dtype, rows, args.context, args.steps, kernel)
+        for linear_dtype, attention, label in MODES:
+            per_step, shares = profile(linear_dtype, rows, args.context, args.steps, attention)
             print(f"\n{rows} rows, {label}: {per_step * 1e3:.1f} ms a step "
                   f"({rows / per_step:.1f} tok/s)")
             for k, v in shares.items():

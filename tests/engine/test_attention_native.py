@@ -63,6 +63,19 @@ def test_a_query_gets_the_same_bits_alone_among_longer_rows_in_a_chunk_and_on_on
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_gets_the_same_bits_whatever_the_number_of_queries_sharing_its_keys(dtype):
+    # The kernel reads a key once for all the queries of a mask row (up to four at a time); a query's
+    # arithmetic must not depend on how many there are: 1, 3 (SmolLM2's heads per key/value head), 5, 8.
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, 2, 333, 64, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(1, 2, 8, 64, generator=gen)
+    seen = torch.ones(1, 1, 333, dtype=torch.bool)
+    alone = attention_native.attend(q[:, :, 2:3], k, v, seen, 0.125)
+    for count in (3, 5, 8):
+        assert torch.equal(attention_native.attend(q[:, :, :count], k, v, seen, 0.125)[:, :, 2:3], alone)
+
+
 def test_keys_it_does_not_see_may_hold_anything():
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(1, 3, 3, 64, generator=gen)

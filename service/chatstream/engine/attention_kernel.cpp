@@ -2,18 +2,26 @@
 //
 // Why a kernel of its own: see attention_native.py. What makes it invariant is how it is written:
 //
-// * one query at a time, over the keys it sees in index order; keys it does not see are skipped,
-//   so neither the view's length nor the batch's other rows enter any sum;
+// * a query is computed over the keys its mask row lets it see, in index order; keys it does not see
+//   are skipped, so neither the view's length nor the batch's other rows enter any sum. The queries
+//   that share a mask row and a key/value head (a decode row's heads of one key/value head) are
+//   computed together, each key read once for all of them, with each query's arithmetic what it
+//   would be alone;
 // * every sum has a fixed order written in the source: a dot product over head_dim in 16 lanes and
-//   then a fixed tree, the softmax's denominator and the weighted values key after key;
+//   then a fixed tree (for 16 keys at once, the same tree), the softmax's denominator in 16 lanes
+//   over the same keys and then the tree, the weighted values key after key;
 // * vectors are GCC's vector extensions (16 floats; AVX-512 registers where the CPU has them, else
 //   pairs of AVX2 ones), whose operations are per lane, and it is compiled with -ffp-contract=off and
 //   without -ffast-math: the compiler may neither fuse a multiply into an add nor reorder a sum, so
 //   a lane computes the same IEEE operations as the scalar code for the same element, bit for bit;
 // * exp is a fixed polynomial (below), the same bits in a vector lane and in scalar code.
 //
-// Threads split (row, key/value head, block of queries): a query is computed by one thread, start to
-// end, so the number of threads does not change its bits either.
+// Threads split (row, key/value head, mask row): a query is computed by one thread, start to end, so
+// the number of threads does not change its bits either.
+//
+// Where the time goes: a decode step reads every cached key and value once, and at 16 rows of 400
+// positions that is more bytes than the weights, so the kernel reads them once for all the queries
+// of a key/value head, asks for them ahead of use (prefetch) and takes them in bfloat16 too.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,7 +36,6 @@
 
 namespace {
 
-constexpr int64_t QUERIES = 8;  // queries a unit of work holds (one key/value head of one row)
 constexpr int64_t W = 16;       // lanes of a vector
 
 typedef float vfloat __attribute__((vector_size(64)));
@@ -47,18 +54,12 @@ inline T bitcast(const F& from) {
 }
 
 inline vfloat load(const float* p) { return bitcast<vfloat>(*reinterpret_cast<const float(*)[W]>(p)); }
-inline vfloat load(const double* p) {
-  vfloat v;
-  for (int l = 0; l < W; ++l) v[l] = static_cast<float>(p[l]);
-  return v;
-}
 inline vfloat load(const at::BFloat16* p) {  // exact: bfloat16 is float32's upper half
   const vhalf h = bitcast<vhalf>(*reinterpret_cast<const uint16_t(*)[W]>(p));
   return bitcast<vfloat>(__builtin_convertvector(h, vuint) << 16);
 }
 
 inline float scalar(const float* p) { return *p; }
-inline float scalar(const double* p) { return static_cast<float>(*p); }
 inline float scalar(const at::BFloat16* p) { return bitcast<float>(static_cast<uint32_t>(p->x) << 16); }
 
 // The sum of 16 lanes in a fixed tree: lane l with l + 8, then l + 4, l + 2, l + 1.
@@ -93,92 +94,178 @@ inline T exp_nonpositive(T x) {
   }
 }
 
-// Queries [first_query, first_query + count) of one row's key/value head; D a multiple of 16.
-template <int64_t D, typename KV>
-void attend_block(const float* q, int64_t count, const KV* keys, const KV* values, int64_t kv_stride,
-                  const bool* mask, int64_t mask_rows, int64_t first_query, int64_t length, float scale,
-                  float* out, std::vector<float>& weights) {
+// The 16 sums of 16 vectors in one vector, lane k holding reduce(v[k]) bit for bit: the same tree
+// (lane l with l + 8, then l + 4, then l + 2 with l + 1's pair, as reduce() adds them), done for 16
+// keys at once with shuffles across vectors instead of one key at a time.
+inline vfloat reduce16(const vfloat* v) {
+  vfloat a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // lanes 0-7: key 2i's l + (l + 8); lanes 8-15: key 2i + 1's
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                   30, 31);
+  for (int i = 0; i < 4; ++i)  // four lanes for each of keys 4i .. 4i + 3: l + (l + 4)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                   31);
+  for (int i = 0; i < 2; ++i)  // two lanes for each of keys 8i .. 8i + 7: (b0 + b2), (b1 + b3)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// The keys a mask row lets a query see: [lo, hi), and whether every key in between is seen (a run: the
+// engine's masks are a prefix, a causal prefix, or key 0 for a padding query).
+struct Seen {
+  const bool* row;
+  int64_t lo, hi;
+  bool run;
+  Seen(const bool* mask_row, int64_t length) : row(mask_row), lo(0), hi(length), run(true) {
+    while (lo < length && !row[lo]) ++lo;
+    while (hi > lo && !row[hi - 1]) --hi;
+    for (int64_t j = lo; j < hi; ++j) run = run && row[j];
+  }
+  bool operator()(int64_t j) const { return run || row[j]; }
+};
+
+// Keys and values are read once a step from memory (a cache row is far larger than the CPU's caches),
+// key after key; asking for them AHEAD keys early keeps the loads from waiting on memory (a hint: a
+// prefetch past the end of a row reads nothing and faults on nothing).
+constexpr int64_t AHEAD = 64;
+
+template <typename KV>
+inline void prefetch(const KV* p, int64_t count) {
+  for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(KV)); i += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + i);
+}
+
+// NQ queries that see the same keys (one mask row of one key/value head), together: each key and value
+// is read once for all of them, and each query's arithmetic is what it would be alone (the same
+// operations in the same order whatever NQ is). D is a multiple of 16. Every sum's order depends on
+// the query's own keys alone: scores 16 keys at a time from lo (reduce16) and the rest key by key
+// (reduce, the same bits); the denominator in 16 lanes over the same tiles, then reduce's tree, then
+// the rest in key order; the weighted values key after key.
+template <int64_t D, int NQ, typename KV>
+void attend_queries(const float* const* q, float* const* out, const KV* keys, const KV* values, int64_t kv_stride,
+                    const Seen& seen, float scale, float* scores, int64_t length) {
   constexpr int64_t V = D / W;
-  weights.resize(static_cast<size_t>(length));
-  float* s = weights.data();
-  for (int64_t m = 0; m < count; ++m) {
-    // The keys it sees: [lo, hi), every one in between (a run: the engine's masks are a prefix, a
-    // causal prefix, or key 0 for a padding query) or else read key by key from the mask.
-    const bool* seen = mask + ((first_query + m) % mask_rows) * length;
-    int64_t lo = 0, hi = length;
-    while (lo < length && !seen[lo]) ++lo;
-    while (hi > lo && !seen[hi - 1]) --hi;
-    bool run = true;
-    for (int64_t j = lo; j < hi; ++j) run = run && seen[j];
-    vfloat qv[V];
-    for (int64_t t = 0; t < V; ++t) qv[t] = load(q + m * D + t * W);
-    // scores, and their maximum (exact in any order)
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t j = lo; j < hi; ++j) {
-      if (!run && !seen[j]) continue;
-      const KV* key = keys + j * kv_stride;
-      vfloat acc = qv[0] * load(key);
-      for (int64_t t = 1; t < V; ++t) acc = acc + qv[t] * load(key + t * W);
-      s[j] = reduce(acc) * scale;
-      top = std::max(top, s[j]);
+  const int64_t lo = seen.lo, hi = seen.hi;
+  const float inf = std::numeric_limits<float>::infinity();
+  vfloat qv[NQ][V];
+  float* s[NQ];
+  for (int g = 0; g < NQ; ++g) {
+    for (int64_t t = 0; t < V; ++t) qv[g][t] = load(q[g] + t * W);
+    s[g] = scores + g * length;
+  }
+  // each query's dot products with one key, before reduce's tree
+  const auto dots = [&](int64_t j, vfloat* acc, int64_t step) {
+    prefetch(keys + (j + AHEAD) * kv_stride, D);
+    vfloat key[V];
+    for (int64_t t = 0; t < V; ++t) key[t] = load(keys + j * kv_stride + t * W);
+    for (int g = 0; g < NQ; ++g) {
+      vfloat a = qv[g][0] * key[0];
+      for (int64_t t = 1; t < V; ++t) a = a + qv[g][t] * key[t];
+      acc[g * step] = a;
     }
-    // weights, 16 keys at a time and the rest one by one (the same operations); unseen keys weigh 0
-    int64_t j = lo;
-    for (; j + W <= hi; j += W) {
-      vfloat x = load(s + j) - top;
-      for (int l = 0; !run && l < W; ++l) x[l] = seen[j + l] ? x[l] : -100.0f;
-      const vfloat e = exp_nonpositive<vfloat, vint>(x);
-      std::memcpy(s + j, &e, sizeof e);
-    }
-    for (; j < hi; ++j) s[j] = (run || seen[j]) ? exp_nonpositive<float, int32_t>(s[j] - top) : 0.0f;
-    float total = 0.0f;  // in key order; an unseen key adds an exact zero
-    for (j = lo; j < hi; ++j) total += s[j];
-    // the weighted values, key after key
-    vfloat acc[V] = {};
-    for (j = lo; j < hi; ++j) {
-      if (!run && !seen[j]) continue;
-      const KV* value = values + j * kv_stride;
-      const float w = s[j];
-      for (int64_t t = 0; t < V; ++t) acc[t] = acc[t] + w * load(value + t * W);
-    }
-    for (int64_t t = 0; t < V; ++t) {
-      const vfloat o = acc[t] / total;
-      std::memcpy(out + m * D + t * W, &o, sizeof o);
+  };
+  // scores, and their maxima (exact in any order); an unseen key's score is not used
+  vfloat topv[NQ];
+  for (int g = 0; g < NQ; ++g) topv[g] = vfloat{} - inf;
+  int64_t j = lo;
+  for (; j + W <= hi; j += W) {
+    vfloat part[NQ][W];
+    for (int k = 0; k < W; ++k) dots(j + k, &part[0][k], W);
+    for (int g = 0; g < NQ; ++g) {
+      vfloat x = reduce16(part[g]) * scale;
+      std::memcpy(s[g] + j, &x, sizeof x);
+      for (int l = 0; !seen.run && l < W; ++l) x[l] = seen.row[j + l] ? x[l] : -inf;
+      topv[g] = topv[g] > x ? topv[g] : x;
     }
   }
+  float top[NQ];
+  for (int g = 0; g < NQ; ++g) {
+    top[g] = -inf;
+    for (int l = 0; l < W; ++l) top[g] = std::max(top[g], topv[g][l]);
+  }
+  for (int64_t k = j; k < hi; ++k) {
+    if (!seen(k)) continue;
+    vfloat acc[NQ];
+    dots(k, acc, 1);
+    for (int g = 0; g < NQ; ++g) {
+      s[g][k] = reduce(acc[g]) * scale;
+      top[g] = std::max(top[g], s[g][k]);
+    }
+  }
+  // weights (unseen keys weigh 0) and their sums
+  float total[NQ];
+  for (int g = 0; g < NQ; ++g) {
+    vfloat totv = {};
+    for (j = lo; j + W <= hi; j += W) {
+      vfloat x = load(s[g] + j) - top[g];
+      for (int l = 0; !seen.run && l < W; ++l) x[l] = seen.row[j + l] ? x[l] : -100.0f;
+      const vfloat e = exp_nonpositive<vfloat, vint>(x);
+      totv = totv + e;
+      std::memcpy(s[g] + j, &e, sizeof e);
+    }
+    total[g] = reduce(totv);
+    for (; j < hi; ++j) {
+      s[g][j] = seen(j) ? exp_nonpositive<float, int32_t>(s[g][j] - top[g]) : 0.0f;
+      total[g] += s[g][j];
+    }
+  }
+  // the weighted values, key after key
+  vfloat acc[NQ][V] = {};
+  for (j = lo; j < hi; ++j) {
+    if (!seen(j)) continue;
+    prefetch(values + (j + AHEAD) * kv_stride, D);
+    vfloat value[V];
+    for (int64_t t = 0; t < V; ++t) value[t] = load(values + j * kv_stride + t * W);
+    for (int g = 0; g < NQ; ++g) {
+      const float w = s[g][j];
+      for (int64_t t = 0; t < V; ++t) acc[g][t] = acc[g][t] + w * value[t];
+    }
+  }
+  for (int g = 0; g < NQ; ++g)
+    for (int64_t t = 0; t < V; ++t) {
+      const vfloat o = acc[g][t] / total[g];
+      std::memcpy(out[g] + t * W, &o, sizeof o);
+    }
+}
+
+// The queries of one mask row, at most four at a time.
+template <int64_t D, typename KV>
+void attend_row(const float* const* q, float* const* out, int64_t count, const KV* keys, const KV* values,
+                int64_t kv_stride, const Seen& seen, float scale, float* scores, int64_t length) {
+  for (; count >= 4; count -= 4, q += 4, out += 4)
+    attend_queries<D, 4>(q, out, keys, values, kv_stride, seen, scale, scores, length);
+  if (count == 3) attend_queries<D, 3>(q, out, keys, values, kv_stride, seen, scale, scores, length);
+  if (count == 2) attend_queries<D, 2>(q, out, keys, values, kv_stride, seen, scale, scores, length);
+  if (count == 1) attend_queries<D, 1>(q, out, keys, values, kv_stride, seen, scale, scores, length);
 }
 
 // The same for any head_dim, in scalar code.
 template <typename KV>
-void attend_block_any(const float* q, int64_t count, const KV* keys, const KV* values, int64_t kv_stride,
-                      const bool* mask, int64_t mask_rows, int64_t first_query, int64_t length, int64_t dim,
-                      float scale, float* out, std::vector<float>& weights) {
-  weights.resize(static_cast<size_t>(length));
-  float* s = weights.data();
-  for (int64_t m = 0; m < count; ++m) {
-    const bool* seen = mask + ((first_query + m) % mask_rows) * length;
-    const float* qm = q + m * dim;
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < length; ++j) {
-      if (!seen[j]) continue;
-      float acc[W] = {};
-      for (int64_t i = 0; i < dim; ++i) acc[i % W] += qm[i] * scalar(keys + j * kv_stride + i);
-      vfloat v;
-      std::memcpy(&v, acc, sizeof v);
-      s[j] = reduce(v) * scale;
-      top = std::max(top, s[j]);
-    }
-    float total = 0.0f;
-    float* o = out + m * dim;
-    std::fill(o, o + dim, 0.0f);
-    for (int64_t j = 0; j < length; ++j) {
-      if (!seen[j]) continue;
-      const float w = exp_nonpositive<float, int32_t>(s[j] - top);
-      total += w;
-      for (int64_t i = 0; i < dim; ++i) o[i] += w * scalar(values + j * kv_stride + i);
-    }
-    for (int64_t i = 0; i < dim; ++i) o[i] /= total;
+void attend_query_any(const float* q, const KV* keys, const KV* values, int64_t kv_stride, const Seen& seen,
+                      int64_t dim, float scale, float* out, float* s) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t j = seen.lo; j < seen.hi; ++j) {
+    if (!seen(j)) continue;
+    float acc[W] = {};
+    for (int64_t i = 0; i < dim; ++i) acc[i % W] += q[i] * scalar(keys + j * kv_stride + i);
+    vfloat v;
+    std::memcpy(&v, acc, sizeof v);
+    s[j] = reduce(v) * scale;
+    top = std::max(top, s[j]);
   }
+  float total = 0.0f;
+  std::fill(out, out + dim, 0.0f);
+  for (int64_t j = seen.lo; j < seen.hi; ++j) {
+    if (!seen(j)) continue;
+    const float w = exp_nonpositive<float, int32_t>(s[j] - top);
+    total += w;
+    for (int64_t i = 0; i < dim; ++i) out[i] += w * scalar(values + j * kv_stride + i);
+  }
+  for (int64_t i = 0; i < dim; ++i) out[i] /= total;
 }
 
 // q: [B, H, M, D] float32; keys, values: [B, H, L, D] (float32 or bfloat16, last dimension contiguous,
@@ -192,6 +279,8 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tens
   TORCH_CHECK(keys.scalar_type() == values.scalar_type() && keys.strides() == values.strides() &&
                   keys.sizes() == values.sizes(),
               "attend: keys and values must have one dtype, shape and layout");
+  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16,
+              "attend: keys and values must be float32 or bfloat16");
   TORCH_CHECK(keys.stride(3) == 1, "attend: the keys' last dimension must be contiguous");
   TORCH_CHECK(mask_in.scalar_type() == at::kBool, "attend: mask must be bool");
   const at::Tensor q = q_in.contiguous();
@@ -202,33 +291,43 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tens
                   mask.size(2) == L && R > 0 && M % R == 0,
               "attend: shapes disagree");
   at::Tensor out = at::empty({B, H, M, D}, q.options());
-  const int64_t blocks = (M + QUERIES - 1) / QUERIES;
   const float s = static_cast<float>(scale);
   const float* qp = q.data_ptr<float>();
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, keys.scalar_type(), "attend", [&] {
-    const scalar_t* kp = keys.data_ptr<scalar_t>();
-    const scalar_t* vp = values.data_ptr<scalar_t>();
+  const auto run = [&](auto* kp, auto* vp) {
+    using KV = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     const int64_t kb = keys.stride(0), kh = keys.stride(1), kl = keys.stride(2);
-    at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> weights;
+    // a unit of work: one row's key/value head and one mask row, i.e. queries r, r + R, r + 2R, ...
+    at::parallel_for(0, B * H * R, 1, [&](int64_t begin, int64_t end) {
+      const int64_t count = M / R;
+      std::vector<float> scores(static_cast<size_t>(std::min<int64_t>(count, 4) * L));
+      std::vector<const float*> qs(static_cast<size_t>(count));
+      std::vector<float*> outs(static_cast<size_t>(count));
       for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t b = unit / (H * blocks), h = (unit / blocks) % H, first = (unit % blocks) * QUERIES;
-        const int64_t count = std::min(QUERIES, M - first);
-        const int64_t qo = ((b * H + h) * M + first) * D;
-        const scalar_t* k = kp + b * kb + h * kh;
-        const scalar_t* v = vp + b * kb + h * kh;
-        const bool* mb = mp + b * R * L;
+        const int64_t b = unit / (H * R), h = (unit / R) % H, r = unit % R;
+        const Seen seen(mp + (b * R + r) * L, L);
+        const KV* k = kp + b * kb + h * kh;
+        const KV* v = vp + b * kb + h * kh;
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t at = ((b * H + h) * M + r + i * R) * D;
+          qs[i] = qp + at;
+          outs[i] = op + at;
+        }
         if (D == 64)
-          attend_block<64>(qp + qo, count, k, v, kl, mb, R, first, L, s, op + qo, weights);
+          attend_row<64>(qs.data(), outs.data(), count, k, v, kl, seen, s, scores.data(), L);
         else if (D == 128)
-          attend_block<128>(qp + qo, count, k, v, kl, mb, R, first, L, s, op + qo, weights);
+          attend_row<128>(qs.data(), outs.data(), count, k, v, kl, seen, s, scores.data(), L);
         else
-          attend_block_any(qp + qo, count, k, v, kl, mb, R, first, L, D, s, op + qo, weights);
+          for (int64_t i = 0; i < count; ++i)
+            attend_query_any(qs[i], k, v, kl, seen, D, s, outs[i], scores.data());
       }
     });
-  });
+  };
+  if (keys.scalar_type() == at::kBFloat16)
+    run(keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>());
+  else
+    run(keys.data_ptr<float>(), values.data_ptr<float>());
   return out;
 }
 

@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger("chatstream.engine")
 
 SOURCE = Path(__file__).with_name("attention_kernel.cpp")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-fPIC", "-shared",
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-fPIC", "-shared",
          "-fopenmp"]
 
 

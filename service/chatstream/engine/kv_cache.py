@@ -39,8 +39,11 @@ class SlotKVCache:
 
     GRANULARITY = 64  # positions per row are reserved in multiples of this
 
-    def __init__(self, max_batch: int, initial_capacity: int = GRANULARITY):
+    def __init__(self, max_batch: int, initial_capacity: int = GRANULARITY, dtype: torch.dtype | None = None):
         self.max_batch = max_batch
+        # What keys and values are kept in: None, the model's own dtype; the engine's bfloat16 mode keeps
+        # them in bfloat16 (half the bytes a decode step reads; ModelRunner.invariant says why).
+        self.dtype = dtype
         self.capacity = initial_capacity
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -75,8 +78,8 @@ class SlotKVCache:
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
         r0, r1 = plan.rows
         if plan.decode_positions is not None:
-            kb[plan.decode_rows, :, plan.decode_positions] = key_states[:, :, 0]
-            vb[plan.decode_rows, :, plan.decode_positions] = value_states[:, :, 0]
+            kb[plan.decode_rows, :, plan.decode_positions] = key_states[:, :, 0].to(kb.dtype)
+            vb[plan.decode_rows, :, plan.decode_positions] = value_states[:, :, 0].to(vb.dtype)
         else:
             width = key_states.shape[2]
             for i, row, start, count in plan.prefill:
@@ -91,8 +94,8 @@ class SlotKVCache:
     def _allocate(self, layer_idx: int, like: torch.Tensor) -> None:
         while len(self.keys) <= layer_idx:
             shape = (self.max_batch, like.shape[1], self.capacity, like.shape[3])
-            self.keys.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
-            self.values.append(torch.zeros(shape, dtype=like.dtype, device=like.device))
+            self.keys.append(torch.zeros(shape, dtype=self.dtype or like.dtype, device=like.device))
+            self.values.append(torch.zeros(shape, dtype=self.dtype or like.dtype, device=like.device))
 
     def ensure_capacity(self, length: int) -> None:
         """Room for ``length`` positions per row (the engine reserves a sequence's whole extent on admission)."""

@@ -183,7 +183,7 @@ class Engine:
         self.packed_linears, self.fused_projections = choice.packed, choice.fused
         self.linear_dtype = choice.linear_dtype
         if self.linear_dtype == "bfloat16":
-            self.runner.invariant = True
+            self.runner.serve_invariant()
 
     def _run(self) -> None:
         try:
