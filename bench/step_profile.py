@@ -23,6 +23,7 @@ BUCKETS = [  # (bucket, substrings of an operator name), the first that matches 
     ("products (oneDNN linear)", ["_linear_pointwise"]),
     ("attention: SDPA", ["scaled_dot_product", "flash_attention"]),
     ("attention: compiled kernel", ["chatstream::attend"]),
+    ("compiled row-wise steps (norms, rotary, activation)", ["chatstream::"]),
     ("attention: matmul/bmm", ["aten::bmm", "aten::baddbmm", "aten::matmul"]),
     ("attention: softmax parts", ["aten::exp", "aten::cumsum", "aten::amax", "aten::masked_fill", "aten::sum",
                                   "aten::div"]),
@@ -33,9 +34,9 @@ BUCKETS = [  # (bucket, substrings of an operator name), the first that matches 
 
 
 MODES = [("float32", "kernel", "float32 products, SDPA"),
-         ("bfloat16", "kernel", "bfloat16 products, compiled invariant attention, bfloat16 keys (as served)"),
-         ("bfloat16", "kernel, float32 keys", "bfloat16 products, compiled invariant attention, float32 keys"),
-         ("bfloat16", "operators", "bfloat16 products, invariant attention from operators")]
+         ("bfloat16", "kernels", "bfloat16 products, compiled attention and row-wise steps, bfloat16 keys (as served)"),
+         ("bfloat16", "attention kernel", "bfloat16 products, compiled attention, row-wise steps from operators"),
+         ("bfloat16", "operators", "bfloat16 products, invariant attention from operators, float32 keys")]
 
 
 def bucket(name: str) -> str:
@@ -45,7 +46,7 @@ def bucket(name: str) -> str:
     return "other (norms, rotary, adds, embedding)"
 
 
-def runner_for(linear_dtype: str, rows: int, attention: str = "kernel"):
+def runner_for(linear_dtype: str, rows: int, attention: str = "kernels"):
     from chatstream import load_model
     from chatstream.engine import cpu_linear
     from chatstream.engine.runner import ModelRunner
@@ -54,14 +55,16 @@ def runner_for(linear_dtype: str, rows: int, attention: str = "kernel"):
     runner = ModelRunner(model, rows)
     if choice.linear_dtype == "bfloat16":
         runner.serve_invariant()
-        if attention != "kernel":  # float32 keys; and attention.py's operators instead of the compiled kernel
+        if attention != "kernels":  # PyTorch's operators between the products (llama_forward's plain pass)
+            runner._native().layers = lambda: None
+        if attention == "operators":  # and attention.py's operators, which read float32 keys
             runner.cache.dtype = None
-            runner._native().kernel = attention != "operators"
+            runner._native().kernel = False
     return runner
 
 
 def profile(linear_dtype: str, rows: int, context: int, steps: int,
-            attention: str = "kernel") -> tuple[float, dict[str, float]]:
+            attention: str = "kernels") -> tuple[float, dict[str, float]]:
     from chatstream.engine.scheduler import Chunk
     runner = runner_for(linear_dtype, rows, attention)
     gen = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from chatstream import load_model
-from chatstream.engine import Engine, SamplingParams, attention, attention_native, bf16_linear
+from chatstream.engine import Engine, SamplingParams, attention, native, bf16_linear
 from chatstream.engine.runner import ModelRunner
 from chatstream.render import encode_chat
 
@@ -123,7 +123,7 @@ def test_bf16_answers_are_the_same_alone_in_a_batch_of_8_and_from_the_prefix_cac
         assert engine.linear_dtype == "bfloat16" and engine.runner.invariant
         assert engine.info["dtype"] == "float32/bfloat16-linear"
         # keys and values in bfloat16 where the compiled kernel serves (half the bytes a step reads)
-        assert engine.runner.cache.dtype == (torch.bfloat16 if attention_native.load() is None else None)
+        assert engine.runner.cache.dtype == (torch.bfloat16 if native.load() is None else None)
         prompts = [encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
         alone = answers(engine, prompts, together=False)
         assert answers(engine, prompts, together=True) == alone

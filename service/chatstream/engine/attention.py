@@ -22,7 +22,7 @@ position prefilled afresh after a prefix-cache hit therefore get the same bits (
 test_attention.py checks it against batches of other lengths). It is not SDPA's arithmetic, so its
 float32 result differs from transformers' in the last bits: the engine uses it only with bfloat16
 linear layers (``linear_dtype``), never for the float32 path that equals ``generate``, and only where
-the compiled kernel (attention_native.py), which keeps the same promise in one call a layer, cannot
+the compiled kernel (native.py), which keeps the same promise in one call a layer, cannot
 be built.
 """
 

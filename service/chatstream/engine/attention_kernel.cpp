@@ -1,6 +1,6 @@
 // Attention whose result for a query depends on that query, its keys and values and its mask alone.
 //
-// Why a kernel of its own: see attention_native.py. What makes it invariant is how it is written:
+// Why a kernel of its own: see native.py. What makes it invariant is how it is written:
 //
 // * a query is computed over the keys its mask row lets it see, in index order; keys it does not see
 //   are skipped, so neither the view's length nor the batch's other rows enter any sum. The queries
@@ -34,65 +34,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernel_math.h"
+
 namespace {
 
-constexpr int64_t W = 16;       // lanes of a vector
-
-typedef float vfloat __attribute__((vector_size(64)));
-typedef int32_t vint __attribute__((vector_size(64)));
-typedef uint32_t vuint __attribute__((vector_size(64)));
-typedef uint16_t vhalf __attribute__((vector_size(32)));
-typedef float vfloat8 __attribute__((vector_size(32)));
-typedef float vfloat4 __attribute__((vector_size(16)));
-
-template <typename T, typename F>
-inline T bitcast(const F& from) {
-  static_assert(sizeof(T) == sizeof(F));
-  T to;
-  std::memcpy(&to, &from, sizeof to);
-  return to;
-}
-
-inline vfloat load(const float* p) { return bitcast<vfloat>(*reinterpret_cast<const float(*)[W]>(p)); }
-inline vfloat load(const at::BFloat16* p) {  // exact: bfloat16 is float32's upper half
-  const vhalf h = bitcast<vhalf>(*reinterpret_cast<const uint16_t(*)[W]>(p));
-  return bitcast<vfloat>(__builtin_convertvector(h, vuint) << 16);
-}
-
-inline float scalar(const float* p) { return *p; }
-inline float scalar(const at::BFloat16* p) { return bitcast<float>(static_cast<uint32_t>(p->x) << 16); }
-
-// The sum of 16 lanes in a fixed tree: lane l with l + 8, then l + 4, l + 2, l + 1.
-inline float reduce(vfloat v) {
-  const vfloat8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vfloat4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-// exp(x) for x <= 0, about 1 ulp: exp(x) = 2^n * exp(r), |r| <= ln2/2, exp(r) a degree-6 polynomial
-// (Cephes' expf); n is rounded by adding and subtracting 1.5 * 2^23. T is float or vfloat: the same
-// operations, lane by lane.
-template <typename T, typename I>
-inline T exp_nonpositive(T x) {
-  const T n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  T r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  I bits = bitcast<I>(p);
-  if constexpr (std::is_same_v<T, float>) {
-    bits += static_cast<int32_t>(n) * (1 << 23);
-    return x < -87.0f ? 0.0f : bitcast<float>(bits);
-  } else {
-    bits += __builtin_convertvector(n, vint) * (1 << 23);
-    return bitcast<vfloat>(bits & ~(x < -87.0f));  // lanes below -87: 0
-  }
-}
+using namespace chatstream;
 
 // The 16 sums of 16 vectors in one vector, lane k holding reduce(v[k]) bit for bit: the same tree
 // (lane l with l + 8, then l + 4, then l + 2 with l + 1's pair, as reduce() adds them), done for 16

@@ -17,7 +17,7 @@ another kernel takes over from 33 rows and gives some rows (5 of 37 for the fuse
 so there the rows go in pieces of at most :data:`MAX_ROWS` (a 512-token prefill's products take 2.2x
 as long). :func:`product_layouts` tries the cuts (:data:`LAYOUTS`) on each of the model's shapes and
 keeps the first with which every row is the same alone and among others. Attention must be
-batch-invariant too (attention_native.py, attention.py): the engine's own Llama pass uses it whenever
+batch-invariant too (native.py, attention.py): the engine's own Llama pass uses it whenever
 these layers serve.
 
 :func:`check` is what ``linear_dtype="auto"`` runs at start (about a second): the CPU must multiply
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import attention, attention_native
+from . import attention, native
 from .fused_linear import fused_shapes
 
 log = logging.getLogger("chatstream.engine")
@@ -77,6 +77,12 @@ class BF16Linear(torch.nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.product(x.to(torch.bfloat16)).float()
+        return out if self.bias is None else out + self.bias
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """The product of bfloat16 ``x`` without the bias: bfloat16 when it is one piece of columns, else
+        the float32 sum of the pieces (what :meth:`forward` widens to float32)."""
         rows = x.numel() // self.in_features
         if self.max_rows and rows > self.max_rows:
             flat = x.reshape(rows, self.in_features)
@@ -84,13 +90,14 @@ class BF16Linear(torch.nn.Module):
             return torch.cat(pieces).view(*x.shape[:-1], self.out_features)
         return self._product(x)
 
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
-        xb, out = x.to(torch.bfloat16), None
+    def _product(self, xb: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) == 1:
+            return torch.ops.mkldnn._linear_pointwise(xb, self.parts[0][2], None, "none", [], "")
+        out = None
         for start, stop, packed in self.parts:
-            piece = xb if len(self.parts) == 1 else xb[..., start:stop].contiguous()
-            y = torch.ops.mkldnn._linear_pointwise(piece, packed, None, "none", [], "").float()
+            y = torch.ops.mkldnn._linear_pointwise(xb[..., start:stop].contiguous(), packed, None, "none", [], "").float()
             out = y if out is None else out + y
-        return out if self.bias is None else out + self.bias
+        return out
 
     def extra_repr(self) -> str:
         rows = f", rows<={self.max_rows}" if self.max_rows else ""
@@ -131,16 +138,16 @@ def rows_invariant(layer: torch.nn.Module, in_features: int, rows=CHECKED_ROWS) 
 def attention_invariant(kernel: bool | None = None) -> bool:
     """Whether the batch-invariant attention gives a decoding row's query the same bits alone, among
     longer rows, and as the last query of a prefill chunk (the three ways the engine computes it).
-    ``kernel``: the compiled kernel (attention_native.py) or attention.py's operators; by default the
+    ``kernel``: the compiled kernel (native.py) or attention.py's operators; by default the
     one the engine serves with (the kernel where it builds)."""
-    reason = attention_native.load()
+    reason = native.load()
     if kernel and reason:
         raise RuntimeError(f"the attention kernel is not available: {reason}")
     kernel = reason is None if kernel is None else kernel
 
     def attend(q, k, v, mask):  # mask: [B, 1, M, L], True where a query sees a key
         if kernel:
-            return attention_native.attend(q, k, v, mask[:, 0], 0.125)
+            return native.attend(q, k, v, mask[:, 0], 0.125)
         return attention.attend(q, k, v, attention.block_bias(mask), 0.125)
 
     gen = torch.Generator().manual_seed(2)

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.models.llama.modeling_llama import rotate_half
 
-from . import attention, attention_native
+from . import attention, native
+from .bf16_linear import BF16Linear
+from .fused_linear import LinearSlice
 from .kv_cache import Plan
 
 
@@ -86,11 +88,27 @@ class LlamaForward:
         self.scaling = attn.scaling
         # Batch-invariant attention instead of SDPA: a row's bits do not depend on its batch (bfloat16
         # linear layers need it); the runner then hands it views of whole blocks (ModelRunner._view).
-        # The compiled kernel where it builds (attention_native.py), else attention.py's operators.
+        # The compiled kernel where it builds (native.py), else attention.py's operators.
         self.invariant = invariant
-        self.kernel = invariant and attention_native.load() is None
+        self.kernel = invariant and native.load() is None
+        self._layers_for = self._layers = None
+
+    def layers(self) -> list[Layer] | None:
+        """The model's layers for the compiled row-wise steps (layer_kernel.cpp), or None where they do not
+        serve: the bfloat16 mode with the kernels built, q/k/v and gate/up fused, no biases. Read at each
+        pass (the engine packs and fuses the modules after building this), made again when they change."""
+        inner = self.model.model
+        if not self.kernel:
+            return None
+        key = tuple(id(m) for m in (inner.layers[0].self_attn.q_proj, inner.layers[-1].mlp.down_proj))
+        if self._layers_for != key:
+            self._layers_for, self._layers = key, _fused_layers(inner)
+        return self._layers
 
     def __call__(self, p: Pass, cache) -> torch.Tensor:
+        layers = self.layers()
+        if layers is not None:
+            return self._compiled(layers, p, cache)
         inner = self.model.model  # read at each call: the engine packs and fuses the modules after building this
         hidden = inner.embed_tokens(p.ids[None])
         cos, sin = inner.rotary_emb(hidden, position_ids=p.positions[None])
@@ -110,6 +128,27 @@ class LlamaForward:
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.lm_head(inner.norm(hidden[:, p.last]))[0]
 
+    def _compiled(self, layers: list[Layer], p: Pass, cache) -> torch.Tensor:
+        """The bfloat16 mode's pass with the row-wise steps compiled (layer_kernel.cpp): per layer a norm
+        (with the residual add), the q/k/v product, rotary, attention, o_proj, a norm, gate/up, the
+        activation and down_proj; the products take bfloat16 straight from the steps before them."""
+        inner = self.model.model
+        hidden = inner.embed_tokens(p.ids)  # [T, hidden], float32: the residual stream
+        cos, sin = inner.rotary_emb(hidden[None], position_ids=p.positions[None])
+        cos, sin = cos[0], sin[0]
+        kv_bf16 = cache.dtype == torch.bfloat16
+        x = native.rms_norm(hidden, None, layers[0].input_norm, layers[0].eps)
+        for index, layer in enumerate(layers):
+            q, k, v = native.rotary(layer.qkv.product(x), cos, sin, layer.q_heads, layer.kv_heads, kv_bf16)
+            out = self._attend(index, q, k, v, p, cache)
+            x = native.rms_norm(hidden, layer.o_proj.product(out.to(torch.bfloat16)), layer.post_norm, layer.eps)
+            down = layer.down_proj.product(native.silu_mul(layer.gate_up.product(x)))
+            if index + 1 < len(layers):
+                x = native.rms_norm(hidden, down, layers[index + 1].input_norm, layers[index + 1].eps)
+            else:
+                hidden += down
+        return self.model.lm_head(inner.norm(hidden[p.last]))
+
     def _attention(self, index, attn, x, cos, sin, p: Pass, cache) -> torch.Tensor:
         tokens = x.shape[1]
         q = attn.q_proj(x).view(tokens, -1, self.head_dim)
@@ -117,6 +156,11 @@ class LlamaForward:
         v = attn.v_proj(x).view(tokens, -1, self.head_dim)
         q = (q * cos) + (rotate_half(q) * sin)
         k = (k * cos) + (rotate_half(k) * sin)
+        return attn.o_proj(self._attend(index, q, k, v, p, cache)[None])
+
+    def _attend(self, index, q, k, v, p: Pass, cache) -> torch.Tensor:
+        """Attention of a pass's queries (``[T, heads, head_dim]``) after writing its keys and values to the
+        cache: ``[T, heads * head_dim]``."""
         parts = []
         d = p.decode
         if d:
@@ -124,7 +168,7 @@ class LlamaForward:
             # One query per row: its heads attend to their key/value head as one block of queries.
             qd = q[:d].reshape(d, -1, self.groups, self.head_dim)
             if self.kernel:
-                out = attention_native.attend(qd, keys, values, p.decode_mask[:, 0], self.scaling)
+                out = native.attend(qd, keys, values, p.decode_mask[:, 0], self.scaling)
             elif self.invariant:
                 out = attention.attend(qd, keys, values, p.decode_bias, self.scaling)
             else:
@@ -139,7 +183,7 @@ class LlamaForward:
                 # each key/value head's queries as one block: [n, kv_heads, groups * width, head_dim]
                 grouped = qp.reshape(n, keys.shape[1], self.groups * width, self.head_dim)
                 if self.kernel:  # query g * width + w sees what mask row w sees
-                    out = attention_native.attend(grouped, keys, values, p.prefill_mask[:, 0], self.scaling)
+                    out = native.attend(grouped, keys, values, p.prefill_mask[:, 0], self.scaling)
                 else:
                     out = attention.attend(grouped, keys, values, p.prefill_bias, self.scaling)
                 out = out.view(n, -1, width, self.head_dim)
@@ -147,5 +191,49 @@ class LlamaForward:
                 out = F.scaled_dot_product_attention(qp, repeat_kv(keys, self.groups), repeat_kv(values, self.groups),
                                                      attn_mask=p.prefill_mask, scale=self.scaling)
             parts.append(out.transpose(1, 2).reshape(n * width, -1))
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return attn.o_proj(out[None])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@dataclass
+class Layer:
+    """What the compiled pass needs of one decoder layer."""
+    qkv: BF16Linear
+    o_proj: BF16Linear
+    gate_up: BF16Linear
+    down_proj: BF16Linear
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    q_heads: int
+    kv_heads: int
+
+
+def _fused_layers(inner) -> list[Layer] | None:
+    """The layers as :class:`Layer`, or None where one is not q/k/v and gate/up fused (in that order),
+    packed in bfloat16 without biases, with float32 norms of one epsilon."""
+    layers = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = _fused(attn, ("q_proj", "k_proj", "v_proj")), _fused(mlp, ("gate_proj", "up_proj"))
+        products = (qkv, attn.o_proj, gate_up, mlp.down_proj)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if (not all(type(m) is BF16Linear and m.bias is None for m in products)
+                or any(n.weight.dtype != torch.float32 or n.variance_epsilon != norms[0].variance_epsilon
+                       for n in norms)):
+            return None
+        head_dim = attn.head_dim
+        layers.append(Layer(qkv, attn.o_proj, gate_up, mlp.down_proj, norms[0].weight, norms[1].weight,
+                            norms[0].variance_epsilon, attn.q_proj.out_features // head_dim,
+                            attn.k_proj.out_features // head_dim))
+    return layers
+
+
+def _fused(parent, names) -> torch.nn.Module | None:
+    """The one layer behind ``parent``'s projections ``names`` when fused_linear.py fused them in that order."""
+    slices = [getattr(parent, name, None) for name in names]
+    if not all(type(m) is LinearSlice for m in slices):
+        return None
+    fused = slices[0].fused
+    if any(m.fused is not fused or m.index != i for i, m in enumerate(slices)) or len(fused.spans) != len(names):
+        return None
+    return fused.linear

@@ -110,7 +110,7 @@ class ModelRunner:
 
     def serve_invariant(self) -> None:
         """The bfloat16 mode: batch-invariant attention, and where the compiled kernel serves it
-        (attention_native.py) keys and values kept in bfloat16, as vLLM keeps them in its default dtype.
+        (native.py) keys and values kept in bfloat16, as vLLM keeps them in its default dtype.
 
         Why bfloat16 keys and values: at 16 rows of 400 positions a decode step reads 295 MB of float32
         keys and values, more than SmolLM2-135M's bfloat16 weights, at about 11 GB/s a core on the 2-core

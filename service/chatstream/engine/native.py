@@ -1,18 +1,20 @@
-"""The batch-invariant attention as one compiled kernel (attention_kernel.cpp), built on first use.
+"""The engine's compiled kernels, built on first use: the batch-invariant attention
+(attention_kernel.cpp) and the row-wise steps of a layer between its products (layer_kernel.cpp).
 
 Why: attention.py gets its invariance out of PyTorch operators, about twenty of them a layer (a
 product per block of keys, masks, maxima, sums, padding to four query rows), and on the 2-core AMD
 EPYC of bench/results that costs more than bfloat16 products save (bench/step_profile.py: 20.7 ms of
 a 54.1 ms step at 8 rows x 400 positions, against 12.1 ms for SDPA). The kernel is one call a layer
 and is invariant by how it is written, not by what MKL happens to do: each query is computed alone,
-over the keys it sees, in an order fixed in the source (the file says how).
+over the keys it sees, in an order fixed in the source (the file says how). The norms, rotary
+embedding, residual adds and activation of the bfloat16 mode are about sixty more operator calls a
+layer; layer_kernel.cpp makes them three.
 
-The kernel is compiled here with the machine's C++ compiler against the installed torch, for this
+The kernels are compiled here with the machine's C++ compiler against the installed torch, for this
 CPU (``-march=native``), once, into the cache directory (8-11 s on the 2-core Intel Xeon of
-bench/results, logged); later starts load it in
-well under a second. Where no compiler is found or the build fails, :func:`load` says why and the
-engine keeps attention.py's operators, which are invariant too. ``CHATSTREAM_NATIVE_ATTENTION=0``
-turns the kernel off.
+bench/results, logged); later starts load them in well under a second. Where no compiler is found
+or the build fails, :func:`load` says why and the engine keeps PyTorch's operators (attention.py's
+for attention), which are invariant too. ``CHATSTREAM_NATIVE_KERNELS=0`` turns the kernels off.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ import torch
 
 log = logging.getLogger("chatstream.engine")
 
-SOURCE = Path(__file__).with_name("attention_kernel.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "attention_kernel.cpp", HERE / "layer_kernel.cpp"]
+HEADERS = [HERE / "kernel_math.h"]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-fPIC", "-shared",
          "-fopenmp"]
 
 
 @functools.cache
 def load() -> str | None:
-    """None once ``torch.ops.chatstream.attend`` can be called, else why it cannot (once per process)."""
+    """None once the ``torch.ops.chatstream`` kernels can be called, else why not (once per process)."""
     return _load()
 
 
@@ -50,18 +54,35 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     return torch.ops.chatstream.attend(q, keys, values, mask, scale)
 
 
+def rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``hidden`` (``[T, H]`` float32) += ``delta`` in place where given, then each row's RMSNorm, in bfloat16."""
+    return torch.ops.chatstream.rms_norm(hidden, delta, weight, eps)
+
+
+def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
+           kv_bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (``[T, q_heads, D]`` float32), k and v (``[T, kv_heads, D]``, bfloat16 where ``kv_bf16``) of a fused
+    q/k/v product, q and k turned by the rotary embedding (``cos``, ``sin``: ``[T, D]``)."""
+    return torch.ops.chatstream.rotary(qkv, cos, sin, q_heads, kv_heads, kv_bf16)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a fused gate/up product (``[T, 2I]``), in bfloat16 (``[T, I]``)."""
+    return torch.ops.chatstream.silu_mul(gate_up)
+
+
 def _load() -> str | None:
-    if os.environ.get("CHATSTREAM_NATIVE_ATTENTION", "1") == "0":
-        return "turned off (CHATSTREAM_NATIVE_ATTENTION=0)"
+    if os.environ.get("CHATSTREAM_NATIVE_KERNELS", "1") == "0":
+        return "turned off (CHATSTREAM_NATIVE_KERNELS=0)"
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         return "no C++ compiler (g++) on this machine"
-    library = _cache_dir() / f"attention-{_key()}.so"
+    library = _cache_dir() / f"kernels-{_key()}.so"
     if not library.exists():
         try:
             library.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            return f"no cache directory for the kernel: {exc}"
+            return f"no cache directory for the kernels: {exc}"
         reason = _build(compiler, library)
         if reason:
             return reason
@@ -79,8 +100,10 @@ def _cache_dir() -> Path:
 
 
 def _key() -> str:
-    """What the library depends on: its source, the flags, torch's version and this CPU's flags."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    """What the library depends on: its sources, the flags, torch's version and this CPU's flags."""
+    digest = hashlib.sha256()
+    for path in SOURCES + HEADERS:
+        digest.update(path.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(torch.__version__.encode())
     try:
@@ -99,17 +122,17 @@ def _build(compiler: str, library: Path) -> str | None:
     partial = library.with_suffix(f".{os.getpid()}.tmp")
     command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                *(f"-I{path}" for path in cpp_extension.include_paths()),
-               f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(partial),
+               f"-I{sysconfig.get_paths()['include']}", *map(str, SOURCES), "-o", str(partial),
                f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
-    log.info("compiling the batch-invariant attention kernel for this CPU (once, about 10 s) into %s", library)
+    log.info("compiling the engine's kernels for this CPU (once, about 20 s) into %s", library)
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"compiling the kernel failed: {exc}"
+        return f"compiling the kernels failed: {exc}"
     if done.returncode != 0:
         partial.unlink(missing_ok=True)
-        return f"compiling the kernel failed: {done.stderr.strip()[-2000:]}"
+        return f"compiling the kernels failed: {done.stderr.strip()[-2000:]}"
     os.replace(partial, library)  # atomic: a second process never loads half a file
-    log.info("attention kernel compiled in %.0f s", time.perf_counter() - start)
+    log.info("kernels compiled in %.0f s", time.perf_counter() - start)
     return None

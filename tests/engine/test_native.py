@@ -1,0 +1,182 @@
+"""The compiled batch-invariant attention (native.py): attention's result, and a query's bits
+whatever its batch, its view, its neighbours in a prefill chunk and the number of threads."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from chatstream.engine import native
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    assert native.load() is None
+
+
+def sdpa(q, k, v, mask):
+    rows = mask[:, None, torch.arange(q.shape[2]) % mask.shape[1]]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=rows, scale=0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_it_computes_attention(dtype):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 3, 6, 64, generator=gen)
+    k, v = (torch.randn(5, 3, 300, 64, generator=gen).to(dtype) for _ in range(2))
+    lengths = torch.tensor([1, 17, 64, 65, 300])
+    mask = (torch.arange(300)[None, :] < lengths[:, None])[:, None].expand(5, 2, 300).clone()
+    mask[1:, 1, 0] = False  # a second mask row: queries 1, 3, 5 of each head skip key 0
+    got = native.attend(q, k, v, mask, 0.125)
+    want = sdpa(q, k.float(), v.float(), mask)
+    assert torch.allclose(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_a_query_gets_the_same_bits_alone_among_longer_rows_in_a_chunk_and_on_one_thread():
+    gen = torch.Generator().manual_seed(1)
+    length, wide, width = 150, 700, 5
+    # a cache of 4 rows whose capacity is longer than any view, read as views
+    k, v = (torch.randn(4, 3, 1024, 64, generator=gen) for _ in range(2))
+    q = torch.randn(4, 3, 3, 64, generator=gen)
+    seen = torch.ones(4, 1, wide, dtype=torch.bool)
+    seen[2, :, length:] = False
+    among = native.attend(q, k[:, :, :wide], v[:, :, :wide], seen, 0.125)[2]
+    alone = native.attend(q[2:3], k[2:3, :, :length], v[2:3, :, :length],
+                                    torch.ones(1, 1, length, dtype=torch.bool), 0.125)[0]
+    assert torch.equal(among, alone)
+    # the same query as the last of a prefill chunk: query g * width + w sees what mask row w sees
+    chunk = torch.randn(1, 3, 3, width, 64, generator=gen)
+    chunk[0, :, :, -1] = q[2]
+    causal = (torch.arange(wide)[None, :] <= torch.arange(length - width, length)[:, None])[None]
+    out = native.attend(chunk.reshape(1, 3, 3 * width, 64), k[2:3, :, :wide], v[2:3, :, :wide],
+                                  causal, 0.125)
+    assert torch.equal(out.view(1, 3, 3, width, 64)[0, :, :, -1], alone)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(native.attend(q, k[:, :, :wide], v[:, :, :wide], seen, 0.125)[2], alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_query_gets_the_same_bits_whatever_the_number_of_queries_sharing_its_keys(dtype):
+    # The kernel reads a key once for all the queries of a mask row (up to four at a time); a query's
+    # arithmetic must not depend on how many there are: 1, 3 (SmolLM2's heads per key/value head), 5, 8.
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, 2, 333, 64, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(1, 2, 8, 64, generator=gen)
+    seen = torch.ones(1, 1, 333, dtype=torch.bool)
+    alone = native.attend(q[:, :, 2:3], k, v, seen, 0.125)
+    for count in (3, 5, 8):
+        assert torch.equal(native.attend(q[:, :, :count], k, v, seen, 0.125)[:, :, 2:3], alone)
+
+
+def test_keys_it_does_not_see_may_hold_anything():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 3, 3, 64, generator=gen)
+    k, v = (torch.randn(1, 3, 128, 64, generator=gen) for _ in range(2))
+    seen = torch.zeros(1, 1, 128, dtype=torch.bool)
+    seen[..., :40] = True
+    clean = native.attend(q, k, v, seen, 0.125)
+    k[..., 40:, :], v[..., 40:, :] = float("nan"), float("inf")
+    assert torch.equal(native.attend(q, k, v, seen, 0.125), clean)
+
+
+def test_turned_off_it_says_so(monkeypatch):
+    monkeypatch.setenv("CHATSTREAM_NATIVE_KERNELS", "0")
+    assert "turned off" in native._load()
+
+
+# -- the row-wise steps of a layer (layer_kernel.cpp) -------------------------------------------------
+
+def bf16_close(got, want):
+    """Within a bfloat16 rounding step of a float32 reference's own rounding (a last-bit difference
+    before rounding can move a value by one step)."""
+    want = want.float()
+    return torch.allclose(got.float(), want.to(torch.bfloat16).float(), rtol=1 / 128, atol=1e-6)
+
+
+def test_rms_norm_adds_the_residual_in_place_and_normalises_each_row():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    gen = torch.Generator().manual_seed(4)
+    hidden, delta = torch.randn(7, 576, generator=gen), torch.randn(7, 576, generator=gen).bfloat16()
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    norm.weight.data = torch.rand(576, generator=gen) + 0.5
+    want_hidden = hidden + delta.float()
+    with torch.inference_mode():
+        got = native.rms_norm(hidden, delta, norm.weight, 1e-5)
+        assert got.dtype == torch.bfloat16 and torch.equal(hidden, want_hidden)
+        assert bf16_close(got, norm(want_hidden))
+        assert bf16_close(native.rms_norm(hidden.clone(), None, norm.weight, 1e-5), norm(hidden))
+
+
+def test_rotary_turns_q_and_k_as_transformers_does():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(6, (9 + 2 * 3) * 64, generator=gen).bfloat16()
+    angles = torch.rand(6, 32, generator=gen) * 10
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    q, k, v = qkv.float().view(6, 15, 64).split([9, 3, 3], dim=1)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)  # [T, heads, D] against cos, sin [T, 1, D]
+    got_q, got_k, got_v = native.rotary(qkv, cos, sin, 9, 3, True)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(got_k, want_k.to(torch.bfloat16)) and torch.equal(got_v, v.bfloat16())
+    assert torch.equal(native.rotary(qkv, cos, sin, 9, 3, False)[1], want_k)
+
+
+def test_silu_mul_gates_up_by_silu_of_gate():
+    gen = torch.Generator().manual_seed(6)
+    gate_up = (torch.randn(5, 2 * 1536 + 2 * 7, generator=gen) * 6).bfloat16()  # a tail past 16 lanes too
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    assert bf16_close(native.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def test_the_row_wise_steps_give_a_row_the_same_bits_among_other_rows_and_on_one_thread():
+    gen = torch.Generator().manual_seed(7)
+    rows = 40  # more than a thread's share of rows (16), so that two threads take part
+    hidden, delta = torch.randn(rows, 576, generator=gen), torch.randn(rows, 576, generator=gen)
+    weight = torch.rand(576, generator=gen)
+    qkv, gate_up = torch.randn(rows, 15 * 64, generator=gen), torch.randn(rows, 2 * 1536, generator=gen)
+    cos, sin = torch.rand(rows, 64, generator=gen), torch.rand(rows, 64, generator=gen)
+
+    def steps(r: slice):
+        return (native.rms_norm(hidden[r].clone(), delta[r].contiguous(), weight, 1e-5),
+                *native.rotary(qkv[r].contiguous(), cos[r], sin[r], 9, 3, True), native.silu_mul(gate_up[r].contiguous()))
+
+    among = steps(slice(0, rows))
+    alone = steps(slice(33, 34))
+    assert all(torch.equal(a[33:34], b) for a, b in zip(among, alone))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert all(torch.equal(a, b) for a, b in zip(steps(slice(0, rows)), among))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_compiled_pass_answers_as_the_plain_bfloat16_pass():
+    # The same model served with the row-wise steps compiled and with PyTorch's operators: the same greedy
+    # token from every position, logits apart by bfloat16 rounding at most.
+    from chatstream import load_model
+    from chatstream.engine import cpu_linear
+    from chatstream.engine.runner import ModelRunner
+
+    from .helpers import forward_passes
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    if cpu_linear.prepare_linears(model, "onednn", "bfloat16").linear_dtype != "bfloat16":
+        pytest.skip("this CPU does not serve bfloat16 products")
+    prompts = [tok(text)["input_ids"] for text in ("The capital of France is", "Water boils at", "Hi there")]
+    compiled, plain = ModelRunner(model, 4), ModelRunner(model, 4)
+    compiled.serve_invariant()
+    plain.serve_invariant()
+    plain._native().layers = lambda: None
+    assert compiled._native().layers() is not None
+    with torch.inference_mode():
+        for got, want in zip(forward_passes(compiled, prompts), forward_passes(plain, prompts)):
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            assert (got - want).abs().max() < 0.05 * want.abs().max()
