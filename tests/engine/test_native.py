@@ -115,7 +115,8 @@ def test_rms_norm_adds_the_residual_in_place_and_normalises_each_row():
         assert bf16_close(native.rms_norm(hidden.clone(), None, norm.weight, 1e-5), norm(hidden))
 
 
-def test_rotary_turns_q_and_k_as_transformers_does():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_turns_q_and_k_as_transformers_does_and_writes_k_and_v_where_told(dtype):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     gen = torch.Generator().manual_seed(5)
     qkv = torch.randn(6, (9 + 2 * 3) * 64, generator=gen).bfloat16()
@@ -123,10 +124,16 @@ def test_rotary_turns_q_and_k_as_transformers_does():
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     q, k, v = qkv.float().view(6, 15, 64).split([9, 3, 3], dim=1)
     want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)  # [T, heads, D] against cos, sin [T, 1, D]
-    got_q, got_k, got_v = native.rotary(qkv, cos, sin, 9, 3, True)
+    keys, values = torch.zeros(3, 3, 20, 64, dtype=dtype), torch.zeros(3, 3, 20, 64, dtype=dtype)
+    rows, positions = torch.tensor([2, -1, 0, 2, 0, 1]), torch.tensor([7, 0, 0, 8, 1, 19])
+    got_q = native.rotary(qkv, cos, sin, 9, keys, values, rows, positions)
     assert torch.equal(got_q, want_q)
-    assert torch.equal(got_k, want_k.to(torch.bfloat16)) and torch.equal(got_v, v.bfloat16())
-    assert torch.equal(native.rotary(qkv, cos, sin, 9, 3, False)[1], want_k)
+    written = torch.zeros(3, 20, dtype=torch.bool)
+    for t, (row, at) in enumerate(zip(rows.tolist(), positions.tolist())):
+        if row >= 0:
+            assert torch.equal(keys[row, :, at], want_k[t].to(dtype)) and torch.equal(values[row, :, at], v[t].to(dtype))
+            written[row, at] = True
+    assert not keys.transpose(1, 2)[~written].any() and not values.transpose(1, 2)[~written].any()
 
 
 def test_silu_mul_gates_up_by_silu_of_gate():
@@ -145,8 +152,13 @@ def test_the_row_wise_steps_give_a_row_the_same_bits_among_other_rows_and_on_one
     cos, sin = torch.rand(rows, 64, generator=gen), torch.rand(rows, 64, generator=gen)
 
     def steps(r: slice):
-        return (native.rms_norm(hidden[r].clone(), delta[r].contiguous(), weight, 1e-5),
-                *native.rotary(qkv[r].contiguous(), cos[r], sin[r], 9, 3, True), native.silu_mul(gate_up[r].contiguous()))
+        count = r.stop - r.start
+        keys, values = torch.zeros(count, 3, 1, 64, dtype=torch.bfloat16), torch.zeros(count, 3, 1, 64,
+                                                                                      dtype=torch.bfloat16)
+        q = native.rotary(qkv[r].contiguous(), cos[r], sin[r], 9, keys, values, torch.arange(count),
+                          torch.zeros(count, dtype=torch.long))
+        return (native.rms_norm(hidden[r].clone(), delta[r].contiguous(), weight, 1e-5), q, keys, values,
+                native.silu_mul(gate_up[r].contiguous()))
 
     among = steps(slice(0, rows))
     alone = steps(slice(33, 34))

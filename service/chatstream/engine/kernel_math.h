@@ -71,7 +71,18 @@ inline T exp_nonpositive(T x) {
   }
 }
 
-// float32 to bfloat16, rounded to nearest even, as PyTorch's .to(torch.bfloat16) rounds.
+// float32 to bfloat16, rounded to nearest even, as PyTorch's .to(torch.bfloat16) rounds (NaN: 0x7fc0).
 inline at::BFloat16 to_bf16(float x) { return at::BFloat16(x); }
+
+// The same for 16 lanes, stored at p.
+inline void store_bf16(vfloat x, at::BFloat16* p) {
+  const vuint u = bitcast<vuint>(x);
+  vuint r = (u + (((u >> 16) & 1u) + 0x7fffu)) >> 16;
+  r = (x != x) ? vuint{} + 0x7fc0u : r;
+  const vhalf h = __builtin_convertvector(r, vhalf);
+  std::memcpy(p, &h, sizeof h);
+}
+inline void store(vfloat x, at::BFloat16* p) { store_bf16(x, p); }
+inline void store(vfloat x, float* p) { std::memcpy(p, &x, sizeof x); }
 
 }  // namespace chatstream

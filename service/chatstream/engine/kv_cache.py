@@ -31,6 +31,11 @@ class Plan:
     decode_rows: torch.Tensor | None = None       # the rows' indexes, made once a pass
     prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # (batch index, row, start, count)
 
+    def views(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the pass's queries attend to in a layer's buffers: its rows, ``view_len`` positions each."""
+        r0, r1 = self.rows
+        return keys[r0:r1, :, :self.view_len], values[r0:r1, :, :self.view_len]
+
 
 class SlotKVCache:
     """KV buffers for up to ``max_batch`` sequences, grown on demand."""
@@ -73,10 +78,7 @@ class SlotKVCache:
         transformers calls this with the plan of the last ``plan_*`` call; the engine's own forward
         pass hands each part of a mixed pass its own ``plan``."""
         plan = plan or self._plan
-        if layer_idx >= len(self.keys):
-            self._allocate(layer_idx, key_states)
-        kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        r0, r1 = plan.rows
+        kb, vb = self.buffers(layer_idx, key_states)
         if plan.decode_positions is not None:
             kb[plan.decode_rows, :, plan.decode_positions] = key_states[:, :, 0].to(kb.dtype)
             vb[plan.decode_rows, :, plan.decode_positions] = value_states[:, :, 0].to(vb.dtype)
@@ -85,7 +87,14 @@ class SlotKVCache:
             for i, row, start, count in plan.prefill:
                 kb[row, :, start:start + count] = key_states[i, :, width - count:]
                 vb[row, :, start:start + count] = value_states[i, :, width - count:]
-        return kb[r0:r1, :, : plan.view_len], vb[r0:r1, :, : plan.view_len]
+        return plan.views(kb, vb)
+
+    def buffers(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer_idx``'s key and value buffers, made for keys shaped like ``like`` ([*, kv_heads, *,
+        head_dim]) when it has none yet."""
+        if layer_idx >= len(self.keys):
+            self._allocate(layer_idx, like)
+        return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._plan.view_len if self._plan else 0

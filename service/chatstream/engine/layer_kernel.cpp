@@ -16,7 +16,6 @@
 
 #include <cmath>
 #include <optional>
-#include <tuple>
 
 #include "kernel_math.h"
 
@@ -77,7 +76,8 @@ at::Tensor rms_norm(at::Tensor hidden, const std::optional<at::Tensor>& delta, c
     for (; i < H; ++i) sum += x[i] * x[i];
     const float scale = 1.0f / std::sqrt(sum / static_cast<float>(H) + e);
     at::BFloat16* y = op + r * H;
-    for (i = 0; i < H; ++i) y[i] = to_bf16(wp[i] * (x[i] * scale));
+    for (i = 0; i + W <= H; i += W) store_bf16(load(wp + i) * (load(x + i) * scale), y + i);
+    for (; i < H; ++i) y[i] = to_bf16(wp[i] * (x[i] * scale));
   };
   if (delta) {
     dispatch_input(*delta, [&](const auto* dp) {
@@ -95,26 +95,38 @@ at::Tensor rms_norm(at::Tensor hidden, const std::optional<at::Tensor>& delta, c
 
 // The rotary embedding of q and k from one fused q/k/v product ([T, (q_heads + 2 kv_heads) * D]):
 // x * cos + rotate_half(x) * sin, as transformers' apply_rotary_pos_emb computes it, with cos and sin
-// [T, D] float32. Returns q [T, q_heads, D] float32 (what the attention kernel reads) and k, v
-// [T, kv_heads, D] in bfloat16 (kv_bf16, the cache's dtype) or float32.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary(const at::Tensor& qkv, const at::Tensor& cos_in,
-                                                      const at::Tensor& sin_in, int64_t q_heads, int64_t kv_heads,
-                                                      bool kv_bf16) {
+// [T, D] float32. Returns q [T, q_heads, D] float32 (what the attention kernel reads); writes token t's
+// k and v into the caches ([rows, kv_heads, capacity, D], float32 or bfloat16) at row rows[t], position
+// positions[t] (a padding token, rows[t] < 0, writes nothing).
+at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Tensor& sin_in, int64_t q_heads,
+                  int64_t kv_heads, at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& rows_in,
+                  const at::Tensor& positions_in) {
   check_input(qkv, "rotary: qkv");
   const at::Tensor cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
+  const at::Tensor rows = rows_in.to(at::kLong).contiguous(), positions = positions_in.to(at::kLong).contiguous();
   const int64_t T = qkv.size(0), D = cos.size(-1);
   TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (q_heads + 2 * kv_heads) * D && cos.numel() == T * D &&
-                  sin.numel() == T * D,
+                  sin.numel() == T * D && rows.numel() == T && positions.numel() == T,
               "rotary: shapes disagree");
-  const auto opts = qkv.options();
-  at::Tensor q = at::empty({T, q_heads, D}, opts.dtype(at::kFloat));
-  const auto kv_type = kv_bf16 ? at::kBFloat16 : at::kFloat;
-  at::Tensor k = at::empty({T, kv_heads, D}, opts.dtype(kv_type));
-  at::Tensor v = at::empty({T, kv_heads, D}, opts.dtype(kv_type));
+  TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
+                  key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == value_cache.scalar_type() &&
+                  key_cache.size(1) == kv_heads && key_cache.size(3) == D && key_cache.stride(3) == 1,
+              "rotary: the caches must be [rows, kv_heads, capacity, D] of one dtype and layout");
+  TORCH_CHECK(key_cache.scalar_type() == at::kFloat || key_cache.scalar_type() == at::kBFloat16,
+              "rotary: the caches must be float32 or bfloat16");
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(rp[t] < key_cache.size(0) && (rp[t] < 0 || (pp[t] >= 0 && pp[t] < key_cache.size(2))),
+                "rotary: a token's row or position is outside the cache");
+  at::Tensor q = at::empty({T, q_heads, D}, qkv.options().dtype(at::kFloat));
+  float* qp = q.data_ptr<float>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
   const int64_t half = D / 2, width = qkv.size(1);
-  dispatch_input(qkv, [&](const auto* xp) {
+  const int64_t s0 = key_cache.stride(0), s1 = key_cache.stride(1), s2 = key_cache.stride(2);
+  const auto run = [&](const auto* xp, auto* kp, auto* vp) {
+    using KV = std::remove_pointer_t<decltype(kp)>;
     const auto turn = [&](const auto* x, const float* c, const float* s, auto* y) {  // one head
       using Y = std::remove_pointer_t<decltype(y)>;
       for (int64_t i = 0; i < D; ++i) {
@@ -123,29 +135,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotary(const at::Tensor& qkv, con
         if constexpr (std::is_same_v<Y, float>) y[i] = out; else y[i] = to_bf16(out);
       }
     };
-    const auto rows = [&](auto* kp, auto* vp) {
-      using KV = std::remove_pointer_t<decltype(kp)>;
-      each_row(T, [&](int64_t r) {
-        const auto* x = xp + r * width;
-        const float* c = cp + r * D;
-        const float* s = sp + r * D;
-        for (int64_t h = 0; h < q_heads; ++h) turn(x + h * D, c, s, q.data_ptr<float>() + (r * q_heads + h) * D);
-        for (int64_t h = 0; h < kv_heads; ++h) {
-          turn(x + (q_heads + h) * D, c, s, kp + (r * kv_heads + h) * D);
-          const auto* value = x + (q_heads + kv_heads + h) * D;
-          KV* out = vp + (r * kv_heads + h) * D;
-          for (int64_t i = 0; i < D; ++i) {
-            if constexpr (std::is_same_v<KV, float>) out[i] = scalar(value + i); else out[i] = to_bf16(scalar(value + i));
-          }
+    each_row(T, [&](int64_t t) {
+      const auto* x = xp + t * width;
+      const float* c = cp + t * D;
+      const float* s = sp + t * D;
+      for (int64_t h = 0; h < q_heads; ++h) turn(x + h * D, c, s, qp + (t * q_heads + h) * D);
+      if (rp[t] < 0) return;
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        const int64_t at = rp[t] * s0 + h * s1 + pp[t] * s2;
+        turn(x + (q_heads + h) * D, c, s, kp + at);
+        const auto* value = x + (q_heads + kv_heads + h) * D;
+        for (int64_t i = 0; i < D; ++i) {
+          if constexpr (std::is_same_v<KV, float>) vp[at + i] = scalar(value + i); else vp[at + i] = to_bf16(scalar(value + i));
         }
-      });
-    };
-    if (kv_bf16)
-      rows(k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>());
+      }
+    });
+  };
+  dispatch_input(qkv, [&](const auto* xp) {
+    if (key_cache.scalar_type() == at::kBFloat16)
+      run(xp, key_cache.data_ptr<at::BFloat16>(), value_cache.data_ptr<at::BFloat16>());
     else
-      rows(k.data_ptr<float>(), v.data_ptr<float>());
+      run(xp, key_cache.data_ptr<float>(), value_cache.data_ptr<float>());
   });
-  return {q, k, v};
+  return q;
 }
 
 // silu(gate) * up from one fused gate/up product ([T, 2I]), in bfloat16 for down_proj: silu(g) =
@@ -166,8 +178,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
         const vfloat gv = load(g + i);
         const vfloat e = exp_nonpositive<vfloat, vint>(-(gv < 0.0f ? -gv : gv));
         const vfloat sig = gv >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-        const vfloat a = (gv * sig) * load(u + i);
-        for (int l = 0; l < W; ++l) y[i + l] = to_bf16(a[l]);
+        store_bf16((gv * sig) * load(u + i), y + i);
       }
       for (; i < I; ++i) {
         const float gs = scalar(g + i);
@@ -184,7 +195,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 TORCH_LIBRARY_FRAGMENT(chatstream, m) {
   m.def("rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
-  m.def("rotary(Tensor qkv, Tensor cos, Tensor sin, int q_heads, int kv_heads, bool kv_bf16) -> (Tensor, Tensor, Tensor)");
+  m.def("rotary(Tensor qkv, Tensor cos, Tensor sin, int q_heads, int kv_heads, Tensor(a!) key_cache, "
+        "Tensor(b!) value_cache, Tensor rows, Tensor positions) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 

@@ -136,11 +136,14 @@ class LlamaForward:
         hidden = inner.embed_tokens(p.ids)  # [T, hidden], float32: the residual stream
         cos, sin = inner.rotary_emb(hidden[None], position_ids=p.positions[None])
         cos, sin = cos[0], sin[0]
-        kv_bf16 = cache.dtype == torch.bfloat16
+        rows, positions = _destinations(p)
+        like = torch.empty(0, layers[0].kv_heads, 0, self.head_dim)  # the cache's per-layer shape
         x = native.rms_norm(hidden, None, layers[0].input_norm, layers[0].eps)
         for index, layer in enumerate(layers):
-            q, k, v = native.rotary(layer.qkv.product(x), cos, sin, layer.q_heads, layer.kv_heads, kv_bf16)
-            out = self._attend(index, q, k, v, p, cache)
+            keys, values = cache.buffers(index, like)
+            q = native.rotary(layer.qkv.product(x), cos, sin, layer.q_heads, keys, values, rows, positions)
+            out = self._attend(q, p, p.decode_plan and p.decode_plan.views(keys, values),
+                               p.prefill_plan and p.prefill_plan.views(keys, values))
             x = native.rms_norm(hidden, layer.o_proj.product(out.to(torch.bfloat16)), layer.post_norm, layer.eps)
             down = layer.down_proj.product(native.silu_mul(layer.gate_up.product(x)))
             if index + 1 < len(layers):
@@ -156,15 +159,22 @@ class LlamaForward:
         v = attn.v_proj(x).view(tokens, -1, self.head_dim)
         q = (q * cos) + (rotate_half(q) * sin)
         k = (k * cos) + (rotate_half(k) * sin)
-        return attn.o_proj(self._attend(index, q, k, v, p, cache)[None])
+        d, (n, width) = p.decode, p.chunks
+        decode_kv = cache.update(k[:d, :, None], v[:d, :, None], index, plan=p.decode_plan) if d else None
+        prefill_kv = None
+        if n:  # [n, heads, width, head_dim], as transformers lays out a batch
+            kp, vp = (t[d:].view(n, width, -1, self.head_dim).transpose(1, 2) for t in (k, v))
+            prefill_kv = cache.update(kp, vp, index, plan=p.prefill_plan)
+        return attn.o_proj(self._attend(q, p, decode_kv, prefill_kv)[None])
 
-    def _attend(self, index, q, k, v, p: Pass, cache) -> torch.Tensor:
-        """Attention of a pass's queries (``[T, heads, head_dim]``) after writing its keys and values to the
-        cache: ``[T, heads * head_dim]``."""
+    def _attend(self, q, p: Pass, decode_kv, prefill_kv) -> torch.Tensor:
+        """Attention of a pass's queries (``[T, heads, head_dim]``) over the keys and values the cache holds
+        for its decoding rows and for its chunks (the views ``Plan.views`` gives, this pass's own written):
+        ``[T, heads * head_dim]``."""
         parts = []
         d = p.decode
         if d:
-            keys, values = cache.update(k[:d, :, None], v[:d, :, None], index, plan=p.decode_plan)
+            keys, values = decode_kv
             # One query per row: its heads attend to their key/value head as one block of queries.
             qd = q[:d].reshape(d, -1, self.groups, self.head_dim)
             if self.kernel:
@@ -177,8 +187,8 @@ class LlamaForward:
         n, width = p.chunks
         if n:
             # [n, heads, width, head_dim], as transformers lays out a batch
-            qp, kp, vp = (t[d:].view(n, width, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            keys, values = cache.update(kp, vp, index, plan=p.prefill_plan)
+            qp = q[d:].view(n, width, -1, self.head_dim).transpose(1, 2)
+            keys, values = prefill_kv
             if self.invariant:
                 # each key/value head's queries as one block: [n, kv_heads, groups * width, head_dim]
                 grouped = qp.reshape(n, keys.shape[1], self.groups * width, self.head_dim)
@@ -192,6 +202,22 @@ class LlamaForward:
                                                      attn_mask=p.prefill_mask, scale=self.scaling)
             parts.append(out.transpose(1, 2).reshape(n * width, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _destinations(p: Pass) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each token of a pass writes its key and value: (cache row, position), row -1 for a chunk's
+    padding."""
+    rows = torch.full((len(p.ids),), -1, dtype=torch.long)
+    positions = torch.zeros(len(p.ids), dtype=torch.long)
+    if p.decode:
+        rows[:p.decode] = p.decode_plan.decode_rows
+        positions[:p.decode] = p.decode_plan.decode_positions
+    n, width = p.chunks
+    for i, row, start, count in (p.prefill_plan.prefill if n else ()):
+        first = p.decode + i * width + width - count
+        rows[first:first + count] = row
+        positions[first:first + count] = torch.arange(start, start + count)
+    return rows, positions
 
 
 @dataclass

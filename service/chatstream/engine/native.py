@@ -59,11 +59,13 @@ def rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Ten
     return torch.ops.chatstream.rms_norm(hidden, delta, weight, eps)
 
 
-def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, kv_heads: int,
-           kv_bf16: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (``[T, q_heads, D]`` float32), k and v (``[T, kv_heads, D]``, bfloat16 where ``kv_bf16``) of a fused
-    q/k/v product, q and k turned by the rotary embedding (``cos``, ``sin``: ``[T, D]``)."""
-    return torch.ops.chatstream.rotary(qkv, cos, sin, q_heads, kv_heads, kv_bf16)
+def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, key_cache: torch.Tensor,
+           value_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """q (``[T, q_heads, D]`` float32) of a fused q/k/v product, turned by the rotary embedding (``cos``,
+    ``sin``: ``[T, D]``); token t's k (turned too) and v are written into the caches (``[rows, kv_heads,
+    capacity, D]``) at row ``rows[t]``, position ``positions[t]``, unless ``rows[t] < 0``."""
+    return torch.ops.chatstream.rotary(qkv, cos, sin, q_heads, key_cache.shape[1], key_cache, value_cache, rows,
+                                       positions)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
