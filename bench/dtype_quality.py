@@ -58,21 +58,14 @@ FACTS = [
 ]
 
 
-def nll(model, ids: list[int], window: int = 1024) -> tuple[float, int]:
-    """Summed negative log-likelihood of ``ids[1:]`` and the token count, in windows of ``window``."""
+def nll(runner, ids: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``ids[1:]`` and the token count, through the pass the engine
+    serves (``runner``: a ModelRunner over the engine's prepared model, in its mode)."""
     import torch
-    total, count = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start:start + window + 1]
-            if len(chunk) < 2:
-                break
-            logits = model(input_ids=torch.tensor([chunk[:-1]])).logits.float()[0]
-            logp = torch.log_softmax(logits, dim=-1)
-            target = torch.tensor(chunk[1:])
-            total -= logp.gather(1, target[:, None]).sum().item()
-            count += len(chunk) - 1
-    return total, count
+        logp = torch.log_softmax(runner.logits_of(ids[:-1]).float(), dim=-1)
+        target = torch.tensor(ids[1:])
+        return -logp.gather(1, target[:, None]).sum().item(), len(ids) - 1
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -102,13 +95,18 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
 
     from chatstream import load_model
     from chatstream.engine import Engine
+    from chatstream.engine.runner import ModelRunner
 
     model, tok = load_model(source, device="cpu", dtype=dtype)
     text_ids = tok(Path(BENCH / "data" / "quality_text.txt").read_text())["input_ids"]
     engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear="auto", prefix_cache_tokens=0,
                     linear_dtype=linear)
     engine.start()
-    text_nll, text_n = nll(model, text_ids)  # after start: through the layers the engine serves with
+    # After start, over the model as the engine prepared it, and in the engine's mode: the pass it serves.
+    runner = ModelRunner(model, 1)
+    if engine.linear_dtype == "bfloat16":
+        runner.serve_invariant()
+    text_nll, text_n = nll(runner, text_ids)
     out: dict = {"dtype": engine.info["dtype"], "cpu_linear": engine.cpu_linear, "linear_dtype": engine.linear_dtype}
     try:
         fact_prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q, _ in FACTS]
@@ -140,9 +138,9 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
 
         ref_answers = reference["answers"] if reference else answers
         answer_ids = [tok(a, add_special_tokens=False)["input_ids"] for a in ref_answers]
-        own = [nll(model, p + a) for p, a in zip(open_prompts, answer_ids)]
+        own = [nll(runner, p + a) for p, a in zip(open_prompts, answer_ids)]
         # Only the answer tokens count: subtract the prompt's own NLL.
-        prompt_part = [nll(model, p) for p in open_prompts]
+        prompt_part = [nll(runner, p) for p in open_prompts]
         answer_nll = sum(o[0] - p[0] for o, p in zip(own, prompt_part))
         answer_n = sum(len(a) for a in answer_ids)
         out["perplexity_text"] = math.exp(text_nll / text_n)

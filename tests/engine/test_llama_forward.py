@@ -99,3 +99,16 @@ def test_a_step_of_chunks_and_decoding_rows_is_each_part_in_a_pass_of_its_own():
     assert len(results[0]) == 5
     for got, want in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_logits_of_gives_every_positions_logits_as_transformers_does():
+    # What bench/dtype_quality.py measures perplexity with: every position's logits through the served
+    # pass, in chunks that continue one another, equal to transformers' one pass over the whole text.
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    ids = tok("The capital of France is Paris. The capital of Italy is Rome. " * 3)["input_ids"]
+    with torch.inference_mode():
+        want = model(input_ids=torch.tensor([ids])).logits[0]
+        got = ModelRunner(model, 2).logits_of(ids, chunk=16)
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))

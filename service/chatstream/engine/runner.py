@@ -100,6 +100,23 @@ class ModelRunner:
         d = len(batch)
         return (logits[d:] if chunks else None, logits[:d] if batch else None)
 
+    def logits_of(self, ids: list[int], chunk: int = 512) -> torch.Tensor:
+        """The logits after each token of ``ids`` (``[len(ids), vocab]``) through the pass the engine serves,
+        prefilled into row 0 in chunks of ``chunk`` (bench/dtype_quality.py measures perplexity with it, so
+        that it measures what is served: bfloat16 keys, the compiled steps). Row 0 must be free; only the
+        engine's own Llama pass returns every position's logits (ValueError otherwise)."""
+        native = self._native()
+        if native is None:
+            raise ValueError("logits_of needs the engine's own Llama pass")
+        seq = Sequence(list(ids), None, lambda event: None, row=0)
+        self.reserve(len(ids))
+        out = []
+        for start in range(0, len(ids), chunk):
+            p = self._pass([Chunk(seq, start, min(chunk, len(ids) - start))], [])
+            p.last = torch.arange(len(p.ids), device=self.device)  # one chunk, no padding: every token
+            out.append(native(p, self.cache))
+        return torch.cat(out)
+
     def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
         """A step of prompt chunks alone; the logits of each chunk's last token ([n, vocab])."""
         return self.step(chunks, [])[0]
