@@ -16,6 +16,11 @@ with the arithmetic of ``LlamaForCausalLM.forward`` in transformers 5 with the
 the same (tests/engine/test_llama_forward.py compares them bit for bit). It
 serves only what it was checked against: ``LlamaForCausalLM`` with ``sdpa``
 attention and the plain SiLU MLP; anything else runs through transformers.
+
+The bfloat16 mode (``invariant``, with the compiled kernels built: native.py) runs another pass,
+``_compiled``: the same layers, with the steps between the products (norms, residual adds, rotary,
+activation) compiled and handing the products bfloat16. Its logits are not transformers' (that mode's
+never are: bfloat16 products), and bench/dtype_quality.py measures how far they are.
 """
 
 from __future__ import annotations
