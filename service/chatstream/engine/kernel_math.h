@@ -82,7 +82,9 @@ inline void store_bf16(vfloat x, at::BFloat16* p) {
   const vhalf h = __builtin_convertvector(r, vhalf);
   std::memcpy(p, &h, sizeof h);
 }
-inline void store(vfloat x, at::BFloat16* p) { store_bf16(x, p); }
-inline void store(vfloat x, float* p) { std::memcpy(p, &x, sizeof x); }
+
+// One float32 value stored as the destination's type: as it is, or rounded as to_bf16 rounds.
+inline void put(float x, float* p) { *p = x; }
+inline void put(float x, at::BFloat16* p) { *p = to_bf16(x); }
 
 }  // namespace chatstream

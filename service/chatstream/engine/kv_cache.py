@@ -47,7 +47,7 @@ class SlotKVCache:
     def __init__(self, max_batch: int, initial_capacity: int = GRANULARITY, dtype: torch.dtype | None = None):
         self.max_batch = max_batch
         # What keys and values are kept in: None, the model's own dtype; the engine's bfloat16 mode keeps
-        # them in bfloat16 (half the bytes a decode step reads; ModelRunner.invariant says why).
+        # them in bfloat16 (half the bytes a decode step reads; ModelRunner.serve_invariant says why).
         self.dtype = dtype
         self.capacity = initial_capacity
         self.keys: list[torch.Tensor] = []

@@ -126,13 +126,10 @@ at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Ten
   const int64_t half = D / 2, width = qkv.size(1);
   const int64_t s0 = key_cache.stride(0), s1 = key_cache.stride(1), s2 = key_cache.stride(2);
   const auto run = [&](const auto* xp, auto* kp, auto* vp) {
-    using KV = std::remove_pointer_t<decltype(kp)>;
     const auto turn = [&](const auto* x, const float* c, const float* s, auto* y) {  // one head
-      using Y = std::remove_pointer_t<decltype(y)>;
       for (int64_t i = 0; i < D; ++i) {
         const float other = i < half ? -scalar(x + i + half) : scalar(x + i - half);
-        const float out = scalar(x + i) * c[i] + other * s[i];
-        if constexpr (std::is_same_v<Y, float>) y[i] = out; else y[i] = to_bf16(out);
+        put(scalar(x + i) * c[i] + other * s[i], y + i);
       }
     };
     each_row(T, [&](int64_t t) {
@@ -145,9 +142,7 @@ at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Ten
         const int64_t at = rp[t] * s0 + h * s1 + pp[t] * s2;
         turn(x + (q_heads + h) * D, c, s, kp + at);
         const auto* value = x + (q_heads + kv_heads + h) * D;
-        for (int64_t i = 0; i < D; ++i) {
-          if constexpr (std::is_same_v<KV, float>) vp[at + i] = scalar(value + i); else vp[at + i] = to_bf16(scalar(value + i));
-        }
+        for (int64_t i = 0; i < D; ++i) put(scalar(value + i), vp + at + i);
       }
     });
   };

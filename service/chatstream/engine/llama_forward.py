@@ -35,7 +35,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 
 from . import attention, native
 from .bf16_linear import BF16Linear
-from .fused_linear import LinearSlice
+from .fused_linear import GROUPS, LinearSlice
 from .kv_cache import Plan
 
 
@@ -245,7 +245,7 @@ def _fused_layers(inner) -> list[Layer] | None:
     layers = []
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv, gate_up = _fused(attn, ("q_proj", "k_proj", "v_proj")), _fused(mlp, ("gate_proj", "up_proj"))
+        qkv, gate_up = _fused(attn, GROUPS[0]), _fused(mlp, GROUPS[1])  # q/k/v, gate/up
         products = (qkv, attn.o_proj, gate_up, mlp.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if (not all(type(m) is BF16Linear and m.bias is None for m in products)
