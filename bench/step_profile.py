@@ -1,6 +1,6 @@
 """Where a decode step's time goes, float32 against bfloat16 linear layers (``--cpu-linear bfloat16``).
 
-    PYTHONPATH=service .venv/bin/python bench/step_profile.py [--rows 1,8,16] [--context 300] [--steps 20]
+    PYTHONPATH=service .venv/bin/python bench/step_profile.py [--rows 1,8,16] [--context 300] [--steps 20] [--modes M|M]
 
 Runs the engine's own runner (packed, fused, as the engine serves) on ``rows`` sequences with
 ``context`` cached positions each, times decode steps, and sorts the time of the profiled steps by
@@ -11,6 +11,7 @@ batch-invariant attention's matmul / exp / cumsum in bfloat16 mode), and the res
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import types
 from collections import defaultdict
@@ -21,6 +22,7 @@ from lib.host import cpu_description
 
 BUCKETS = [  # (bucket, substrings of an operator name), the first that matches wins
     ("products (oneDNN linear)", ["_linear_pointwise"]),
+    ("products (AMX kernel)", ["chatstream::linear"]),
     ("attention: SDPA", ["scaled_dot_product", "flash_attention"]),
     ("attention: compiled kernel", ["chatstream::attend"]),
     ("compiled row-wise steps (norms, rotary, activation)", ["chatstream::"]),
@@ -35,6 +37,7 @@ BUCKETS = [  # (bucket, substrings of an operator name), the first that matches 
 
 MODES = [("float32", "kernel", "float32 products, SDPA"),
          ("bfloat16", "kernels", "bfloat16 products, compiled attention and row-wise steps, bfloat16 keys (as served)"),
+         ("bfloat16", "onednn products", "the same with oneDNN's products where AMX ones serve"),
          ("bfloat16", "attention kernel", "bfloat16 products, compiled attention, row-wise steps from operators"),
          ("bfloat16", "operators", "bfloat16 products, invariant attention from operators, float32 keys")]
 
@@ -48,14 +51,21 @@ def bucket(name: str) -> str:
 
 def runner_for(linear_dtype: str, rows: int, attention: str = "kernels"):
     from chatstream import load_model
-    from chatstream.engine import cpu_linear
+    from chatstream.engine import cpu_linear, native
     from chatstream.engine.runner import ModelRunner
     model, _ = load_model("builtin:smollm2-135m-instruct", device="cpu")
-    choice = cpu_linear.prepare_linears(model, "onednn", linear_dtype)
+    if attention == "onednn products":  # linear_kernel.cpp's AMX products turned off for this model
+        os.environ["CHATSTREAM_AMX_LINEAR"] = "0"
+        native.amx_linear.cache_clear()
+    try:
+        choice = cpu_linear.prepare_linears(model, "onednn", linear_dtype)
+    finally:
+        os.environ.pop("CHATSTREAM_AMX_LINEAR", None)
+        native.amx_linear.cache_clear()
     runner = ModelRunner(model, rows)
     if choice.linear_dtype == "bfloat16":
         runner.serve_invariant()
-        if attention != "kernels":  # PyTorch's operators between the products (llama_forward's plain pass)
+        if attention in ("attention kernel", "operators"):  # PyTorch's operators between the products
             runner._native().layers = lambda: None
         if attention == "operators":  # and attention.py's operators, which read float32 keys
             runner.cache.dtype = None
@@ -96,12 +106,14 @@ def main() -> None:
     ap.add_argument("--rows", default="1,8,16")
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--modes", default="", help="'|'-separated modes to run (the second names of MODES); all by default")
     args = ap.parse_args()
+    modes = [m for m in MODES if not args.modes or m[1] in args.modes.split("|")]
     cpu = cpu_description()
     print(f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}), {torch.get_num_threads()} torch threads, "
           f"torch {torch.__version__}; {args.context} cached positions per row, {args.steps} decode steps")
     for rows in (int(r) for r in args.rows.split(",")):
-        for linear_dtype, attention, label in MODES:
+        for linear_dtype, attention, label in modes:
             per_step, shares = profile(linear_dtype, rows, args.context, args.steps, attention)
             print(f"\n{rows} rows, {label}: {per_step * 1e3:.1f} ms a step "
                   f"({rows / per_step:.1f} tok/s)")

@@ -63,13 +63,22 @@ def test_a_row_gets_the_same_bits_alone_among_longer_rows_and_in_a_prefill_chunk
             assert torch.equal(out[0], alone[0]), (length, extra, rows)
 
 
+@pytest.fixture(params=["served", "onednn"])
+def products(request, monkeypatch):
+    """The products the engine serves with (AMX's where the CPU has it), then oneDNN's."""
+    if request.param == "onednn":
+        monkeypatch.setenv("CHATSTREAM_AMX_LINEAR", "0")
+    native.amx_linear.cache_clear()
+    yield request.param
+    monkeypatch.undo()
+    native.amx_linear.cache_clear()
+
+
 @needs_bf16
-def test_bf16_products_give_a_row_the_same_bits_at_any_row_count():
-    # down_proj's shape: oneDNN's bfloat16 kernel reduces a 1536-wide input differently from 13 rows on
-    # unless the input is split (SPLIT).
+def test_bf16_products_give_a_row_the_same_bits_at_any_row_count(products):
     # down_proj's shape. On the AMD EPYC oneDNN reduces a 1536-wide input differently from 13 rows on
     # unless the input is split; on AMX its kernel from 33 rows on gives some rows other bits unless the
-    # rows go in pieces. The check finds what this CPU needs.
+    # rows go in pieces. The check finds what this CPU needs (nothing, for the AMX products).
     linear = torch.nn.Linear(1536, 576, bias=False)
     reason, layouts = bf16_linear.product_layouts(torch.nn.Sequential(linear))
     assert reason is None and layouts[(576, 1536)] in bf16_linear.LAYOUTS

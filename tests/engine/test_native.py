@@ -1,5 +1,6 @@
-"""The compiled batch-invariant attention (native.py): attention's result, and a query's bits
-whatever its batch, its view, its neighbours in a prefill chunk and the number of threads."""
+"""The compiled kernels (native.py): the batch-invariant attention (its result, and a query's bits
+whatever its batch, its view, its neighbours in a prefill chunk and the number of threads), the
+row-wise steps of a layer and, where the CPU has AMX, the bfloat16 products."""
 
 from __future__ import annotations
 
@@ -192,3 +193,51 @@ def test_the_compiled_pass_answers_as_the_plain_bfloat16_pass():
         for got, want in zip(forward_passes(compiled, prompts), forward_passes(plain, prompts)):
             assert torch.equal(got.argmax(-1), want.argmax(-1))
             assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
+needs_amx = pytest.mark.skipif("not native.amx_linear()", reason="no AMX products on this CPU")
+
+
+@needs_amx
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (37, 35), (20, 3)])
+def test_amx_products_sum_bfloat16_products_in_float32(out_features, in_features):
+    # the model's shapes, and shapes whose columns and inputs are not whole tiles (padded with zeros)
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    x = torch.randn(3, 7, in_features, generator=gen).bfloat16()  # any leading shape
+    packed = native.pack_linear(weight)
+    want = x.float() @ weight.bfloat16().float().T
+    got = native.linear(x, packed, out_features, bf16_out=False)
+    assert got.shape == (3, 7, out_features) and got.dtype == torch.float32
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert torch.equal(native.linear(x, packed, out_features, bf16_out=True), got.bfloat16())
+
+
+@needs_amx
+def test_an_amx_product_gives_a_row_the_same_bits_alone_among_any_rows_and_on_one_thread():
+    # oneDNN's kernel changes from 33 rows on this CPU and gave 5 of 37 rows other bits; here no row count
+    # (a decode step, a partial tile, a prefill) and no thread count changes a row
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(3072, 576, generator=gen)
+    x = torch.randn(300, 576, generator=gen).bfloat16()
+    packed = native.pack_linear(weight)
+    alone = torch.cat([native.linear(x[r:r + 1], packed, 3072, bf16_out=False) for r in range(300)])
+    for rows in (2, 8, 15, 16, 17, 33, 300):
+        assert torch.equal(native.linear(x[:rows], packed, 3072, bf16_out=False), alone[:rows]), rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(native.linear(x, packed, 3072, bf16_out=False), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_amx
+def test_bf16_layers_use_the_amx_products_where_they_serve():
+    from chatstream.engine.bf16_linear import BF16Linear
+    linear = torch.nn.Linear(576, 960)
+    layer = BF16Linear(linear)
+    assert "amx" in repr(layer)
+    x = torch.randn(4, 576)
+    want = x.bfloat16().float() @ linear.weight.detach().bfloat16().float().T + linear.bias.detach()
+    assert (layer(x) - want).abs().max() <= 1e-5 * want.abs().max()

@@ -34,7 +34,7 @@ import torch
 log = logging.getLogger("chatstream.engine")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "attention_kernel.cpp", HERE / "layer_kernel.cpp"]
+SOURCES = [HERE / "attention_kernel.cpp", HERE / "layer_kernel.cpp", HERE / "linear_kernel.cpp"]
 HEADERS = [HERE / "kernel_math.h"]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-fPIC", "-shared",
          "-fopenmp"]
@@ -71,6 +71,25 @@ def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of a fused gate/up product (``[T, 2I]``), in bfloat16 (``[T, I]``)."""
     return torch.ops.chatstream.silu_mul(gate_up)
+
+
+@functools.cache
+def amx_linear() -> bool:
+    """Whether linear_kernel.cpp's AMX products serve the bfloat16 mode: kernels built, the CPU and the
+    OS give AMX, and ``CHATSTREAM_AMX_LINEAR`` is not 0 (read once: a process never mixes kernels)."""
+    return (os.environ.get("CHATSTREAM_AMX_LINEAR", "1") != "0" and load() is None
+            and torch.ops.chatstream.linear_available())
+
+
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (``[out_features, in_features]``) in the layout :func:`linear` reads."""
+    return torch.ops.chatstream.pack_linear(weight)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bf16_out: bool) -> torch.Tensor:
+    """``x @ W.T`` of bfloat16 ``x`` (``[..., in_features]``) and a packed ``W``, summed in float32: in
+    bfloat16 (rounded once) or float32."""
+    return torch.ops.chatstream.linear(x, packed, out_features, bf16_out)
 
 
 def _load() -> str | None:

@@ -1,0 +1,200 @@
+// The bfloat16 mode's products on CPUs with AMX: y = x W^T, x and W in bfloat16, summed in float32.
+//
+// Why: the products are 71% of a decode step at 8 rows, and oneDNN runs them at about half the
+// machine's read bandwidth within a step. Its bits for a row also change with the row count (from 33
+// rows on the Intel Xeon of bench/results), so bf16_linear.py had to cut a prefill into pieces of 32
+// rows, which runs its products 2.2x slower. Here a row's output does not depend on the other rows, by
+// construction, so prefill and decode rows get the same bits without any cut.
+//
+// Invariance: output (m, n) is one float32 accumulator (a lane of an AMX tile), and the input's
+// columns are added to it 32 at a time, in order, one TDPBF16PS each (a fixed operation of a row of
+// x and a column of W). The tiles (16 rows, 64 columns) and the threads (which split the columns) only
+// choose which accumulators run together, never their order, so a row's bits are the same alone,
+// among any rows and on any number of threads.
+//
+// Layout: pack() turns W [N, K] into blocks of 16 output columns, each [K/2][16][2]: for a pair of input
+// columns, the 16 outputs' two weights side by side, as TDPBF16PS takes them (the "VNNI" layout); 16
+// pairs of a block are one weight tile. N is padded to 16 and K to 32 with zeros (x too, where K is not a
+// multiple of 32: a copy), and the last rows of x, fewer than 16, are copied into a zero-padded tile.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define CHATSTREAM_AMX 1
+#else
+#define CHATSTREAM_AMX 0
+#endif
+
+namespace {
+
+constexpr int64_t LANES = 16;  // output columns of a block (one row of an accumulator tile)
+constexpr int64_t CHUNK = 32;  // input columns of one tile product
+constexpr int64_t AHEAD = 4;      // chunks a weight stream is asked for ahead of its tile loads
+
+int64_t blocks_of(int64_t n) { return (n + LANES - 1) / LANES; }
+int64_t padded(int64_t k) { return (k + CHUNK - 1) / CHUNK * CHUNK; }
+
+at::Tensor pack(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, "pack_linear: weight must be [out_features, in_features]");
+  const int64_t N = weight.size(0), K = weight.size(1), pairs = padded(K) / 2, blocks = blocks_of(N);
+  const at::Tensor w = weight.to(at::kBFloat16).contiguous();
+  at::Tensor packed = at::zeros({blocks * pairs * LANES * 2}, w.options());
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      dst[((n / LANES) * pairs + k / 2) * LANES * 2 + (n % LANES) * 2 + k % 2] = src[n * K + k];
+  return packed;
+}
+
+#if CHATSTREAM_AMX
+
+// 16 float32 lanes, the first `valid` of them, stored as float32 or rounded to bfloat16 (nearest even,
+// as PyTorch rounds).
+template <typename Out>
+inline void store(__m512 acc, Out* out, int64_t valid) {
+  const __mmask16 mask = valid >= LANES ? __mmask16(0xffff) : __mmask16((1u << valid) - 1);
+  if constexpr (std::is_same_v<Out, float>)
+    _mm512_mask_storeu_ps(out, mask, acc);
+  else
+    _mm256_mask_storeu_epi16(out, mask, (__m256i)_mm512_cvtneps_pbh(acc));
+}
+
+// AMX tiles: 0-3 accumulate four blocks of 16 columns for 16 rows, 4 holds 16 rows x 32 input columns
+// of x, 5-7 take turns holding a block's weights for those 32 columns (16 pairs x 16 columns x 2).
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+bool amx_permitted() {  // Linux hands a process the tiles' state only when asked (once, for every thread)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+template <typename Out>
+void store_rows(const float* acc, int64_t rows, int64_t columns, Out* out, int64_t ldo) {
+  for (int64_t r = 0; r < rows; ++r) store(_mm512_loadu_ps(acc + r * LANES), out + r * ldo, columns);
+}
+
+// Blocks [first, first + B) for the 16 rows of x at xt (ldx columns, zero-padded to a multiple of 32).
+template <int B, typename Out>
+void tile(const uint16_t* xt, int64_t ldx, const uint16_t* w, int64_t block_stride, int64_t first, int64_t rows,
+          Out* out, int64_t ldo, int64_t N, bool rows_tile_first) {
+  if constexpr (B > 0) _tile_zero(0);
+  if constexpr (B > 1) _tile_zero(1);
+  if constexpr (B > 2) _tile_zero(2);
+  if constexpr (B > 3) _tile_zero(3);
+  const uint16_t* wb = w + first * block_stride;
+  const bool prefetch = rows_tile_first;
+  for (int64_t k = 0; k < ldx; k += 32) {
+    const uint16_t* wk = wb + k * LANES;  // 16 pairs of 16 columns x 2 per 32 input columns
+    if (prefetch)
+      for (int b = 0; b < B; ++b)
+        for (int line = 0; line < 16; ++line)
+          _mm_prefetch(reinterpret_cast<const char*>(wk + b * block_stride + AHEAD * CHUNK * LANES + line * 32),
+                       _MM_HINT_T0);
+    _tile_loadd(4, xt + k, ldx * 2);
+    if constexpr (B > 0) { _tile_loadd(5, wk, 64); _tile_dpbf16ps(0, 4, 5); }
+    if constexpr (B > 1) { _tile_loadd(6, wk + block_stride, 64); _tile_dpbf16ps(1, 4, 6); }
+    if constexpr (B > 2) { _tile_loadd(7, wk + 2 * block_stride, 64); _tile_dpbf16ps(2, 4, 7); }
+    if constexpr (B > 3) { _tile_loadd(5, wk + 3 * block_stride, 64); _tile_dpbf16ps(3, 4, 5); }
+  }
+  alignas(64) float acc[4][16 * LANES];
+  if constexpr (B > 0) _tile_stored(0, acc[0], 64);
+  if constexpr (B > 1) _tile_stored(1, acc[1], 64);
+  if constexpr (B > 2) _tile_stored(2, acc[2], 64);
+  if constexpr (B > 3) _tile_stored(3, acc[3], 64);
+  for (int b = 0; b < B; ++b)
+    store_rows(acc[b], rows, N - (first + b) * LANES, out + (first + b) * LANES, ldo);
+}
+
+template <typename Out>
+void product(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64_t block_stride, int64_t N, Out* out) {
+  const int64_t blocks = blocks_of(N);
+  const int64_t whole = M / 16 * 16;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> tail;  // the last rows, fewer than 16, in a tile's worth of rows padded with zeros
+    if (whole < M) {
+      tail.assign(16 * ldx, 0);
+      std::copy(x + whole * ldx, x + M * ldx, tail.begin());
+    }
+    const TileConfig config;
+    _tile_loadconfig(&config);
+    for (int64_t first = begin; first < end; first += 4) {
+      const int64_t count = std::min<int64_t>(4, end - first);
+      for (int64_t m = 0; m < M; m += 16) {
+        const uint16_t* xt = m < whole ? x + m * ldx : tail.data();
+        Out* om = out + m * N;
+        const int64_t rows = std::min<int64_t>(16, M - m);
+        switch (count) {
+          case 1: tile<1>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0); break;
+          case 2: tile<2>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0); break;
+          case 3: tile<3>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0); break;
+          default: tile<4>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+#endif
+
+bool available() {
+#if CHATSTREAM_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// x [..., K] bfloat16 times the packed weight of out_features outputs: [..., out_features], in bfloat16
+// (rounded once, from the float32 sum) or float32.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, bool bf16_out) {
+  TORCH_CHECK(available(), "linear: this CPU or its kernel gives no AMX");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16,
+              "linear: x and the packed weight must be bfloat16");
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, ldx = padded(K), block_stride = ldx * LANES;
+  TORCH_CHECK(packed.numel() == blocks_of(out_features) * block_stride,
+              "linear: the packed weight is not [", out_features, ", ", K, "]");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  at::Tensor out = at::empty(shape, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  if (M == 0) return out;
+  at::Tensor xp = x.reshape({M, K}).contiguous();
+  if (ldx != K) xp = at::constant_pad_nd(xp, {0, ldx - K});  // columns padded with zeros to a whole chunk
+#if CHATSTREAM_AMX
+  const uint16_t* xs = reinterpret_cast<const uint16_t*>(xp.data_ptr<at::BFloat16>());
+  const uint16_t* ws = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  if (bf16_out)
+    product(xs, ldx, M, ws, block_stride, out_features, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  else
+    product(xs, ldx, M, ws, block_stride, out_features, out.data_ptr<float>());
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(chatstream, m) {
+  m.def("pack_linear(Tensor weight) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, int out_features, bool bf16_out) -> Tensor");
+  m.def("linear_available", &available);
+}
+
+TORCH_LIBRARY_IMPL(chatstream, CPU, m) {
+  m.impl("pack_linear", pack);
+  m.impl("linear", linear);
+}
