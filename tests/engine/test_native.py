@@ -93,6 +93,17 @@ def test_turned_off_it_says_so(monkeypatch):
     assert "turned off" in native._load()
 
 
+def test_a_failing_build_says_why_and_leaves_nothing_behind(monkeypatch, tmp_path):
+    compiler = tmp_path / "cc"
+    compiler.write_text("#!/bin/sh\necho 'no such intrinsic' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("CHATSTREAM_CACHE_DIR", str(tmp_path / "cache"))
+    reason = native._load()
+    assert reason.startswith("compiling the kernels failed") and "no such intrinsic" in reason
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == []
+
+
 # -- the row-wise steps of a layer (layer_kernel.cpp) -------------------------------------------------
 
 def bf16_close(got, want):

@@ -1,5 +1,6 @@
 """The engine's compiled kernels, built on first use: the batch-invariant attention
-(attention_kernel.cpp) and the row-wise steps of a layer between its products (layer_kernel.cpp).
+(attention_kernel.cpp), the row-wise steps of a layer between its products (layer_kernel.cpp) and,
+where the CPU has AMX, the bfloat16 products (linear_kernel.cpp, used by bf16_linear.py).
 
 Why: attention.py gets its invariance out of PyTorch operators, about twenty of them a layer (a
 product per block of keys, masks, maxima, sums, padding to four query rows), and on the 2-core AMD
@@ -11,8 +12,8 @@ embedding, residual adds and activation of the bfloat16 mode are about sixty mor
 layer; layer_kernel.cpp makes them three.
 
 The kernels are compiled here with the machine's C++ compiler against the installed torch, for this
-CPU (``-march=native``), once, into the cache directory (8-11 s on the 2-core Intel Xeon of
-bench/results, logged); later starts load them in well under a second. Where no compiler is found
+CPU (``-march=native``), once, into the cache directory (19 s on the 2-core Intel Xeon of
+bench/results, the three files side by side; logged); later starts load them in well under a second. Where no compiler is found
 or the build fails, :func:`load` says why and the engine keeps PyTorch's operators (attention.py's
 for attention), which are invariant too. ``CHATSTREAM_NATIVE_KERNELS=0`` turns the kernels off.
 """
@@ -136,24 +137,39 @@ def _key() -> str:
 
 
 def _build(compiler: str, library: Path) -> str | None:
+    """Each source compiled to an object at once (the machine's cores share them), then linked."""
     from torch.utils import cpp_extension
 
     torch_lib = Path(torch.__file__).parent / "lib"
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     partial = library.with_suffix(f".{os.getpid()}.tmp")
-    command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
-               *(f"-I{path}" for path in cpp_extension.include_paths()),
-               f"-I{sysconfig.get_paths()['include']}", *map(str, SOURCES), "-o", str(partial),
-               f"-L{torch_lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"]
+    includes = [*(f"-I{path}" for path in cpp_extension.include_paths()), f"-I{sysconfig.get_paths()['include']}"]
+    objects = [partial.with_suffix(f".{source.stem}.o") for source in SOURCES]
+    compiles = [[compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, "-c", str(source), "-o", str(obj)]
+                for source, obj in zip(SOURCES, objects)]
+    link = [compiler, *FLAGS, *map(str, objects), "-o", str(partial), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{torch_lib}"]
     log.info("compiling the engine's kernels for this CPU (once, about 20 s) into %s", library)
     start = time.perf_counter()
+    running: list[subprocess.Popen] = []
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        running = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in compiles]
+        errors = [p.communicate(timeout=600)[1] for p in running]
+        failed = "\n".join(err for p, err in zip(running, errors) if p.returncode)
+        if failed:
+            return f"compiling the kernels failed: {failed.strip()[-2000:]}"
+        done = subprocess.run(link, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            return f"linking the kernels failed: {done.stderr.strip()[-2000:]}"
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"compiling the kernels failed: {exc}"
-    if done.returncode != 0:
-        partial.unlink(missing_ok=True)
-        return f"compiling the kernels failed: {done.stderr.strip()[-2000:]}"
+    finally:
+        for p in running:
+            if p.poll() is None:
+                p.kill()
+        for obj in objects:
+            obj.unlink(missing_ok=True)
     os.replace(partial, library)  # atomic: a second process never loads half a file
     log.info("kernels compiled in %.0f s", time.perf_counter() - start)
     return None
