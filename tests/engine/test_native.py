@@ -184,8 +184,8 @@ def test_the_row_wise_steps_give_a_row_the_same_bits_among_other_rows_and_on_one
 
 
 def test_the_compiled_pass_answers_as_the_plain_bfloat16_pass():
-    # The same model served with the row-wise steps compiled and with PyTorch's operators: the same greedy
-    # token from every position, logits apart by bfloat16 rounding at most.
+    # The same model served with the row-wise steps compiled and with PyTorch's operators: logits apart by
+    # bfloat16 rounding at most, and the same greedy token but where the two best are as close as that.
     from chatstream import load_model
     from chatstream.engine import cpu_linear
     from chatstream.engine.runner import ModelRunner
@@ -202,8 +202,14 @@ def test_the_compiled_pass_answers_as_the_plain_bfloat16_pass():
     assert compiled._native().layers() is not None
     with torch.inference_mode():
         for got, want in zip(forward_passes(compiled, prompts), forward_passes(plain, prompts)):
-            assert torch.equal(got.argmax(-1), want.argmax(-1))
-            assert (got - want).abs().max() < 0.05 * want.abs().max()
+            apart = (got - want).abs().max()
+            assert apart < 0.05 * want.abs().max()
+            top2 = want.topk(2, dim=-1).values
+            differ = got.argmax(-1) != want.argmax(-1)
+            # a different greedy token only where the plain pass's best two are closer than the passes are
+            assert (top2[differ, 0] - top2[differ, 1] < apart).all()
+            if differ.any():
+                break  # each pass then feeds its own token, and the next logits are of other inputs
 
 
 needs_amx = pytest.mark.skipif("not native.amx_linear()", reason="no AMX products on this CPU")

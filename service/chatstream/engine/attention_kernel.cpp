@@ -43,7 +43,7 @@ using namespace chatstream;
 // The 16 sums of 16 vectors in one vector, lane k holding reduce(v[k]) bit for bit: the same tree
 // (lane l with l + 8, then l + 4, then l + 2 with l + 1's pair, as reduce() adds them), done for 16
 // keys at once with shuffles across vectors instead of one key at a time.
-inline vfloat reduce16(const vfloat* v) {
+__attribute__((always_inline)) inline vfloat reduce16(const vfloat* v) {
   vfloat a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i)  // lanes 0-7: key 2i's l + (l + 8); lanes 8-15: key 2i + 1's
     a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -110,7 +110,7 @@ void attend_queries(const float* const* q, float* const* out, const KV* keys, co
     for (int64_t t = 0; t < V; ++t) key[t] = load(keys + j * kv_stride + t * W);
     for (int g = 0; g < NQ; ++g) {
       vfloat a = qv[g][0] * key[0];
-      for (int64_t t = 1; t < V; ++t) a = a + qv[g][t] * key[t];
+      for (int64_t t = 1; t < V; ++t) a = fma(qv[g][t], key[t], a);
       acc[g * step] = a;
     }
   };
@@ -168,7 +168,7 @@ void attend_queries(const float* const* q, float* const* out, const KV* keys, co
     for (int64_t t = 0; t < V; ++t) value[t] = load(values + j * kv_stride + t * W);
     for (int g = 0; g < NQ; ++g) {
       const float w = s[g][j];
-      for (int64_t t = 0; t < V; ++t) acc[g][t] = acc[g][t] + w * value[t];
+      for (int64_t t = 0; t < V; ++t) acc[g][t] = fma(splat(w), value[t], acc[g][t]);
     }
   }
   for (int g = 0; g < NQ; ++g)

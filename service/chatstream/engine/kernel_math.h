@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -32,8 +33,23 @@ inline T bitcast(const F& from) {
 
 inline vfloat load(const float* p) { return bitcast<vfloat>(*reinterpret_cast<const float(*)[W]>(p)); }
 inline vfloat load(const at::BFloat16* p) {  // exact: bfloat16 is float32's upper half
+#if defined(__AVX512F__)  // one widening load (the generic code below compiles to halves and inserts)
+  return (vfloat)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#else
   const vhalf h = bitcast<vhalf>(*reinterpret_cast<const uint16_t(*)[W]>(p));
   return bitcast<vfloat>(__builtin_convertvector(h, vuint) << 16);
+#endif
+}
+
+// x in every lane.
+inline vfloat splat(float x) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_set1_ps(x);
+#else
+  vfloat v;
+  for (int64_t l = 0; l < W; ++l) v[l] = x;
+  return v;
+#endif
 }
 
 inline float scalar(const float* p) { return *p; }
@@ -45,6 +61,16 @@ inline float reduce(vfloat v) {
                     __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const vfloat4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// a * b + c in each lane, rounded once (a fused multiply-add: the same bits however it is computed).
+inline vfloat fma(vfloat a, vfloat b, vfloat c) {
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#else
+  for (int64_t l = 0; l < W; ++l) c[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  return c;
+#endif
 }
 
 // exp(x) for x <= 0, about 1 ulp: exp(x) = 2^n * exp(r), |r| <= ln2/2, exp(r) a degree-6 polynomial
