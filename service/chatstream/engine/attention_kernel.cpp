@@ -12,8 +12,10 @@
 //   over the same keys and then the tree, the weighted values key after key;
 // * vectors are GCC's vector extensions (16 floats; AVX-512 registers where the CPU has them, else
 //   pairs of AVX2 ones), whose operations are per lane, and it is compiled with -ffp-contract=off and
-//   without -ffast-math: the compiler may neither fuse a multiply into an add nor reorder a sum, so
-//   a lane computes the same IEEE operations as the scalar code for the same element, bit for bit;
+//   without -ffast-math: the compiler may neither fuse a multiply into an add nor reorder a sum. The
+//   only fused multiply-adds are written out (fma(): the dot products' terms after the first, and
+//   the weighted values), and a key's dot product is the same vector code for the 16-key tiles and
+//   for the keys after them, so every key's score has one computation;
 // * exp is a fixed polynomial (below), the same bits in a vector lane and in scalar code.
 //
 // Threads split (row, key/value head, mask row): a query is computed by one thread, start to end, so
