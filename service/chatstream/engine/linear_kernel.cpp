@@ -22,8 +22,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
@@ -39,7 +39,8 @@ namespace {
 
 constexpr int64_t LANES = 16;  // output columns of a block (one row of an accumulator tile)
 constexpr int64_t CHUNK = 32;  // input columns of one tile product
-constexpr int64_t AHEAD = 4;      // chunks a weight stream is asked for ahead of its tile loads
+constexpr int64_t AHEAD = 4;   // chunks a block's weights are asked for ahead of their tile loads (a
+                               // prefetch past the end of the weights reads nothing and faults on nothing)
 
 int64_t blocks_of(int64_t n) { return (n + LANES - 1) / LANES; }
 int64_t padded(int64_t k) { return (k + CHUNK - 1) / CHUNK * CHUNK; }
@@ -88,16 +89,17 @@ void store_rows(const float* acc, int64_t rows, int64_t columns, Out* out, int64
   for (int64_t r = 0; r < rows; ++r) store(_mm512_loadu_ps(acc + r * LANES), out + r * ldo, columns);
 }
 
-// Blocks [first, first + B) for the 16 rows of x at xt (ldx columns, zero-padded to a multiple of 32).
+// Blocks [first, first + B) for the 16 rows of x at xt (ldx columns, zero-padded to a multiple of 32),
+// the first `rows` of them stored into out (rows of N); the weights are asked for ahead where `prefetch`
+// (the first rows of a prefill: later row tiles find them in the caches).
 template <int B, typename Out>
 void tile(const uint16_t* xt, int64_t ldx, const uint16_t* w, int64_t block_stride, int64_t first, int64_t rows,
-          Out* out, int64_t ldo, int64_t N, bool rows_tile_first) {
+          Out* out, int64_t N, bool prefetch) {
   if constexpr (B > 0) _tile_zero(0);
   if constexpr (B > 1) _tile_zero(1);
   if constexpr (B > 2) _tile_zero(2);
   if constexpr (B > 3) _tile_zero(3);
   const uint16_t* wb = w + first * block_stride;
-  const bool prefetch = rows_tile_first;
   for (int64_t k = 0; k < ldx; k += 32) {
     const uint16_t* wk = wb + k * LANES;  // 16 pairs of 16 columns x 2 per 32 input columns
     if (prefetch)
@@ -117,7 +119,7 @@ void tile(const uint16_t* xt, int64_t ldx, const uint16_t* w, int64_t block_stri
   if constexpr (B > 2) _tile_stored(2, acc[2], 64);
   if constexpr (B > 3) _tile_stored(3, acc[3], 64);
   for (int b = 0; b < B; ++b)
-    store_rows(acc[b], rows, N - (first + b) * LANES, out + (first + b) * LANES, ldo);
+    store_rows(acc[b], rows, N - (first + b) * LANES, out + (first + b) * LANES, N);
 }
 
 template <typename Out>
@@ -139,10 +141,10 @@ void product(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64
         Out* om = out + m * N;
         const int64_t rows = std::min<int64_t>(16, M - m);
         switch (count) {
-          case 1: tile<1>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0); break;
-          case 2: tile<2>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0); break;
-          case 3: tile<3>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0); break;
-          default: tile<4>(xt, ldx, w, block_stride, first, rows, om, N, N, m == 0);
+          case 1: tile<1>(xt, ldx, w, block_stride, first, rows, om, N, m == 0); break;
+          case 2: tile<2>(xt, ldx, w, block_stride, first, rows, om, N, m == 0); break;
+          case 3: tile<3>(xt, ldx, w, block_stride, first, rows, om, N, m == 0); break;
+          default: tile<4>(xt, ldx, w, block_stride, first, rows, om, N, m == 0);
         }
       }
     }
