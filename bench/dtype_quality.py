@@ -94,7 +94,7 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
     import torch
 
     from chatstream import load_model
-    from chatstream.engine import Engine
+    from chatstream.engine import Engine, native
     from chatstream.engine.runner import ModelRunner
 
     model, tok = load_model(source, device="cpu", dtype=dtype)
@@ -107,7 +107,8 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
     if engine.linear_dtype == "bfloat16":
         runner.serve_invariant()
     text_nll, text_n = nll(runner, text_ids)
-    out: dict = {"dtype": engine.info["dtype"], "cpu_linear": engine.cpu_linear, "linear_dtype": engine.linear_dtype}
+    kernel = "amx" if engine.linear_dtype == "bfloat16" and native.amx_linear() else engine.cpu_linear
+    out: dict = {"dtype": engine.info["dtype"], "cpu_linear": kernel, "linear_dtype": engine.linear_dtype}
     try:
         fact_prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q, _ in FACTS]
         fact_answers = alone(engine, fact_prompts, 32)
