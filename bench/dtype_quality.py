@@ -89,8 +89,10 @@ def decode_rate(engine, tok, streams: int, new_tokens: int = 64) -> float:
     return sum(c.end.completion_tokens for c in outs) / seconds
 
 
-def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, linear: str = "float32") -> dict:
-    """``linear``: the engine's ``linear_dtype`` (bfloat16: a float32 model's products in bfloat16)."""
+def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, linear: str = "float32",
+             cpu_linear: str = "auto") -> dict:
+    """``linear``: the engine's ``linear_dtype`` (bfloat16: a float32 model's products in bfloat16);
+    ``cpu_linear`` "int8": those products from int8 weights (AMX)."""
     import torch
 
     from chatstream import load_model
@@ -99,7 +101,7 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
 
     model, tok = load_model(source, device="cpu", dtype=dtype)
     text_ids = tok(Path(BENCH / "data" / "quality_text.txt").read_text())["input_ids"]
-    engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear="auto", prefix_cache_tokens=0,
+    engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear=cpu_linear, prefix_cache_tokens=0,
                     linear_dtype=linear)
     engine.start()
     # After start, over the model as the engine prepared it, and in the engine's mode: the pass it serves.
@@ -108,6 +110,7 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
         runner.serve_invariant()
     text_nll, text_n = nll(runner, text_ids)
     kernel = "amx" if engine.linear_dtype == "bfloat16" and native.amx_linear() else engine.cpu_linear
+    kernel += ", int8 weights" if engine.int8_weights else ""
     out: dict = {"dtype": engine.info["dtype"], "cpu_linear": kernel, "linear_dtype": engine.linear_dtype}
     try:
         fact_prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q, _ in FACTS]
@@ -125,7 +128,7 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
                                  {"role": "user", "content": FOLLOW_UPS[i % len(FOLLOW_UPS)]}])
                   for i, (q, a) in enumerate(zip(OPENERS[:8], answers[:8]))]
         fresh = alone(engine, second, new_tokens)
-        cached_engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear="auto",
+        cached_engine = Engine(model, tok, max_batch=8, max_context=2048, cpu_linear=cpu_linear,
                                prefix_cache_tokens=16384, linear_dtype=linear)
         cached_engine.start()
         try:
@@ -236,6 +239,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=BENCH / "results")
     ap.add_argument("--no-full-bf16", action="store_true", help="skip the whole model in bfloat16")
+    ap.add_argument("--int8", action="store_true", help="also bfloat16 products of int8 weights (--cpu-linear int8)")
     args = ap.parse_args()
     commit = sh(["git", "rev-parse", "--short", "HEAD"])
     cpu = cpu_description()
@@ -244,6 +248,9 @@ def main() -> None:
     print("float32 done", flush=True)
     runs["bfloat16 linear layers"] = evaluate(args.model, "float32", args.new_tokens, runs["float32"], "bfloat16")
     print("bfloat16 linear layers done", flush=True)
+    if args.int8:
+        runs["int8 weights"] = evaluate(args.model, "float32", args.new_tokens, runs["float32"], "bfloat16", "int8")
+        print("int8 weights done", flush=True)
     if not args.no_full_bf16:
         runs["bfloat16 model"] = evaluate(args.model, "bfloat16", args.new_tokens, runs["float32"])
     text = report(cpu, runs, commit)

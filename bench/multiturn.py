@@ -29,7 +29,8 @@ from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
 
 VLLMS = ("vllm-2t-auto", "vllm", "vllm-2t")  # the first: vLLM as its users run it (bfloat16 on x86)
 # target -> (server, API driven): ours through both of its APIs, the peers through /v1 only
-OURS = {f"{server}-{api}": (server, api) for server in ("ours", "ours-bf16") for api in ("v1", "chat_stream")}
+OURS = {f"{server}-{api}": (server, api) for server in ("ours", "ours-bf16", "ours-int8")
+        for api in ("v1", "chat_stream")}
 TARGETS = {**OURS, **{server: (server, "v1") for server in (*VLLMS, "transformers")}}
 DEFAULT_TARGETS = ",".join(TARGETS)
 
@@ -287,7 +288,8 @@ def main() -> None:
         shapes.append((int(u), int(t)))
     targets = pick(args.targets, TARGETS, "target")
 
-    PEERS["ours"].prefix_cache_tokens = PEERS["ours-bf16"].prefix_cache_tokens = args.prefix_cache_tokens
+    for key in ("ours", "ours-bf16", "ours-int8"):
+        PEERS[key].prefix_cache_tokens = args.prefix_cache_tokens
     ensure_peers(sorted({TARGETS[t][0] for t in targets}))
     model_path, tokenizer = model_and_tokenizer(args.model)
     report, before = start_report(args)

@@ -155,7 +155,7 @@ def memory_rows(results: dict, peers: list[str], labels: dict) -> list[list[str]
 # vllm-2t-auto: vLLM in its default dtype (bfloat16 on x86), the peer its users run (issue 24)
 PEER_KEYS = ("chatstream030", "transformers", "vllm-2t-auto", "vllm", "vllm-2t")
 VLLM_KEYS = ("vllm-2t-auto", "vllm", "vllm-2t")
-OURS_KEYS = ("ours", "ours-bf16")  # goals are judged for each; ours-bf16's lines say so
+OURS_KEYS = ("ours", "ours-bf16", "ours-int8")  # goals are judged for each; their lines say which
 
 
 def best_of(results: dict, keys, c) -> tuple[str | None, dict | None]:

@@ -279,6 +279,8 @@ def checkout(rev: str) -> Path:
 PEERS = {p.key: p for p in (Ours(),
                             OursCpuLinear("ours-bf16", "this project, --cpu-linear bfloat16 (float32 model, "
                                           "bfloat16 products)", "bfloat16", own_dtype=True),
+                            OursCpuLinear("ours-int8", "this project, --cpu-linear int8 (float32 model, bfloat16 "
+                                          "products of int8 weights on AMX)", "int8", own_dtype=True),
                             OursCpuLinear("ours-torch-linear", "this project, --cpu-linear torch", "torch"),
                             ChatStream030(), TransformersServe(),
                             VLLM("vllm-2t-auto", "all", "auto"), VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}

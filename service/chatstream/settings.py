@@ -71,8 +71,9 @@ TABLE: tuple[Setting, ...] = (
     S("cpu_linear", str, "auto", envvars.CPU_LINEAR,
       "linear layers on the CPU: auto (time both kernels on the model at start, serve with the faster), "
       "onednn (weights prepacked once), torch (PyTorch's own kernel) or bfloat16 (a float32 model's products "
-      "in bfloat16 with batch-invariant attention where this CPU passes the check at start, else auto)",
-      choices=("auto", "onednn", "torch", "bfloat16"), library="cpu_linear"),
+      "in bfloat16 with batch-invariant attention where this CPU passes the check at start, else auto) or "
+      "int8 (bfloat16 with the weights in int8 where the CPU has AMX: half the bytes a decode step reads)",
+      choices=("auto", "onednn", "torch", "bfloat16", "int8"), library="cpu_linear"),
     S("threads", int, 0, envvars.THREADS,
       "CPU threads for the model; 0 uses the schedulable CPUs, capped by the container's CPU limit", minimum=0),
     S("max_concurrent", int, 8, envvars.MAX_CONCURRENT,

@@ -124,12 +124,16 @@ def answers(engine, prompts, together: bool, tokens: int = 40) -> list[str]:
 
 
 @needs_bf16
-def test_bf16_answers_are_the_same_alone_in_a_batch_of_8_and_from_the_prefix_cache():
+@pytest.mark.parametrize("cpu_linear", ["auto", pytest.param("int8", marks=pytest.mark.skipif(
+    "not native.amx_linear()", reason="int8 weights need the AMX products"))])
+def test_bf16_answers_are_the_same_alone_in_a_batch_of_8_and_from_the_prefix_cache(cpu_linear):
     model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
-    engine = Engine(model, tok, max_batch=8, linear_dtype="bfloat16", prefix_cache_tokens=16384)
+    engine = Engine(model, tok, max_batch=8, linear_dtype="bfloat16", prefix_cache_tokens=16384,
+                    cpu_linear=cpu_linear)
     engine.start()
     try:
         assert engine.linear_dtype == "bfloat16" and engine.runner.invariant
+        assert engine.int8_weights == (cpu_linear == "int8")
         assert engine.info["dtype"] == "float32/bfloat16-linear"
         # keys and values in bfloat16 where the compiled kernel serves (half the bytes a step reads)
         assert engine.runner.cache.dtype == (torch.bfloat16 if native.load() is None else None)
@@ -145,7 +149,7 @@ def test_bf16_answers_are_the_same_alone_in_a_batch_of_8_and_from_the_prefix_cac
     finally:
         engine.stop()
     model, _ = load_model("builtin:smollm2-135m-instruct", device="cpu")
-    fresh_engine = Engine(model, tok, max_batch=8, linear_dtype="bfloat16")
+    fresh_engine = Engine(model, tok, max_batch=8, linear_dtype="bfloat16", cpu_linear=cpu_linear)
     fresh_engine.start()
     try:
         assert answers(fresh_engine, second, together=True, tokens=24) == from_cache
@@ -166,6 +170,18 @@ def test_auto_serves_bf16_only_where_the_check_passes(caplog, cpu_linear, linear
     assert engine.runner.invariant == (reason is None)
     if reason:
         assert reason in caplog.text
+
+
+@needs_bf16
+def test_int8_weights_fall_back_to_bfloat16_ones_where_there_are_no_amx_products(caplog, monkeypatch):
+    monkeypatch.setattr(native, "amx_linear", lambda: False)
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    engine = Engine(model, tok, max_batch=2, cpu_linear="int8")
+    with caplog.at_level(logging.WARNING, logger="chatstream.engine"):
+        engine.start()
+    engine.stop()
+    assert not engine.int8_weights and "int8 weights need AMX products" in caplog.text
+    assert "int8" not in repr(model.lm_head)
 
 
 def test_bf16_is_refused_where_the_engine_cannot_run_the_invariant_attention(caplog):

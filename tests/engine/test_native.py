@@ -258,3 +258,62 @@ def test_bf16_layers_use_the_amx_products_where_they_serve():
     x = torch.randn(4, 576)
     want = x.bfloat16().float() @ linear.weight.detach().bfloat16().float().T + linear.bias.detach()
     assert (layer(x) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@needs_amx
+@pytest.mark.parametrize("out_features,in_features", [(960, 576), (576, 1536), (37, 35), (20, 3)])
+def test_int8_products_sum_what_the_int8_weights_hold(out_features, in_features):
+    gen = torch.Generator().manual_seed(10)
+    weight = torch.randn(out_features, in_features, generator=gen)
+    weight[1] = 0  # an output with no weights: scale 1, sums 0
+    q, scales = native.quantize_int8(weight)
+    assert ((q.float() * scales[:, None] - weight).abs() <= scales[:, None] / 2 + 1e-7).all()
+    x = torch.randn(3, 7, in_features, generator=gen).bfloat16()
+    x[0, 0] = 0  # a row of zeros
+    x[0, 1, 0] = 1000.0  # a row whose other elements are far below its largest
+    packed, packed_scales = native.pack_linear_int8(weight)
+    assert torch.equal(packed_scales, scales)
+    want = (x.double() @ q.double().T) * scales.double()
+    size = (x.double().abs() @ q.double().abs().T) * scales.double()
+    # each input rounded to a step of 2^(e - 15), its row's largest below 2^e (exact where the row has no
+    # element far above the others); the rest is float32 rounding
+    largest = x.float().abs().amax(-1, keepdim=True)
+    step = torch.ldexp(torch.ones_like(largest), torch.frexp(largest).exponent - 15)
+    rounding = step / 2 * (q.double().abs().sum(1) * scales.double())
+    got = native.linear_int8(x, packed, scales, out_features, bf16_out=False)
+    assert got.shape == (3, 7, out_features) and got.dtype == torch.float32
+    assert ((got.double() - want).abs() <= rounding + 1e-5 * size).all()
+    assert ((got.double() - want).abs()[1:] <= 1e-5 * size[1:]).all()  # rows of randn: no such element
+    assert torch.equal(got[0, 0], torch.zeros(out_features))
+    assert torch.equal(native.linear_int8(x, packed, scales, out_features, bf16_out=True), got.bfloat16())
+    x[0, 2, -1] = float("nan")  # as a float product would, not a number: NaN
+    assert native.linear_int8(x, packed, scales, out_features, bf16_out=False)[0, 2].isnan().all()
+
+
+@needs_amx
+def test_an_int8_product_gives_a_row_the_same_bits_alone_among_any_rows_and_on_one_thread():
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(960, 576, generator=gen)
+    x = torch.randn(300, 576, generator=gen).bfloat16()
+    packed, scales = native.pack_linear_int8(weight)
+    alone = torch.cat([native.linear_int8(x[r:r + 1], packed, scales, 960, bf16_out=False) for r in range(300)])
+    for rows in (2, 8, 15, 16, 17, 33, 300):
+        assert torch.equal(native.linear_int8(x[:rows], packed, scales, 960, bf16_out=False), alone[:rows]), rows
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(native.linear_int8(x, packed, scales, 960, bf16_out=False), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_amx
+def test_bf16_layers_with_int8_weights_multiply_by_what_those_hold():
+    from chatstream.engine.bf16_linear import BF16Linear
+    linear = torch.nn.Linear(576, 960)
+    layer = BF16Linear(linear, int8=True)
+    assert "int8 weights" in repr(layer)
+    q, scales = native.quantize_int8(linear.weight)
+    x = torch.randn(4, 576)
+    want = x.bfloat16().double() @ (q.double() * scales.double()[:, None]).T + linear.bias.detach().double()
+    assert (layer(x).double() - want).abs().max() <= 1e-4 * want.abs().max()

@@ -67,15 +67,21 @@ LAYOUTS = (Layout(None, None), Layout(None, SPLIT), Layout(MAX_ROWS, None), Layo
 class BF16Linear(torch.nn.Module):
     """``nn.Linear`` computed in bfloat16, float32 in and out: by linear_kernel.cpp where the CPU has AMX
     (whole: a row's bits never depend on the other rows there), else by oneDNN (weight prepacked), cut
-    as ``layout`` says."""
+    as ``layout`` says. ``int8``: the weights in int8 instead (AMX only; native.pack_linear_int8)."""
 
-    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 32, layout: Layout = Layout()):
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int = 32, layout: Layout = Layout(),
+                 int8: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_rows = layout.max_rows
         weight = linear.weight.detach().to(torch.bfloat16)
-        self.parts, self.packed = [], None
-        if native.amx_linear():
+        self.parts, self.packed, self.scales = [], None, None
+        if int8 and not native.amx_linear():
+            raise RuntimeError("int8 weights need linear_kernel.cpp's AMX products, which this machine lacks")
+        if int8:
+            self.packed, self.scales = native.pack_linear_int8(linear.weight)
+            self.max_rows = None
+        elif native.amx_linear():
             self.packed, self.max_rows = native.pack_linear(weight), None
         else:
             pieces = -(-self.in_features // (layout.split or self.in_features))
@@ -89,7 +95,7 @@ class BF16Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.to(torch.bfloat16)
         if self.packed is not None:
-            out = native.linear(xb, self.packed, self.out_features, bf16_out=False)
+            out = self._amx(xb, bf16_out=False)
         else:
             out = self.product(xb).float()
         return out if self.bias is None else out + self.bias
@@ -98,13 +104,18 @@ class BF16Linear(torch.nn.Module):
         """The product of bfloat16 ``x`` without the bias: bfloat16 when it is one piece of columns, else
         the float32 sum of the pieces (what :meth:`forward` widens to float32)."""
         if self.packed is not None:
-            return native.linear(x, self.packed, self.out_features, bf16_out=True)
+            return self._amx(x, bf16_out=True)
         rows = x.numel() // self.in_features
         if self.max_rows and rows > self.max_rows:
             flat = x.reshape(rows, self.in_features)
             pieces = [self._product(flat[start:start + self.max_rows]) for start in range(0, rows, self.max_rows)]
             return torch.cat(pieces).view(*x.shape[:-1], self.out_features)
         return self._product(x)
+
+    def _amx(self, xb: torch.Tensor, bf16_out: bool) -> torch.Tensor:
+        if self.scales is not None:
+            return native.linear_int8(xb, self.packed, self.scales, self.out_features, bf16_out)
+        return native.linear(xb, self.packed, self.out_features, bf16_out)
 
     def _product(self, xb: torch.Tensor) -> torch.Tensor:
         if len(self.parts) == 1:
@@ -117,7 +128,7 @@ class BF16Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         if self.packed is not None:
-            kernel = "amx"
+            kernel = "amx" if self.scales is None else "amx, int8 weights"
         else:
             kernel = f"onednn=bfloat16x{len(self.parts)}" + (f", rows<={self.max_rows}" if self.max_rows else "")
         return f"in_features={self.in_features}, out_features={self.out_features}, {kernel}"

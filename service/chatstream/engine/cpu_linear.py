@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import bf16_linear
+from . import bf16_linear, native
 from .fused_linear import fuse_projections
 
 log = logging.getLogger("chatstream.engine")
@@ -55,7 +55,7 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn=packed"
 
 
-REQUESTS = ("auto", "onednn", "torch", "bfloat16")
+REQUESTS = ("auto", "onednn", "torch", "bfloat16", "int8")
 # The model attribute where ``auto`` notes its choice, so that a second engine over the model keeps it
 # without measuring again (a packed model shows its choice; one left to PyTorch's kernel would not).
 CHOSEN = "chatstream_linear_kernel"
@@ -63,7 +63,7 @@ CHOSEN = "chatstream_linear_kernel"
 
 def check_request(request: str) -> None:
     if request not in REQUESTS:
-        raise ValueError(f"cpu_linear must be 'auto', 'onednn', 'torch' or 'bfloat16', not {request!r}")
+        raise ValueError(f"cpu_linear must be 'auto', 'onednn', 'torch', 'bfloat16' or 'int8', not {request!r}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class KernelChoice:
     packed: int = 0                                     # layers now holding prepacked weights
     fused: int = 0                                      # groups of sibling projections fused (fused_linear.py)
     linear_dtype: str = "float32"                       # what the products run in: float32 or bfloat16
+    int8_weights: bool = False                          # bfloat16 products from int8 weights (BF16Linear)
 
 
 def prepare_linears(model: torch.nn.Module, request: str = "auto", linear_dtype: str = "float32") -> KernelChoice:
@@ -88,10 +89,17 @@ def prepare_linears(model: torch.nn.Module, request: str = "auto", linear_dtype:
 
     ``linear_dtype`` "bfloat16" (asked for, or chosen by ``"auto"`` where :func:`bf16_linear.check`
     passes) serves a float32 model's products in bfloat16 with oneDNN whatever ``request`` says.
+    ``request`` "int8" is "bfloat16" with the weights in int8 where the CPU has AMX (native.amx_linear;
+    bfloat16 weights elsewhere, logged).
     """
     check_request(request)
     bf16_linear.check_request(linear_dtype)
-    if request == "bfloat16":  # the server's --cpu-linear bfloat16: bfloat16 where the check passes, else auto
+    int8 = request == "int8"
+    if int8 and not native.amx_linear():
+        log.warning("int8 weights need AMX products (linear_kernel.cpp), which this machine lacks: bfloat16 "
+                    "weights instead")
+        int8 = False
+    if request in ("bfloat16", "int8"):  # --cpu-linear bfloat16 / int8: where the check passes, else auto
         request, linear_dtype = "auto", ("auto" if linear_dtype == "float32" else linear_dtype)
     if linear_dtype != "float32":
         reason = why_not_packable(model)
@@ -107,12 +115,12 @@ def prepare_linears(model: torch.nn.Module, request: str = "auto", linear_dtype:
             log.warning("linear layers serve in float32, not bfloat16 (linear_dtype=%s): %s", linear_dtype, reason)
         else:
             fused = fuse_projections(model)
-            packed = pack_linears(model, dtype=torch.bfloat16, layouts=layouts)
+            packed = pack_linears(model, dtype=torch.bfloat16, layouts=layouts, int8=int8)
             if packed:
-                log.info("linear layers serve in bfloat16 (oneDNN; pieces by shape: %s); attention is the "
-                         "batch-invariant one", ", ".join(f"{o}x{i} {layout}" for (o, i), layout in layouts.items())
-                         or "the most")
-                return KernelChoice("onednn", None, packed, fused, "bfloat16")
+                log.info("linear layers serve in bfloat16 (%s); attention is the batch-invariant one",
+                         "AMX, int8 weights" if int8 else "AMX" if native.amx_linear() else "oneDNN; pieces by shape: "
+                         + (", ".join(f"{o}x{i} {layout}" for (o, i), layout in layouts.items()) or "the most"))
+                return KernelChoice("onednn", None, packed, fused, "bfloat16", int8)
             log.warning("linear layers serve in float32: packing them in bfloat16 failed")
     choice, timings = request, None
     if choice == "auto":
@@ -248,10 +256,10 @@ def packed_count(model: torch.nn.Module) -> int:
 
 
 def pack_linears(model: torch.nn.Module, batch_hint: int = 32, dtype: torch.dtype | None = None,
-                 layouts: dict[tuple[int, int], bf16_linear.Layout] | None = None) -> int:
+                 layouts: dict[tuple[int, int], bf16_linear.Layout] | None = None, int8: bool = False) -> int:
     """Swap every ``nn.Linear`` of ``model`` for a :class:`PackedLinear` (a :class:`bf16_linear.BF16Linear`
-    with ``dtype=torch.bfloat16``, cut as ``layouts`` says for its shape, else in the most pieces);
-    return how many the model now has.
+    with ``dtype=torch.bfloat16``, cut as ``layouts`` says for its shape, else in the most pieces; its
+    weights in int8 where ``int8``); return how many the model now has.
 
     Packing a model twice (two engines over one model) is harmless: the second call finds nothing to swap.
     """
@@ -267,7 +275,7 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 32, dtype: torch.dtyp
             try:
                 if dtype == torch.bfloat16:
                     layout = (layouts or {}).get((linear.out_features, linear.in_features), bf16_linear.LAYOUTS[-1])
-                    replacement = bf16_linear.BF16Linear(linear, batch_hint, layout)
+                    replacement = bf16_linear.BF16Linear(linear, batch_hint, layout, int8=int8)
                 else:
                     packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
                     replacement = PackedLinear(linear, packed)
@@ -302,6 +310,9 @@ def _release_checkpoint_mapping(model: torch.nn.Module) -> None:
 
 def _agrees(linear: torch.nn.Linear, packed: PackedLinear) -> bool:
     weight = linear.weight
+    if getattr(packed, "scales", None) is not None:  # int8 weights: checked against what they hold
+        q, scales = native.quantize_int8(weight)
+        weight = q.float() * scales[:, None]
     x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
     want = torch.nn.functional.linear(x, weight, linear.bias).float()
     got = packed(x).float()

@@ -63,6 +63,7 @@ class Engine:
     ``linear_dtype`` "bfloat16" runs a float32 model's products in bfloat16 with the batch-invariant
     attention, "auto" (or ``cpu_linear="bfloat16"``) does so where this CPU passes bf16_linear.check;
     ``engine.linear_dtype`` says which serves. float32 (the default) equals transformers' ``generate``.
+    ``cpu_linear="int8"`` is "bfloat16" with int8 weights where the CPU has AMX (``engine.int8_weights``).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
@@ -74,6 +75,7 @@ class Engine:
         # "bfloat16" / "auto": products in bfloat16 with batch-invariant attention (bf16_linear.py)
         self.linear_dtype_request = linear_dtype
         self.linear_dtype = "float32"
+        self.int8_weights = False  # the bfloat16 products' weights in int8 (cpu_linear="int8" on AMX)
         # Measuring and packing happen on the engine's own thread when it starts (_prepare_model says why).
         self.cpu_linear_request = cpu_linear
         self.cpu_linear: str | None = None
@@ -170,8 +172,8 @@ class Engine:
         same thread in 42-43 ms (best of 60 steps, three runs each).
         """
         request, linear_dtype = self.cpu_linear_request, self.linear_dtype_request
-        if request == "bfloat16":  # --cpu-linear bfloat16: checked on this CPU at start (bf16_linear.check)
-            request, linear_dtype = "auto", ("auto" if linear_dtype == "float32" else linear_dtype)
+        if request in ("bfloat16", "int8"):  # --cpu-linear bfloat16 / int8: checked on this CPU at start
+            linear_dtype = "auto" if linear_dtype == "float32" else linear_dtype
         native = getattr(self.runner, "_native", None)
         if linear_dtype != "float32" and (native is None or native() is None):
             # transformers' own pass has no batch-invariant attention
@@ -181,7 +183,7 @@ class Engine:
         choice = linear_kernels.prepare_linears(self.runner.model, request, linear_dtype)
         self.cpu_linear, self.linear_timings = choice.kernel, choice.timings
         self.packed_linears, self.fused_projections = choice.packed, choice.fused
-        self.linear_dtype = choice.linear_dtype
+        self.linear_dtype, self.int8_weights = choice.linear_dtype, choice.int8_weights
         if self.linear_dtype == "bfloat16":
             self.runner.serve_invariant()
 

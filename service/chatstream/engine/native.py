@@ -93,6 +93,28 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bf16_out: b
     return torch.ops.chatstream.linear(x, packed, out_features, bf16_out)
 
 
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` (``[out_features, in_features]``) as int8 and one float32 scale per output: its largest
+    magnitude over 127 (weight ~ q * scale, each weight to within half a scale)."""
+    w = weight.detach().float()
+    largest = w.abs().amax(dim=1)
+    scales = torch.where(largest > 0, largest / 127, torch.ones_like(largest)).contiguous()
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+def pack_linear_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` quantized (:func:`quantize_int8`) in the layout :func:`linear_int8` reads, and its scales."""
+    q, scales = quantize_int8(weight)
+    return torch.ops.chatstream.pack_linear_int8(q), scales
+
+
+def linear_int8(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, out_features: int,
+                bf16_out: bool) -> torch.Tensor:
+    """``x @ W.T`` of bfloat16 ``x`` and an int8 ``W`` from :func:`pack_linear_int8`, summed exactly in
+    integers (linear_kernel.cpp says how): float32, or bfloat16 rounded once from it."""
+    return torch.ops.chatstream.linear_int8(x, packed, scales, out_features, bf16_out)
+
+
 def _load() -> str | None:
     if os.environ.get("CHATSTREAM_NATIVE_KERNELS", "1") == "0":
         return "turned off (CHATSTREAM_NATIVE_KERNELS=0)"
