@@ -22,7 +22,7 @@ from lib.host import cpu_description
 
 BUCKETS = [  # (bucket, substrings of an operator name), the first that matches wins
     ("products (oneDNN linear)", ["_linear_pointwise"]),
-    ("products (AMX kernel)", ["chatstream::linear"]),
+    ("products (AMX kernel)", ["chatstream::linear"]),  # and linear_int8
     ("attention: SDPA", ["scaled_dot_product", "flash_attention"]),
     ("attention: compiled kernel", ["chatstream::attend"]),
     ("compiled row-wise steps (norms, rotary, activation)", ["chatstream::"]),
@@ -38,6 +38,7 @@ BUCKETS = [  # (bucket, substrings of an operator name), the first that matches 
 MODES = [("float32", "kernel", "float32 products, SDPA"),
          ("bfloat16", "kernels", "bfloat16 products, compiled attention and row-wise steps, bfloat16 keys (as served)"),
          ("bfloat16", "onednn products", "the same with oneDNN's products where AMX ones serve"),
+         ("bfloat16", "int8 weights", "the same with int8 weights on AMX's integer tiles (--cpu-linear int8)"),
          ("bfloat16", "attention kernel", "bfloat16 products, compiled attention, row-wise steps from operators"),
          ("bfloat16", "operators", "bfloat16 products, invariant attention from operators, float32 keys")]
 
@@ -58,7 +59,7 @@ def runner_for(linear_dtype: str, rows: int, attention: str = "kernels"):
         os.environ["CHATSTREAM_AMX_LINEAR"] = "0"
         native.amx_linear.cache_clear()
     try:
-        choice = cpu_linear.prepare_linears(model, "onednn", linear_dtype)
+        choice = cpu_linear.prepare_linears(model, "int8" if attention == "int8 weights" else "onednn", linear_dtype)
     finally:
         os.environ.pop("CHATSTREAM_AMX_LINEAR", None)
         native.amx_linear.cache_clear()

@@ -170,6 +170,7 @@ void product(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64
 // columns of the 16 outputs side by side, as TDPBSSD takes them), K padded to 64 and N to 16 with zeros.
 
 constexpr int64_t CHUNK8 = 64;  // input columns of one integer tile product
+constexpr int64_t PASS = 128;   // rows of x a thread takes through all its blocks at a time
 int64_t padded8(int64_t k) { return (k + CHUNK8 - 1) / CHUNK8 * CHUNK8; }
 
 // A row of x (K bfloat16) as hi and lo bytes, zero-padded to ldx, and its power of two. The bytes go
@@ -263,18 +264,23 @@ void product8(const int8_t* hi, const uint8_t* lo, const float* two, int64_t ldx
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     const TileConfig config;
     _tile_loadconfig(&config);
-    for (int64_t first = begin; first < end; first += 2) {
-      const bool pair = end - first >= 2;
-      for (int64_t m = 0; m < M; m += 16) {
-        const int64_t rows = std::min<int64_t>(16, M - m), columns = N - first * LANES;
-        Out* om = out + m * N + first * LANES;
-        const int8_t* wb = w + first * block_stride;
-        if (pair)
-          tile8<2>(hi + m * ldx, lo + m * ldx, ldx, wb, block_stride, rows, two + m, om, columns,
-                   scale + first * LANES, N, m == 0);
-        else
-          tile8<1>(hi + m * ldx, lo + m * ldx, ldx, wb, block_stride, rows, two + m, om, columns,
-                   scale + first * LANES, N, m == 0);
+    // a prefill's rows PASS at a time, so that their bytes (two a column) stay in the core's cache while
+    // every block of the thread's columns goes over them
+    for (int64_t start = 0; start < M; start += PASS) {
+      const int64_t stop = std::min(M, start + PASS);
+      for (int64_t first = begin; first < end; first += 2) {
+        const bool pair = end - first >= 2;
+        for (int64_t m = start; m < stop; m += 16) {
+          const int64_t rows = std::min<int64_t>(16, M - m), columns = N - first * LANES;
+          Out* om = out + m * N + first * LANES;
+          const int8_t* wb = w + first * block_stride;
+          if (pair)
+            tile8<2>(hi + m * ldx, lo + m * ldx, ldx, wb, block_stride, rows, two + m, om, columns,
+                     scale + first * LANES, N, m == start);
+          else
+            tile8<1>(hi + m * ldx, lo + m * ldx, ldx, wb, block_stride, rows, two + m, om, columns,
+                     scale + first * LANES, N, m == start);
+        }
       }
     }
     _tile_release();

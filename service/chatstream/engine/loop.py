@@ -110,8 +110,8 @@ class Engine:
         """How the model is served, for /metrics: device, dtype and the linear kernel."""
         param = next(self.runner.model.parameters(), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
-        if self.linear_dtype == "bfloat16":
-            dtype += "/bfloat16-linear"  # float32 model, bfloat16 products (bf16_linear.py)
+        if self.linear_dtype == "bfloat16":  # float32 model, bfloat16 products (bf16_linear.py), of int8 weights
+            dtype += "/int8-weight-linear" if self.int8_weights else "/bfloat16-linear"
         device = self.runner.device.type
         return {"device": device, "dtype": dtype, "cpu_linear": self.cpu_linear if device == "cpu" else "n/a"}
 
