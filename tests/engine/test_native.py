@@ -286,6 +286,12 @@ def test_int8_products_sum_what_the_int8_weights_hold(out_features, in_features)
     assert ((got.double() - want).abs()[1:] <= 1e-5 * size[1:]).all()  # rows of randn: no such element
     assert torch.equal(got[0, 0], torch.zeros(out_features))
     assert torch.equal(native.linear_int8(x, packed, scales, out_features, bf16_out=True), got.bfloat16())
+    x[0, 3] = x[0, 3] * 1e-36  # a row of tiny values: no float overflows on the way
+    tiny = (x[0, 3].double() @ q.double().T) * scales.double()
+    got_tiny = native.linear_int8(x, packed, scales, out_features, bf16_out=False)[0, 3].double()
+    assert ((got_tiny - tiny).abs() <= 2.0 ** -116 * q.double().abs().sum(1) * scales.double()
+            + 1e-5 * size[0, 3] * 1e-36).all()  # steps of 2^-115 there
+    assert torch.equal(got_tiny, torch.zeros_like(got_tiny))  # each element below half a step
     x[0, 2, -1] = float("nan")  # as a float product would, not a number: NaN
     assert native.linear_int8(x, packed, scales, out_features, bf16_out=False)[0, 2].isnan().all()
 

@@ -195,6 +195,8 @@ void split_row(const uint16_t* x, int64_t K, int64_t ldx, int8_t* hi, uint8_t* l
   }
   int exponent = 0;
   std::frexp(largest, &exponent);  // largest < 2^exponent
+  exponent = std::max(exponent, -100);  // 2^(15 - exponent) stays a float; a row below 2^-100 is rounded
+                                        // to steps of 2^-115 (none is near: a layer's inputs are normed)
   const float down = std::ldexp(1.0f, 15 - exponent);  // a bfloat16 below 2^exponent times this is below 2^15
   // a row of zeros gives zeros; one holding an infinity or NaN gives NaN, as a float product would
   *two = !std::isfinite(largest) ? NAN : largest > 0 ? std::ldexp(1.0f, exponent - 15) : 0.0f;
@@ -211,8 +213,8 @@ void split_row(const uint16_t* x, int64_t K, int64_t ldx, int8_t* hi, uint8_t* l
   }
 }
 
-// 16 outputs of one row from its two int32 sums: 256 hi + lo in float32 (rounded once), times the
-// columns' scales, times the row's power of two (exact).
+// 16 outputs of one row from its two int32 sums: 256 hi + lo in float32, times the columns' scales,
+// times the row's power of two (exact).
 inline __m512 combine(const int32_t* hi, const int32_t* lo, const float* scale, __mmask16 mask, float two) {
   const __m512 total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(hi)), _mm512_set1_ps(256.0f),
                                        _mm512_cvtepi32_ps(_mm512_loadu_si512(lo)));
