@@ -299,6 +299,13 @@ bool available() {
 #endif
 }
 
+// [..., out_features] for x [..., K], in bfloat16 or float32
+at::Tensor output_for(const at::Tensor& x, int64_t out_features, bool bf16_out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return at::empty(shape, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+}
+
 // x [..., K] bfloat16 times the packed weight of out_features outputs: [..., out_features], in bfloat16
 // (rounded once, from the float32 sum) or float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, bool bf16_out) {
@@ -308,9 +315,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_fea
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, ldx = padded(K), block_stride = ldx * LANES;
   TORCH_CHECK(packed.numel() == blocks_of(out_features) * block_stride,
               "linear: the packed weight is not [", out_features, ", ", K, "]");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  at::Tensor out = at::empty(shape, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  at::Tensor out = output_for(x, out_features, bf16_out);
   if (M == 0) return out;
   at::Tensor xp = x.reshape({M, K}).contiguous();
   if (ldx != K) xp = at::constant_pad_nd(xp, {0, ldx - K});  // columns padded with zeros to a whole chunk
@@ -351,9 +356,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0, ldx = padded8(K), block_stride = ldx * LANES;
   TORCH_CHECK(packed.numel() == blocks_of(out_features) * block_stride,
               "linear_int8: the packed weight is not [", out_features, ", ", K, "]");
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  at::Tensor out = at::empty(shape, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+  at::Tensor out = output_for(x, out_features, bf16_out);
   if (M == 0) return out;
 #if CHATSTREAM_AMX
   const at::Tensor xc = x.reshape({M, K}).contiguous();
