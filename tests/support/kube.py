@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid
 
+import httpx
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ def wait_for(what: str, fn, timeout: float = 60, interval: float = 0.5):
     while time.monotonic() < deadline:
         try:
             last = fn()
-        except (AssertionError, OSError) as err:
+        except (AssertionError, OSError, httpx.TransportError) as err:  # httpx's errors are not OSErrors
             last = err
         else:
             if last:
