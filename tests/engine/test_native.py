@@ -5,6 +5,7 @@ row-wise steps of a layer and, where the CPU has AMX, the bfloat16 products."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -210,6 +211,15 @@ def test_the_compiled_pass_answers_as_the_plain_bfloat16_pass():
             assert (top2[differ, 0] - top2[differ, 1] < apart).all()
             if differ.any():
                 break  # each pass then feeds its own token, and the next logits are of other inputs
+
+
+def test_the_products_compile_for_a_cpu_without_amx(tmp_path):
+    # the AMD EPYC of bench/results has no AMX: the library must still build there, or it loses the
+    # attention and row-wise kernels too
+    command = native.compile_command(shutil.which("g++"), native.HERE / "linear_kernel.cpp", tmp_path / "linear.o",
+                                     ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 needs_amx = pytest.mark.skipif("not native.amx_linear()", reason="no AMX products on this CPU")

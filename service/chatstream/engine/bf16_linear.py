@@ -74,16 +74,16 @@ class BF16Linear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.max_rows = layout.max_rows
-        weight = linear.weight.detach().to(torch.bfloat16)
         self.parts, self.packed, self.scales = [], None, None
-        if int8 and not native.amx_linear():
-            raise RuntimeError("int8 weights need linear_kernel.cpp's AMX products, which this machine lacks")
         if int8:
+            if not native.amx_linear():
+                raise RuntimeError("int8 weights need linear_kernel.cpp's AMX products, which this machine lacks")
             self.packed, self.scales = native.pack_linear_int8(linear.weight)
             self.max_rows = None
         elif native.amx_linear():
-            self.packed, self.max_rows = native.pack_linear(weight), None
+            self.packed, self.max_rows = native.pack_linear(linear.weight.detach().to(torch.bfloat16)), None
         else:
+            weight = linear.weight.detach().to(torch.bfloat16)
             pieces = -(-self.in_features // (layout.split or self.in_features))
             size = -(-self.in_features // pieces)
             self.parts = [(start, min(start + size, self.in_features),

@@ -44,20 +44,31 @@ constexpr int64_t CHUNK = 32;  // input columns of one tile product
 constexpr int64_t AHEAD = 4;   // chunks a block's weights are asked for ahead of their tile loads (a
                                // prefetch past the end of the weights reads nothing and faults on nothing)
 
+constexpr int64_t CHUNK8 = 64;  // input columns of one integer tile product (int8 weights)
+
 int64_t blocks_of(int64_t n) { return (n + LANES - 1) / LANES; }
 int64_t padded(int64_t k) { return (k + CHUNK - 1) / CHUNK * CHUNK; }
+int64_t padded8(int64_t k) { return (k + CHUNK8 - 1) / CHUNK8 * CHUNK8; }
+
+// w [N, K] (T: bfloat16's bits or int8) in blocks of 16 output columns, each [ldk / G][16][G]: G input
+// columns of the 16 outputs side by side (4 bytes, as the tile products take them), K padded to ldk and
+// N to 16 with zeros.
+template <typename T>
+at::Tensor pack_blocks(const at::Tensor& w, int64_t ldk) {
+  constexpr int64_t G = 4 / sizeof(T);
+  const int64_t N = w.size(0), K = w.size(1), groups = ldk / G;
+  at::Tensor packed = at::zeros({blocks_of(N) * groups * LANES * G}, w.options());
+  const T* src = static_cast<const T*>(w.data_ptr());
+  T* dst = static_cast<T*>(packed.data_ptr());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k)
+      dst[((n / LANES) * groups + k / G) * LANES * G + (n % LANES) * G + k % G] = src[n * K + k];
+  return packed;
+}
 
 at::Tensor pack(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2, "pack_linear: weight must be [out_features, in_features]");
-  const int64_t N = weight.size(0), K = weight.size(1), pairs = padded(K) / 2, blocks = blocks_of(N);
-  const at::Tensor w = weight.to(at::kBFloat16).contiguous();
-  at::Tensor packed = at::zeros({blocks * pairs * LANES * 2}, w.options());
-  const uint16_t* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>());
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k)
-      dst[((n / LANES) * pairs + k / 2) * LANES * 2 + (n % LANES) * 2 + k % 2] = src[n * K + k];
-  return packed;
+  return pack_blocks<uint16_t>(weight.to(at::kBFloat16).contiguous(), padded(weight.size(1)));
 }
 
 #if CHATSTREAM_AMX
@@ -169,9 +180,7 @@ void product(const uint16_t* x, int64_t ldx, int64_t M, const uint16_t* w, int64
 // Layout: pack_int8() turns q [N, K] into blocks of 16 output columns, each [K/4][16][4] (four input
 // columns of the 16 outputs side by side, as TDPBSSD takes them), K padded to 64 and N to 16 with zeros.
 
-constexpr int64_t CHUNK8 = 64;  // input columns of one integer tile product
-constexpr int64_t PASS = 128;   // rows of x a thread takes through all its blocks at a time
-int64_t padded8(int64_t k) { return (k + CHUNK8 - 1) / CHUNK8 * CHUNK8; }
+constexpr int64_t PASS = 128;  // rows of x a thread takes through all its blocks at a time
 
 // A row of x (K bfloat16) as hi and lo bytes, zero-padded to ldx, and its power of two. The bytes go
 // where a tile load finds them: 64 input columns of a row at hi + (k / 64) * 1024 (a tile's 16 rows are
@@ -332,15 +341,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_fea
 
 at::Tensor pack_int8(const at::Tensor& q) {
   TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar, "pack_linear_int8: q must be [out_features, in_features] int8");
-  const int64_t N = q.size(0), K = q.size(1), quads = padded8(K) / 4, blocks = blocks_of(N);
-  const at::Tensor w = q.contiguous();
-  at::Tensor packed = at::zeros({blocks * quads * LANES * 4}, w.options());
-  const int8_t* src = w.data_ptr<int8_t>();
-  int8_t* dst = packed.data_ptr<int8_t>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k)
-      dst[((n / LANES) * quads + k / 4) * LANES * 4 + (n % LANES) * 4 + k % 4] = src[n * K + k];
-  return packed;
+  return pack_blocks<int8_t>(q.contiguous(), padded8(q.size(1)));
 }
 
 // x [..., K] bfloat16 times the int8 weight q (packed) whose columns are scaled by `scales` (float32,

@@ -158,17 +158,21 @@ def _key() -> str:
     return digest.hexdigest()[:16]
 
 
-def _build(compiler: str, library: Path) -> str | None:
-    """Each source compiled to an object at once (the machine's cores share them), then linked."""
+def compile_command(compiler: str, source: Path, obj: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The command that compiles one of :data:`SOURCES` to an object against the installed torch."""
     from torch.utils import cpp_extension
 
-    torch_lib = Path(torch.__file__).parent / "lib"
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    partial = library.with_suffix(f".{os.getpid()}.tmp")
     includes = [*(f"-I{path}" for path in cpp_extension.include_paths()), f"-I{sysconfig.get_paths()['include']}"]
+    return [compiler, *FLAGS, *extra, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", *includes,
+            "-c", str(source), "-o", str(obj)]
+
+
+def _build(compiler: str, library: Path) -> str | None:
+    """Each source compiled to an object at once (the machine's cores share them), then linked."""
+    torch_lib = Path(torch.__file__).parent / "lib"
+    partial = library.with_suffix(f".{os.getpid()}.tmp")
     objects = [partial.with_suffix(f".{source.stem}.o") for source in SOURCES]
-    compiles = [[compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, "-c", str(source), "-o", str(obj)]
-                for source, obj in zip(SOURCES, objects)]
+    compiles = [compile_command(compiler, source, obj) for source, obj in zip(SOURCES, objects)]
     link = [compiler, *FLAGS, *map(str, objects), "-o", str(partial), f"-L{torch_lib}", "-lc10", "-ltorch_cpu",
             f"-Wl,-rpath,{torch_lib}"]
     log.info("compiling the engine's kernels for this CPU (once, about 20 s) into %s", library)
