@@ -16,6 +16,13 @@ set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"  # sets ROOT, the repository
+# One image build at a time on this machine (scripts/prebuild.sh may be running one in the
+# background): a second run waits for the first, then finds its layers and builds nothing.
+if [ -z "${BUILD_IMAGES_LOCKED:-}" ]; then
+  mkdir -p "$CACHE"
+  export BUILD_IMAGES_LOCKED=1
+  exec flock -o "$CACHE/.images.lock" bash "$0" "$@"
+fi
 TAG="${TAG:-0.1.0}"
 LOCAL_BASE="localhost/debian-base:bookworm"
 BASE_IMAGE="${BASE_IMAGE:-$LOCAL_BASE}"

