@@ -15,6 +15,7 @@ from support.net import free_port, wait_ready
 from support.podman import have_podman, podman
 
 from chatstream import envvars
+from chatstream.engine import bf16_linear
 from chatstream_operator import resources
 
 pytestmark = [
@@ -46,11 +47,13 @@ def pod_env(port: int) -> tuple[list[str], dict]:
 
 
 @pytest.fixture
-def server(images):
+def server(images, request):
     """The CPU image as a pod runs it: the seed-cache init container fills
-    a writable cache volume, then the server starts on a read-only root."""
+    a writable cache volume, then the server starts on a read-only root.
+    Parametrized indirectly, with more environment for the server."""
     port = free_port()
     env, dep = pod_env(port)
+    env += [f"--env={k}={v}" for k, v in getattr(request, "param", {}).items()]
     cache = tempfile.mkdtemp(prefix="chatstream-cache-")
     os.chmod(cache, 0o777)
     volumes = [f"--volume={cache}:{resources.CACHE_DIR}", "--tmpfs=/tmp:rw,mode=1777"]
@@ -91,6 +94,23 @@ def test_service_image_streams_an_answer(server):
     assert "Paris" in answer, answer
     # The model came from the image, seeded into the cache (not converted again).
     assert os.path.isfile(os.path.join(cache, "models", "smollm2-135m-instruct", "model.safetensors"))
+
+
+@pytest.mark.skipif(bf16_linear.cpu_multiplies_bf16() is not None, reason="this CPU has no native bfloat16 products")
+@pytest.mark.parametrize("server", [{envvars.CPU_LINEAR: "bfloat16"}], indirect=True)
+def test_service_image_serves_the_bfloat16_mode_with_its_compiled_kernels(server):
+    # The image had no compiler, so a pod asking for the bfloat16 mode got PyTorch's operators for
+    # attention and the row-wise steps (about twice a decode step's time) without a word on /metrics.
+    # Now it compiles the kernels for its CPU as it starts, into its cache volume, on a read-only root.
+    url, _, cache = server
+    info = next(line for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+                if line.startswith("chatstream_engine_info{"))
+    assert 'dtype="float32/bfloat16-linear"' in info and 'kernels="compiled"' in info, info
+    assert [name for name in os.listdir(os.path.join(cache, "kernels")) if name.endswith(".so")]
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": "smollm2-135m-instruct", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"], r.text
 
 
 def test_service_runs_as_non_root_on_a_read_only_root(server):

@@ -34,6 +34,7 @@ import torch
 
 from . import bf16_linear
 from . import cpu_linear as linear_kernels
+from . import native as native_kernels
 from .events import Failed, Finished
 from .output import OutputProcessor
 from .runner import ModelRunner
@@ -107,13 +108,17 @@ class Engine:
     # -- public, thread-safe --------------------------------------------------------
     @property
     def info(self) -> dict[str, str]:
-        """How the model is served, for /metrics: device, dtype and the linear kernel."""
+        """How the model is served, for /metrics: device, dtype, the linear kernel and whether compiled kernels serve."""
         param = next(self.runner.model.parameters(), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
         if self.linear_dtype == "bfloat16":  # float32 model, bfloat16 products (bf16_linear.py), of int8 weights
             dtype += "/int8-weight-linear" if self.int8_weights else "/bfloat16-linear"
         device = self.runner.device.type
-        return {"device": device, "dtype": dtype, "cpu_linear": self.cpu_linear if device == "cpu" else "n/a"}
+        # Whether the compiled kernels (native.py) serve the bfloat16 mode, or PyTorch's operators do
+        # (no compiler where the server runs, the build failed, or float32, which never uses them).
+        kernels = "compiled" if self.linear_dtype == "bfloat16" and native_kernels.load() is None else "pytorch"
+        return {"device": device, "dtype": dtype, "cpu_linear": self.cpu_linear if device == "cpu" else "n/a",
+                "kernels": kernels}
 
     def start(self) -> None:
         """Start the engine thread; returns once it has chosen and prepared its linear kernels."""
