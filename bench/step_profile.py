@@ -38,7 +38,8 @@ BUCKETS = [  # (bucket, substrings of an operator name), the first that matches 
 MODES = [("float32", "kernel", "float32 products, SDPA"),
          ("bfloat16", "kernels", "bfloat16 products, compiled attention and row-wise steps, bfloat16 keys (as served)"),
          ("bfloat16", "onednn products", "the same with oneDNN's products where AMX ones serve"),
-         ("bfloat16", "int8 weights", "the same with int8 weights on AMX's integer tiles (--cpu-linear int8)"),
+         ("bfloat16", "int8 weights", "int8 weights on AMX's integer tiles, int8 keys and values (--cpu-linear int8)"),
+         ("bfloat16", "int8 weights, bfloat16 keys", "int8 weights, bfloat16 keys and values"),
          ("bfloat16", "attention kernel", "bfloat16 products, compiled attention, row-wise steps from operators"),
          ("bfloat16", "operators", "bfloat16 products, invariant attention from operators, float32 keys")]
 
@@ -59,13 +60,13 @@ def runner_for(linear_dtype: str, rows: int, attention: str = "kernels"):
         os.environ["CHATSTREAM_AMX_LINEAR"] = "0"
         native.amx_linear.cache_clear()
     try:
-        choice = cpu_linear.prepare_linears(model, "int8" if attention == "int8 weights" else "onednn", linear_dtype)
+        choice = cpu_linear.prepare_linears(model, "int8" if attention.startswith("int8") else "onednn", linear_dtype)
     finally:
         os.environ.pop("CHATSTREAM_AMX_LINEAR", None)
         native.amx_linear.cache_clear()
     runner = ModelRunner(model, rows)
     if choice.linear_dtype == "bfloat16":
-        runner.serve_invariant()
+        runner.serve_invariant(torch.int8 if attention == "int8 weights" else torch.bfloat16)
         if attention in ("attention kernel", "operators"):  # PyTorch's operators between the products
             runner._native().layers = lambda: None
         if attention == "operators":  # and attention.py's operators, which read float32 keys

@@ -72,7 +72,8 @@ TABLE: tuple[Setting, ...] = (
       "linear layers on the CPU: auto (time both kernels on the model at start, serve with the faster), "
       "onednn (weights prepacked once), torch (PyTorch's own kernel) or bfloat16 (a float32 model's products "
       "in bfloat16 with batch-invariant attention where this CPU passes the check at start, else auto) or "
-      "int8 (bfloat16 with the weights in int8 where the CPU has AMX: half the bytes a decode step reads)",
+      "int8 (bfloat16 with the weights, keys and values in int8 where the CPU has AMX: half the bytes a decode "
+      "step reads)",
       choices=("auto", "onednn", "torch", "bfloat16", "int8"), library="cpu_linear"),
     S("threads", int, 0, envvars.THREADS,
       "CPU threads for the model; 0 uses the schedulable CPUs, capped by the container's CPU limit", minimum=0),

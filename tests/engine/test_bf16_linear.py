@@ -137,8 +137,11 @@ def test_bf16_answers_are_the_same_alone_in_a_batch_of_8_and_from_the_prefix_cac
         assert engine.info["dtype"] == ("float32/int8-weight-linear" if cpu_linear == "int8"
                                         else "float32/bfloat16-linear")
         assert engine.info["kernels"] == ("compiled" if native.load() is None else "pytorch")
-        # keys and values in bfloat16 where the compiled kernel serves (half the bytes a step reads)
-        assert engine.runner.cache.dtype == (torch.bfloat16 if native.load() is None else None)
+        # keys and values in bfloat16 where the compiled kernel serves (half the bytes a step reads), in int8
+        # with int8 weights (half that again)
+        kv = torch.int8 if cpu_linear == "int8" else torch.bfloat16
+        assert engine.runner.cache.dtype == (kv if native.load() is None else None)
+        assert engine.info["kv_cache"] == (str(kv).removeprefix("torch.") if native.load() is None else "float32")
         prompts = [encode_chat(tok, [{"role": "user", "content": q}], add_generation_prompt=True) for q in QUESTIONS]
         alone = answers(engine, prompts, together=False)
         assert answers(engine, prompts, together=True) == alone

@@ -25,17 +25,48 @@ def sdpa(q, k, v, mask):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=rows, scale=0.125)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_it_computes_attention(dtype):
+def quantized(x):
+    """``x`` ([..., D]) as the int8 cache holds it: int8 and a scale per vector (native.quantize_int8's rule)."""
+    q, scales = native.quantize_int8(x.reshape(-1, x.shape[-1]))
+    return q.view(x.shape), scales.view(x.shape[:-1])
+
+
+def kv_args(k, v, dtype):
+    """keys, values and (for int8) their scales, as native.attend takes them."""
+    if dtype != torch.int8:
+        return k.to(dtype), v.to(dtype)
+    (kq, ks), (vq, vs) = quantized(k), quantized(v)
+    return kq, vq, ks, vs
+
+
+def dequantized(args):
+    return [t.float() * s[..., None] for t, s in zip(args[:2], args[2:])] if len(args) == 4 else [t.float() for t in args]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("head_dim", [64, 48])  # 48: the scalar code for head sizes the vectors do not take
+def test_it_computes_attention(dtype, head_dim):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(5, 3, 6, 64, generator=gen)
-    k, v = (torch.randn(5, 3, 300, 64, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(5, 3, 6, head_dim, generator=gen)
+    kv = kv_args(*(torch.randn(5, 3, 300, head_dim, generator=gen) for _ in range(2)), dtype)
     lengths = torch.tensor([1, 17, 64, 65, 300])
     mask = (torch.arange(300)[None, :] < lengths[:, None])[:, None].expand(5, 2, 300).clone()
     mask[1:, 1, 0] = False  # a second mask row: queries 1, 3, 5 of each head skip key 0
-    got = native.attend(q, k, v, mask, 0.125)
-    want = sdpa(q, k.float(), v.float(), mask)
+    got = native.attend(q, kv[0], kv[1], mask, 0.125, *kv[2:])
+    want = sdpa(q, *dequantized(kv), mask)  # int8: what the int8 keys and values stand for
     assert torch.allclose(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_int8_keys_and_values_come_with_their_scales_and_only_they():
+    q, k = torch.randn(1, 1, 1, 64), torch.randn(1, 1, 8, 64)
+    mask = torch.ones(1, 1, 8, dtype=torch.bool)
+    kq, ks = quantized(k)
+    with pytest.raises(RuntimeError, match="come with their scales"):
+        native.attend(q, kq, kq, mask, 0.125)
+    with pytest.raises(RuntimeError, match="come with their scales"):
+        native.attend(q, k, k, mask, 0.125, ks, ks)
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        native.attend(q, kq, kq, mask, 0.125, ks[..., :4], ks[..., :4])
 
 
 def test_a_query_gets_the_same_bits_alone_among_longer_rows_in_a_chunk_and_on_one_thread():
@@ -65,17 +96,30 @@ def test_a_query_gets_the_same_bits_alone_among_longer_rows_in_a_chunk_and_on_on
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_a_query_gets_the_same_bits_whatever_the_number_of_queries_sharing_its_keys(dtype):
     # The kernel reads a key once for all the queries of a mask row (up to four at a time); a query's
     # arithmetic must not depend on how many there are: 1, 3 (SmolLM2's heads per key/value head), 5, 8.
     gen = torch.Generator().manual_seed(3)
-    k, v = (torch.randn(1, 2, 333, 64, generator=gen).to(dtype) for _ in range(2))
+    kv = kv_args(*(torch.randn(1, 2, 333, 64, generator=gen) for _ in range(2)), dtype)
     q = torch.randn(1, 2, 8, 64, generator=gen)
     seen = torch.ones(1, 1, 333, dtype=torch.bool)
-    alone = native.attend(q[:, :, 2:3], k, v, seen, 0.125)
+    alone = native.attend(q[:, :, 2:3], kv[0], kv[1], seen, 0.125, *kv[2:])
     for count in (3, 5, 8):
-        assert torch.equal(native.attend(q[:, :, :count], k, v, seen, 0.125)[:, :, 2:3], alone)
+        assert torch.equal(native.attend(q[:, :, :count], kv[0], kv[1], seen, 0.125, *kv[2:])[:, :, 2:3], alone)
+
+
+def test_an_int8_query_gets_the_same_bits_alone_and_among_longer_rows_of_a_wider_cache():
+    gen = torch.Generator().manual_seed(4)
+    length, wide = 150, 700
+    kq, vq, ks, vs = kv_args(*(torch.randn(4, 3, 1024, 64, generator=gen) for _ in range(2)), torch.int8)
+    q = torch.randn(4, 3, 3, 64, generator=gen)
+    seen = torch.ones(4, 1, wide, dtype=torch.bool)
+    seen[2, :, length:] = False
+    among = native.attend(q, kq[:, :, :wide], vq[:, :, :wide], seen, 0.125, ks[:, :, :wide], vs[:, :, :wide])[2]
+    alone = native.attend(q[2:3], kq[2:3, :, :length], vq[2:3, :, :length], torch.ones(1, 1, length, dtype=torch.bool),
+                          0.125, ks[2:3, :, :length], vs[2:3, :, :length])[0]
+    assert torch.equal(among, alone)
 
 
 def test_keys_it_does_not_see_may_hold_anything():
@@ -147,6 +191,32 @@ def test_rotary_turns_q_and_k_as_transformers_does_and_writes_k_and_v_where_told
             assert torch.equal(keys[row, :, at], want_k[t].to(dtype)) and torch.equal(values[row, :, at], v[t].to(dtype))
             written[row, at] = True
     assert not keys.transpose(1, 2)[~written].any() and not values.transpose(1, 2)[~written].any()
+
+
+def test_rotary_writes_int8_keys_and_values_with_a_scale_per_position_and_head():
+    gen = torch.Generator().manual_seed(8)
+    qkv = torch.randn(5, (9 + 2 * 3) * 64, generator=gen).bfloat16()
+    qkv[3, (9 + 3 + 1) * 64:(9 + 3 + 2) * 64] = 0  # a value head of zeros: scale 0, and zeros
+    angles = torch.rand(5, 32, generator=gen) * 10
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rows, positions = torch.tensor([2, -1, 0, 2, 1]), torch.tensor([7, 0, 0, 8, 19])
+    # the float32 keys and values, as a float32 cache takes them
+    keys, values = torch.zeros(3, 3, 20, 64), torch.zeros(3, 3, 20, 64)
+    want_q = native.rotary(qkv, cos, sin, 9, keys, values, rows, positions)
+    k8, v8 = torch.zeros(3, 3, 20, 64, dtype=torch.int8), torch.zeros(3, 3, 20, 64, dtype=torch.int8)
+    ks, vs = torch.full((3, 3, 20), -1.0), torch.full((3, 3, 20), -1.0)
+    assert torch.equal(native.rotary(qkv, cos, sin, 9, k8, v8, rows, positions, ks, vs), want_q)
+    for row, at in zip(rows.tolist(), positions.tolist()):
+        if row < 0:
+            continue
+        for got, got_scale, want in ((k8, ks, keys), (v8, vs, values)):
+            q, scale = quantized(want[row, :, at])
+            assert torch.equal(got[row, :, at], q)
+            assert torch.equal(got_scale[row, :, at], torch.where(want[row, :, at].abs().amax(-1) > 0, scale, 0.0))
+            assert (got[row, :, at].float() * got_scale[row, :, at, None] - want[row, :, at]).abs().max() <= (
+                got_scale[row, :, at].max() / 2)
+    assert vs[2, 1, 8] == 0 and not v8[2, 1, 8].any()
+    assert (ks == -1).sum() == 3 * 20 * 3 - 4 * 3  # nothing written but the four tokens' heads
 
 
 def test_silu_mul_gates_up_by_silu_of_gate():

@@ -70,6 +70,6 @@ def test_prometheus_and_otel_agree(model_and_tokenizer, live_server):
     assert p[("chatstream_requests_running", ())] == [pt.value for pt in o["chatstream.requests.running"]][0] == 0
     [info] = [dict(labels) for (n, labels), v in p.items() if n == "chatstream_engine_info" and v == 1]
     assert info == {"device": "cpu", "dtype": "float32", "cpu_linear": chat_stream.engine.cpu_linear,
-                    "kernels": "pytorch", "threads": str(torch.get_num_threads()),
+                    "kernels": "pytorch", "kv_cache": "float32", "threads": str(torch.get_num_threads()),
                     "threads_from": threads.info()["threads_from"]}
     assert info["cpu_linear"] in ("onednn", "torch")

@@ -23,7 +23,10 @@
 //
 // Where the time goes: a decode step reads every cached key and value once, and at 16 rows of 400
 // positions that is more bytes than the weights, so the kernel reads them once for all the queries
-// of a key/value head, asks for them ahead of use (prefetch) and takes them in bfloat16 too.
+// of a key/value head, asks for them ahead of use (prefetch) and takes them in bfloat16 too, or in int8
+// with a float32 scale per position and head (the int8 mode: 68 bytes a head and position against 128).
+// An int8 key's score is its dot product times its scale, then the softmax scale; an int8 value's
+// weight is multiplied by its scale before the weighted sum: per key, so the order is still fixed.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,6 +36,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -95,7 +99,9 @@ inline void prefetch(const KV* p, int64_t count) {
 // the rest in key order; the weighted values key after key.
 template <int64_t D, int NQ, typename KV>
 void attend_queries(const float* const* q, float* const* out, const KV* keys, const KV* values, int64_t kv_stride,
-                    const Seen& seen, float scale, float* scores, int64_t length) {
+                    const float* key_scales, const float* value_scales, const Seen& seen, float scale, float* scores,
+                    int64_t length) {
+  constexpr bool int8 = std::is_same_v<KV, int8_t>;
   constexpr int64_t V = D / W;
   const int64_t lo = seen.lo, hi = seen.hi;
   const float inf = std::numeric_limits<float>::infinity();
@@ -124,7 +130,9 @@ void attend_queries(const float* const* q, float* const* out, const KV* keys, co
     vfloat part[NQ][W];
     for (int k = 0; k < W; ++k) dots(j + k, &part[0][k], W);
     for (int g = 0; g < NQ; ++g) {
-      vfloat x = reduce16(part[g]) * scale;
+      vfloat x = reduce16(part[g]);
+      if constexpr (int8) x = x * load(key_scales + j);
+      x = x * scale;
       std::memcpy(s[g] + j, &x, sizeof x);
       for (int l = 0; !seen.run && l < W; ++l) x[l] = seen.row[j + l] ? x[l] : -inf;
       topv[g] = topv[g] > x ? topv[g] : x;
@@ -140,7 +148,9 @@ void attend_queries(const float* const* q, float* const* out, const KV* keys, co
     vfloat acc[NQ];
     dots(k, acc, 1);
     for (int g = 0; g < NQ; ++g) {
-      s[g][k] = reduce(acc[g]) * scale;
+      float x = reduce(acc[g]);
+      if constexpr (int8) x = x * key_scales[k];
+      s[g][k] = x * scale;
       top[g] = std::max(top[g], s[g][k]);
     }
   }
@@ -169,7 +179,8 @@ void attend_queries(const float* const* q, float* const* out, const KV* keys, co
     vfloat value[V];
     for (int64_t t = 0; t < V; ++t) value[t] = load(values + j * kv_stride + t * W);
     for (int g = 0; g < NQ; ++g) {
-      const float w = s[g][j];
+      float w = s[g][j];
+      if constexpr (int8) w = w * value_scales[j];
       for (int64_t t = 0; t < V; ++t) acc[g][t] = fma(splat(w), value[t], acc[g][t]);
     }
   }
@@ -183,18 +194,20 @@ void attend_queries(const float* const* q, float* const* out, const KV* keys, co
 // The queries of one mask row, at most four at a time.
 template <int64_t D, typename KV>
 void attend_row(const float* const* q, float* const* out, int64_t count, const KV* keys, const KV* values,
-                int64_t kv_stride, const Seen& seen, float scale, float* scores, int64_t length) {
+                int64_t kv_stride, const float* ks, const float* vs, const Seen& seen, float scale, float* scores,
+                int64_t length) {
   for (; count >= 4; count -= 4, q += 4, out += 4)
-    attend_queries<D, 4>(q, out, keys, values, kv_stride, seen, scale, scores, length);
-  if (count == 3) attend_queries<D, 3>(q, out, keys, values, kv_stride, seen, scale, scores, length);
-  if (count == 2) attend_queries<D, 2>(q, out, keys, values, kv_stride, seen, scale, scores, length);
-  if (count == 1) attend_queries<D, 1>(q, out, keys, values, kv_stride, seen, scale, scores, length);
+    attend_queries<D, 4>(q, out, keys, values, kv_stride, ks, vs, seen, scale, scores, length);
+  if (count == 3) attend_queries<D, 3>(q, out, keys, values, kv_stride, ks, vs, seen, scale, scores, length);
+  if (count == 2) attend_queries<D, 2>(q, out, keys, values, kv_stride, ks, vs, seen, scale, scores, length);
+  if (count == 1) attend_queries<D, 1>(q, out, keys, values, kv_stride, ks, vs, seen, scale, scores, length);
 }
 
 // The same for any head_dim, in scalar code.
 template <typename KV>
-void attend_query_any(const float* q, const KV* keys, const KV* values, int64_t kv_stride, const Seen& seen,
-                      int64_t dim, float scale, float* out, float* s) {
+void attend_query_any(const float* q, const KV* keys, const KV* values, int64_t kv_stride, const float* key_scales,
+                      const float* value_scales, const Seen& seen, int64_t dim, float scale, float* out, float* s) {
+  constexpr bool int8 = std::is_same_v<KV, int8_t>;
   float top = -std::numeric_limits<float>::infinity();
   for (int64_t j = seen.lo; j < seen.hi; ++j) {
     if (!seen(j)) continue;
@@ -202,7 +215,9 @@ void attend_query_any(const float* q, const KV* keys, const KV* values, int64_t 
     for (int64_t i = 0; i < dim; ++i) acc[i % W] += q[i] * scalar(keys + j * kv_stride + i);
     vfloat v;
     std::memcpy(&v, acc, sizeof v);
-    s[j] = reduce(v) * scale;
+    float x = reduce(v);
+    if constexpr (int8) x = x * key_scales[j];
+    s[j] = x * scale;
     top = std::max(top, s[j]);
   }
   float total = 0.0f;
@@ -211,24 +226,37 @@ void attend_query_any(const float* q, const KV* keys, const KV* values, int64_t 
     if (!seen(j)) continue;
     const float w = exp_nonpositive<float, int32_t>(s[j] - top);
     total += w;
-    for (int64_t i = 0; i < dim; ++i) out[i] += w * scalar(values + j * kv_stride + i);
+    float wv = w;
+    if constexpr (int8) wv = wv * value_scales[j];
+    for (int64_t i = 0; i < dim; ++i) out[i] += wv * scalar(values + j * kv_stride + i);
   }
   for (int64_t i = 0; i < dim; ++i) out[i] /= total;
 }
 
-// q: [B, H, M, D] float32; keys, values: [B, H, L, D] (float32 or bfloat16, last dimension contiguous,
-// views of longer rows allowed); mask: [B, R, L] bool, query m of a head sees key j where
-// mask[b, m % R, j]; every query must see at least one key. Returns [B, H, M, D] float32.
+// q: [B, H, M, D] float32; keys, values: [B, H, L, D] (float32, bfloat16 or int8, last dimension
+// contiguous, views of longer rows allowed); int8 keys and values come with their scales, [B, H, L]
+// float32 (key j of a head is keys[..., j, :] * key_scales[..., j]); mask: [B, R, L] bool, query m of a
+// head sees key j where mask[b, m % R, j]; every query must see at least one key. Returns [B, H, M, D]
+// float32.
 at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values,
-                  const at::Tensor& mask_in, double scale) {
+                  const at::Tensor& mask_in, double scale, const std::optional<at::Tensor>& key_scales,
+                  const std::optional<at::Tensor>& value_scales) {
   TORCH_CHECK(q_in.dim() == 4 && keys.dim() == 4 && values.dim() == 4 && mask_in.dim() == 3,
               "attend: q, keys, values are [B, H, M|L, D] and mask is [B, R, L]");
   TORCH_CHECK(q_in.scalar_type() == at::kFloat, "attend: q must be float32");
   TORCH_CHECK(keys.scalar_type() == values.scalar_type() && keys.strides() == values.strides() &&
                   keys.sizes() == values.sizes(),
               "attend: keys and values must have one dtype, shape and layout");
-  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16,
-              "attend: keys and values must be float32 or bfloat16");
+  const bool int8 = keys.scalar_type() == at::kChar;
+  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16 || int8,
+              "attend: keys and values must be float32, bfloat16 or int8");
+  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()),
+              "attend: int8 keys and values, and only they, come with their scales");
+  if (int8)
+    TORCH_CHECK(key_scales->scalar_type() == at::kFloat && value_scales->scalar_type() == at::kFloat &&
+                    key_scales->sizes() == keys.sizes().slice(0, 3) && value_scales->sizes() == key_scales->sizes() &&
+                    value_scales->strides() == key_scales->strides() && key_scales->stride(2) == 1,
+                "attend: the scales must be float32 [B, H, L] of one layout, contiguous along L");
   TORCH_CHECK(keys.stride(3) == 1, "attend: the keys' last dimension must be contiguous");
   TORCH_CHECK(mask_in.scalar_type() == at::kBool, "attend: mask must be bool");
   const at::Tensor q = q_in.contiguous();
@@ -243,6 +271,9 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tens
   const float* qp = q.data_ptr<float>();
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
+  const float* ksp = int8 ? key_scales->data_ptr<float>() : nullptr;
+  const float* vsp = int8 ? value_scales->data_ptr<float>() : nullptr;
+  const int64_t sb = int8 ? key_scales->stride(0) : 0, sh = int8 ? key_scales->stride(1) : 0;
   const auto run = [&](auto* kp, auto* vp) {
     using KV = std::remove_const_t<std::remove_pointer_t<decltype(kp)>>;
     const int64_t kb = keys.stride(0), kh = keys.stride(1), kl = keys.stride(2);
@@ -257,22 +288,26 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tens
         const Seen seen(mp + (b * R + r) * L, L);
         const KV* k = kp + b * kb + h * kh;
         const KV* v = vp + b * kb + h * kh;
+        const float* ks = int8 ? ksp + b * sb + h * sh : nullptr;
+        const float* vs = int8 ? vsp + b * sb + h * sh : nullptr;
         for (int64_t i = 0; i < count; ++i) {
           const int64_t at = ((b * H + h) * M + r + i * R) * D;
           qs[i] = qp + at;
           outs[i] = op + at;
         }
         if (D == 64)
-          attend_row<64>(qs.data(), outs.data(), count, k, v, kl, seen, s, scores.data(), L);
+          attend_row<64>(qs.data(), outs.data(), count, k, v, kl, ks, vs, seen, s, scores.data(), L);
         else if (D == 128)
-          attend_row<128>(qs.data(), outs.data(), count, k, v, kl, seen, s, scores.data(), L);
+          attend_row<128>(qs.data(), outs.data(), count, k, v, kl, ks, vs, seen, s, scores.data(), L);
         else
           for (int64_t i = 0; i < count; ++i)
-            attend_query_any(qs[i], k, v, kl, seen, D, s, outs[i], scores.data());
+            attend_query_any(qs[i], k, v, kl, ks, vs, seen, D, s, outs[i], scores.data());
       }
     });
   };
-  if (keys.scalar_type() == at::kBFloat16)
+  if (int8)
+    run(keys.data_ptr<int8_t>(), values.data_ptr<int8_t>());
+  else if (keys.scalar_type() == at::kBFloat16)
     run(keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>());
   else
     run(keys.data_ptr<float>(), values.data_ptr<float>());
@@ -282,7 +317,8 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tens
 }  // namespace
 
 TORCH_LIBRARY(chatstream, m) {
-  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale) -> Tensor");
+  m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale, Tensor? key_scales=None, "
+        "Tensor? value_scales=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(chatstream, CPU, m) {

@@ -1,4 +1,4 @@
-// What the engine's compiled kernels share: 16-float vectors, exact loads of bfloat16, a fixed-order
+// What the engine's compiled kernels share: 16-float vectors, exact loads of bfloat16 and int8, a fixed-order
 // sum of a vector's lanes and a fixed exp. The arithmetic is IEEE float32, per lane, in the order the
 // source gives (the kernels are compiled with -ffp-contract=off and without -ffast-math), so a vector
 // lane and the scalar code for the same element give the same bits.
@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -42,6 +44,15 @@ inline vfloat load(const at::BFloat16* p) {  // exact: bfloat16 is float32's upp
 }
 
 // x in every lane.
+inline vfloat load(const int8_t* p) {  // exact: every int8 is a float
+#if defined(__AVX512F__)
+  return (vfloat)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  typedef int8_t vbyte __attribute__((vector_size(16)));
+  return __builtin_convertvector(bitcast<vbyte>(*reinterpret_cast<const int8_t(*)[W]>(p)), vfloat);
+#endif
+}
+
 inline vfloat splat(float x) {
 #if defined(__AVX512F__)
   return (vfloat)_mm512_set1_ps(x);
@@ -54,6 +65,7 @@ inline vfloat splat(float x) {
 
 inline float scalar(const float* p) { return *p; }
 inline float scalar(const at::BFloat16* p) { return bitcast<float>(static_cast<uint32_t>(p->x) << 16); }
+inline float scalar(const int8_t* p) { return static_cast<float>(*p); }
 
 // The sum of 16 lanes in a fixed tree: lane l with l + 8, then l + 4, l + 2, l + 1.
 inline float reduce(vfloat v) {
@@ -110,6 +122,18 @@ inline void store_bf16(vfloat x, at::BFloat16* p) {
 }
 
 // One float32 value stored as the destination's type: as it is, or rounded as to_bf16 rounds.
+// x[0, n) as int8 in q, and the scale they are read back with (x ~ q * scale): the largest magnitude over
+// 127, each value divided by it and rounded to the nearest integer (ties to even), 0 for a zero vector.
+// native.quantize_int8 does the same for the weights, in PyTorch.
+inline float quantize_int8(const float* x, int64_t n, int8_t* q) {
+  float top = 0.0f;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, std::fabs(x[i]));
+  const float scale = top / 127.0f;
+  for (int64_t i = 0; i < n; ++i)
+    q[i] = scale > 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / scale), -127.0f, 127.0f)) : 0;
+  return scale;
+}
+
 inline void put(float x, float* p) { *p = x; }
 inline void put(float x, at::BFloat16* p) { *p = to_bf16(x); }
 

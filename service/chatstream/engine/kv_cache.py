@@ -31,10 +31,11 @@ class Plan:
     decode_rows: torch.Tensor | None = None       # the rows' indexes, made once a pass
     prefill: list[tuple[int, int, int, int]] = field(default_factory=list)  # (batch index, row, start, count)
 
-    def views(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the pass's queries attend to in a layer's buffers: its rows, ``view_len`` positions each."""
+    def views(self, *buffers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the pass's queries attend to in a layer's buffers (keys, values, and their scales where the
+        cache has them): its rows, ``view_len`` positions each."""
         r0, r1 = self.rows
-        return keys[r0:r1, :, :self.view_len], values[r0:r1, :, :self.view_len]
+        return tuple(b[r0:r1, :, :self.view_len] for b in buffers)
 
 
 class SlotKVCache:
@@ -47,11 +48,15 @@ class SlotKVCache:
     def __init__(self, max_batch: int, initial_capacity: int = GRANULARITY, dtype: torch.dtype | None = None):
         self.max_batch = max_batch
         # What keys and values are kept in: None, the model's own dtype; the engine's bfloat16 mode keeps
-        # them in bfloat16 (half the bytes a decode step reads; ModelRunner.serve_invariant says why).
+        # them in bfloat16 (half the bytes a decode step reads; ModelRunner.serve_invariant says why), its
+        # int8 mode in int8, with a float32 scale per position and head (written and read by the compiled
+        # kernels alone: layer_kernel.cpp's rotary quantizes them).
         self.dtype = dtype
         self.capacity = initial_capacity
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.key_scales: list[torch.Tensor] = []    # [max_batch, kv_heads, capacity] per layer, int8 only
+        self.value_scales: list[torch.Tensor] = []
         self._plan: Plan | None = None  # what ``update`` does when the model calls it without a plan
 
     # -- planning a forward pass -------------------------------------------------
@@ -78,6 +83,8 @@ class SlotKVCache:
         transformers calls this with the plan of the last ``plan_*`` call; the engine's own forward
         pass hands each part of a mixed pass its own ``plan``."""
         plan = plan or self._plan
+        if self.dtype == torch.int8:
+            raise RuntimeError("int8 keys and values are written by the compiled kernels only")
         kb, vb = self.buffers(layer_idx, key_states)
         if plan.decode_positions is not None:
             kb[plan.decode_rows, :, plan.decode_positions] = key_states[:, :, 0].to(kb.dtype)
@@ -96,6 +103,18 @@ class SlotKVCache:
             self._allocate(layer_idx, like)
         return self.keys[layer_idx], self.values[layer_idx]
 
+    def layer(self, layer_idx: int, like: torch.Tensor) -> list[torch.Tensor]:
+        """Layer ``layer_idx``'s buffers (:meth:`buffers`), and the keys' and values' scales where the cache
+        is int8."""
+        kb, vb = self.buffers(layer_idx, like)
+        if self.dtype != torch.int8:
+            return [kb, vb]
+        return [kb, vb, self.key_scales[layer_idx], self.value_scales[layer_idx]]
+
+    def layers(self) -> list[list[torch.Tensor]]:
+        """Every allocated layer's buffers, as :meth:`layer` gives them."""
+        return [list(t) for t in zip(*self._lists())]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._plan.view_len if self._plan else 0
 
@@ -105,6 +124,13 @@ class SlotKVCache:
             shape = (self.max_batch, like.shape[1], self.capacity, like.shape[3])
             self.keys.append(torch.zeros(shape, dtype=self.dtype or like.dtype, device=like.device))
             self.values.append(torch.zeros(shape, dtype=self.dtype or like.dtype, device=like.device))
+            if self.dtype == torch.int8:
+                for scales in (self.key_scales, self.value_scales):
+                    scales.append(torch.zeros(shape[:3], dtype=torch.float32, device=like.device))
+
+    def _lists(self) -> list[list[torch.Tensor]]:
+        """The per-layer lists of buffers: keys, values, and their scales where the cache is int8."""
+        return [self.keys, self.values] + ([self.key_scales, self.value_scales] if self.dtype == torch.int8 else [])
 
     def ensure_capacity(self, length: int) -> None:
         """Room for ``length`` positions per row (the engine reserves a sequence's whole extent on admission)."""
@@ -118,9 +144,9 @@ class SlotKVCache:
 
     def _resize(self, new_capacity: int) -> None:
         keep = min(self.capacity, new_capacity)
-        for buffers in (self.keys, self.values):
+        for buffers in self._lists():
             for i, old in enumerate(buffers):
-                shape = (old.shape[0], old.shape[1], new_capacity, old.shape[3])
+                shape = (old.shape[0], old.shape[1], new_capacity, *old.shape[3:])
                 new = torch.zeros(shape, dtype=old.dtype, device=old.device)
                 new[:, :, :keep] = old[:, :, :keep]
                 buffers[i] = new
@@ -130,14 +156,14 @@ class SlotKVCache:
         """Copy a sequence's first ``length`` positions from row ``src`` to ``dst``."""
         if src == dst or length <= 0:
             return
-        for buffers in (self.keys, self.values):
+        for buffers in self._lists():
             for buf in buffers:
                 buf[dst, :, :length] = buf[src, :, :length]
 
     def swap_rows(self, a: int, b: int, length: int) -> None:
         if a == b or length <= 0:
             return
-        for buffers in (self.keys, self.values):
+        for buffers in self._lists():
             for buf in buffers:
                 tmp = buf[a, :, :length].clone()
                 buf[a, :, :length] = buf[b, :, :length]

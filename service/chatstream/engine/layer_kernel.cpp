@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 
 #include "kernel_math.h"
 
@@ -96,24 +97,35 @@ at::Tensor rms_norm(at::Tensor hidden, const std::optional<at::Tensor>& delta, c
 // The rotary embedding of q and k from one fused q/k/v product ([T, (q_heads + 2 kv_heads) * D]):
 // x * cos + rotate_half(x) * sin, as transformers' apply_rotary_pos_emb computes it, with cos and sin
 // [T, D] float32. Returns q [T, q_heads, D] float32 (what the attention kernel reads); writes token t's
-// k and v into the caches ([rows, kv_heads, capacity, D], float32 or bfloat16) at row rows[t], position
-// positions[t] (a padding token, rows[t] < 0, writes nothing).
+// k and v into the caches ([rows, kv_heads, capacity, D], float32, bfloat16 or int8) at row rows[t],
+// position positions[t] (a padding token, rows[t] < 0, writes nothing). int8 caches come with their
+// scales ([rows, kv_heads, capacity] float32): each head's key and value is quantized on its own
+// (quantize_int8), from float32.
 at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Tensor& sin_in, int64_t q_heads,
-                  int64_t kv_heads, at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& rows_in,
-                  const at::Tensor& positions_in) {
+                  int64_t kv_heads, at::Tensor key_cache, at::Tensor value_cache,
+                  const std::optional<at::Tensor>& key_scales, const std::optional<at::Tensor>& value_scales,
+                  const at::Tensor& rows_in, const at::Tensor& positions_in) {
   check_input(qkv, "rotary: qkv");
   const at::Tensor cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
   const at::Tensor rows = rows_in.to(at::kLong).contiguous(), positions = positions_in.to(at::kLong).contiguous();
   const int64_t T = qkv.size(0), D = cos.size(-1);
-  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (q_heads + 2 * kv_heads) * D && cos.numel() == T * D &&
+  TORCH_CHECK(D % 2 == 0 && D <= 256 && qkv.size(1) == (q_heads + 2 * kv_heads) * D && cos.numel() == T * D &&
                   sin.numel() == T * D && rows.numel() == T && positions.numel() == T,
               "rotary: shapes disagree");
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
                   key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == value_cache.scalar_type() &&
                   key_cache.size(1) == kv_heads && key_cache.size(3) == D && key_cache.stride(3) == 1,
               "rotary: the caches must be [rows, kv_heads, capacity, D] of one dtype and layout");
-  TORCH_CHECK(key_cache.scalar_type() == at::kFloat || key_cache.scalar_type() == at::kBFloat16,
-              "rotary: the caches must be float32 or bfloat16");
+  const bool int8 = key_cache.scalar_type() == at::kChar;
+  TORCH_CHECK(key_cache.scalar_type() == at::kFloat || key_cache.scalar_type() == at::kBFloat16 || int8,
+              "rotary: the caches must be float32, bfloat16 or int8");
+  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()),
+              "rotary: int8 caches, and only they, come with their scales");
+  if (int8)
+    TORCH_CHECK(key_scales->scalar_type() == at::kFloat && key_scales->sizes() == key_cache.sizes().slice(0, 3) &&
+                    value_scales->sizes() == key_scales->sizes() && value_scales->strides() == key_scales->strides() &&
+                    value_scales->scalar_type() == at::kFloat,
+                "rotary: the scales must be float32 [rows, kv_heads, capacity], of one layout");
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
@@ -125,7 +137,12 @@ at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Ten
   const float* sp = sin.data_ptr<float>();
   const int64_t half = D / 2, width = qkv.size(1);
   const int64_t s0 = key_cache.stride(0), s1 = key_cache.stride(1), s2 = key_cache.stride(2);
+  float* ksp = int8 ? key_scales->data_ptr<float>() : nullptr;
+  float* vsp = int8 ? value_scales->data_ptr<float>() : nullptr;
+  const int64_t c0 = int8 ? key_scales->stride(0) : 0, c1 = int8 ? key_scales->stride(1) : 0,
+                c2 = int8 ? key_scales->stride(2) : 0;
   const auto run = [&](const auto* xp, auto* kp, auto* vp) {
+    using KV = std::remove_pointer_t<decltype(kp)>;
     const auto turn = [&](const auto* x, const float* c, const float* s, auto* y) {  // one head
       for (int64_t i = 0; i < D; ++i) {
         const float other = i < half ? -scalar(x + i + half) : scalar(x + i - half);
@@ -140,14 +157,25 @@ at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Ten
       if (rp[t] < 0) return;
       for (int64_t h = 0; h < kv_heads; ++h) {
         const int64_t at = rp[t] * s0 + h * s1 + pp[t] * s2;
-        turn(x + (q_heads + h) * D, c, s, kp + at);
         const auto* value = x + (q_heads + kv_heads + h) * D;
-        for (int64_t i = 0; i < D; ++i) put(scalar(value + i), vp + at + i);
+        if constexpr (std::is_same_v<KV, int8_t>) {
+          float f[256];
+          const int64_t sat = rp[t] * c0 + h * c1 + pp[t] * c2;
+          turn(x + (q_heads + h) * D, c, s, f);
+          ksp[sat] = quantize_int8(f, D, kp + at);
+          for (int64_t i = 0; i < D; ++i) f[i] = scalar(value + i);
+          vsp[sat] = quantize_int8(f, D, vp + at);
+        } else {
+          turn(x + (q_heads + h) * D, c, s, kp + at);
+          for (int64_t i = 0; i < D; ++i) put(scalar(value + i), vp + at + i);
+        }
       }
     });
   };
   dispatch_input(qkv, [&](const auto* xp) {
-    if (key_cache.scalar_type() == at::kBFloat16)
+    if (int8)
+      run(xp, key_cache.data_ptr<int8_t>(), value_cache.data_ptr<int8_t>());
+    else if (key_cache.scalar_type() == at::kBFloat16)
       run(xp, key_cache.data_ptr<at::BFloat16>(), value_cache.data_ptr<at::BFloat16>());
     else
       run(xp, key_cache.data_ptr<float>(), value_cache.data_ptr<float>());
@@ -191,7 +219,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 TORCH_LIBRARY_FRAGMENT(chatstream, m) {
   m.def("rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
   m.def("rotary(Tensor qkv, Tensor cos, Tensor sin, int q_heads, int kv_heads, Tensor(a!) key_cache, "
-        "Tensor(b!) value_cache, Tensor rows, Tensor positions) -> Tensor");
+        "Tensor(b!) value_cache, Tensor(c!)? key_scales, Tensor(d!)? value_scales, Tensor rows, Tensor positions) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
 }
 

@@ -145,10 +145,10 @@ class LlamaForward:
         like = torch.empty(0, layers[0].kv_heads, 0, self.head_dim)  # the cache's per-layer shape
         x = native.rms_norm(hidden, None, layers[0].input_norm, layers[0].eps)
         for index, layer in enumerate(layers):
-            keys, values = cache.buffers(index, like)
-            q = native.rotary(layer.qkv.product(x), cos, sin, layer.q_heads, keys, values, rows, positions)
-            out = self._attend(q, p, p.decode_plan and p.decode_plan.views(keys, values),
-                               p.prefill_plan and p.prefill_plan.views(keys, values))
+            kv = cache.layer(index, like)  # keys, values (and their scales in int8)
+            q = native.rotary(layer.qkv.product(x), cos, sin, layer.q_heads, *kv[:2], rows, positions, *kv[2:])
+            out = self._attend(q, p, p.decode_plan and p.decode_plan.views(*kv),
+                               p.prefill_plan and p.prefill_plan.views(*kv))
             x = native.rms_norm(hidden, layer.o_proj.product(out.to(torch.bfloat16)), layer.post_norm, layer.eps)
             down = layer.down_proj.product(native.silu_mul(layer.gate_up.product(x)))
             if index + 1 < len(layers):
@@ -174,16 +174,16 @@ class LlamaForward:
 
     def _attend(self, q, p: Pass, decode_kv, prefill_kv) -> torch.Tensor:
         """Attention of a pass's queries (``[T, heads, head_dim]``) over the keys and values the cache holds
-        for its decoding rows and for its chunks (the views ``Plan.views`` gives, this pass's own written):
-        ``[T, heads * head_dim]``."""
+        for its decoding rows and for its chunks (the views ``Plan.views`` gives, this pass's own written;
+        int8 ones with their scales): ``[T, heads * head_dim]``."""
         parts = []
         d = p.decode
         if d:
-            keys, values = decode_kv
+            keys, values, *scales = decode_kv
             # One query per row: its heads attend to their key/value head as one block of queries.
             qd = q[:d].reshape(d, -1, self.groups, self.head_dim)
             if self.kernel:
-                out = native.attend(qd, keys, values, p.decode_mask[:, 0], self.scaling)
+                out = native.attend(qd, keys, values, p.decode_mask[:, 0], self.scaling, *scales)
             elif self.invariant:
                 out = attention.attend(qd, keys, values, p.decode_bias, self.scaling)
             else:
@@ -193,12 +193,12 @@ class LlamaForward:
         if n:
             # [n, heads, width, head_dim], as transformers lays out a batch
             qp = q[d:].view(n, width, -1, self.head_dim).transpose(1, 2)
-            keys, values = prefill_kv
+            keys, values, *scales = prefill_kv
             if self.invariant:
                 # each key/value head's queries as one block: [n, kv_heads, groups * width, head_dim]
                 grouped = qp.reshape(n, keys.shape[1], self.groups * width, self.head_dim)
                 if self.kernel:  # query g * width + w sees what mask row w sees
-                    out = native.attend(grouped, keys, values, p.prefill_mask[:, 0], self.scaling)
+                    out = native.attend(grouped, keys, values, p.prefill_mask[:, 0], self.scaling, *scales)
                 else:
                     out = attention.attend(grouped, keys, values, p.prefill_bias, self.scaling)
                 out = out.view(n, -1, width, self.head_dim)

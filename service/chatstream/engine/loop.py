@@ -108,9 +108,11 @@ class Engine:
     # -- public, thread-safe --------------------------------------------------------
     @property
     def info(self) -> dict[str, str]:
-        """How the model is served, for /metrics: device, dtype, the linear kernel and whether compiled kernels serve."""
+        """How the model is served, for /metrics: device, dtype, the linear kernel, whether compiled kernels serve
+        and what the KV cache holds."""
         param = next(self.runner.model.parameters(), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else "unknown"
+        kv_cache = str(self.runner.cache.dtype).removeprefix("torch.") if self.runner.cache.dtype else dtype
         if self.linear_dtype == "bfloat16":  # float32 model, bfloat16 products (bf16_linear.py), of int8 weights
             dtype += "/int8-weight-linear" if self.int8_weights else "/bfloat16-linear"
         device = self.runner.device.type
@@ -118,7 +120,7 @@ class Engine:
         # (no compiler where the server runs, the build failed, or float32, which never uses them).
         kernels = "compiled" if self.linear_dtype == "bfloat16" and native_kernels.load() is None else "pytorch"
         return {"device": device, "dtype": dtype, "cpu_linear": self.cpu_linear if device == "cpu" else "n/a",
-                "kernels": kernels}
+                "kernels": kernels, "kv_cache": kv_cache}
 
     def start(self) -> None:
         """Start the engine thread; returns once it has chosen and prepared its linear kernels."""
@@ -189,8 +191,8 @@ class Engine:
         self.cpu_linear, self.linear_timings = choice.kernel, choice.timings
         self.packed_linears, self.fused_projections = choice.packed, choice.fused
         self.linear_dtype, self.int8_weights = choice.linear_dtype, choice.int8_weights
-        if self.linear_dtype == "bfloat16":
-            self.runner.serve_invariant()
+        if self.linear_dtype == "bfloat16":  # the int8 mode keeps keys and values in int8 too
+            self.runner.serve_invariant(torch.int8 if self.int8_weights else torch.bfloat16)
 
     def _run(self) -> None:
         try:

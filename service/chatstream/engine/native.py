@@ -47,12 +47,14 @@ def load() -> str | None:
     return _load()
 
 
-def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-           scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
+           key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q`` (``[B, kv_heads, M, head_dim]``, each key/value head's queries grouped) over
     ``keys``/``values`` (``[B, kv_heads, L, head_dim]``, views of longer cache rows read in place) where
-    query ``m`` sees key ``j`` when ``mask[b, m % R, j]`` (``mask``: ``[B, R, L]``, bool)."""
-    return torch.ops.chatstream.attend(q, keys, values, mask, scale)
+    query ``m`` sees key ``j`` when ``mask[b, m % R, j]`` (``mask``: ``[B, R, L]``, bool). int8 keys and
+    values come with their scales (``[B, kv_heads, L]`` float32: a key is ``keys[..., j, :] *
+    key_scales[..., j]``)."""
+    return torch.ops.chatstream.attend(q, keys, values, mask, scale, key_scales, value_scales)
 
 
 def rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -61,12 +63,15 @@ def rms_norm(hidden: torch.Tensor, delta: torch.Tensor | None, weight: torch.Ten
 
 
 def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int, key_cache: torch.Tensor,
-           value_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+           value_cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+           key_scales: torch.Tensor | None = None, value_scales: torch.Tensor | None = None) -> torch.Tensor:
     """q (``[T, q_heads, D]`` float32) of a fused q/k/v product, turned by the rotary embedding (``cos``,
     ``sin``: ``[T, D]``); token t's k (turned too) and v are written into the caches (``[rows, kv_heads,
-    capacity, D]``) at row ``rows[t]``, position ``positions[t]``, unless ``rows[t] < 0``."""
-    return torch.ops.chatstream.rotary(qkv, cos, sin, q_heads, key_cache.shape[1], key_cache, value_cache, rows,
-                                       positions)
+    capacity, D]``) at row ``rows[t]``, position ``positions[t]``, unless ``rows[t] < 0``. int8 caches
+    take each head's key and value quantized (:func:`quantize_int8`'s rule, per position and head), their
+    scales going into ``key_scales``/``value_scales`` (``[rows, kv_heads, capacity]`` float32)."""
+    return torch.ops.chatstream.rotary(qkv, cos, sin, q_heads, key_cache.shape[1], key_cache, value_cache,
+                                       key_scales, value_scales, rows, positions)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

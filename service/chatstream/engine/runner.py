@@ -36,7 +36,7 @@ class ModelRunner:
         self.invariant = self._native_forward_invariant = False
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache(max_batch)
-        self.kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # prefix cache entries, per layer
+        self.kept: dict[int, list[list[torch.Tensor]]] = {}  # prefix cache entries: per layer, SlotKVCache.layer's
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # sdpa and flash attention take a boolean mask; eager attention wants an additive one.
         self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2")
@@ -57,21 +57,20 @@ class ModelRunner:
                     cache.move_row(order.src, order.dst, order.length)
             elif isinstance(order, Save):
                 row, n = order.row, order.length
-                self.kept[order.key] = [(k[row, :, :n].clone(), v[row, :, :n].clone())
-                                        for k, v in zip(cache.keys, cache.values)]
+                self.kept[order.key] = [[t[row, :, :n].clone() for t in layer] for layer in cache.layers()]
             else:
                 self.kept.pop(order.key, None)
 
     def load(self, row: int, key: int, length: int) -> None:
         """Copy the first ``length`` positions of kept entry ``key`` into cache row ``row``."""
-        for (k, v), kb, vb in zip(self.kept[key], self.cache.keys, self.cache.values):
-            kb[row, :, :length] = k[:, :length]
-            vb[row, :, :length] = v[:, :length]
+        for kept, buffers in zip(self.kept[key], self.cache.layers()):
+            for t, buf in zip(kept, buffers):
+                buf[row, :, :length] = t[:, :length]
 
     @property
     def kept_bytes(self) -> int:
         entries = list(self.kept.values())  # read from other threads too
-        return sum(t.numel() * t.element_size() for entry in entries for pair in entry for t in pair)
+        return sum(t.numel() * t.element_size() for entry in entries for layer in entry for t in layer)
 
     def shrink(self) -> None:
         self.cache.shrink()
@@ -125,20 +124,23 @@ class ModelRunner:
         """A step of decoding rows ``[0, n)`` alone; their next-token logits ([n, vocab])."""
         return self.step([], batch)[1]
 
-    def serve_invariant(self) -> None:
+    def serve_invariant(self, kv_dtype: torch.dtype = torch.bfloat16) -> None:
         """The bfloat16 mode: batch-invariant attention, and where the compiled kernel serves it
-        (native.py) keys and values kept in bfloat16, as vLLM keeps them in its default dtype.
+        (native.py) keys and values kept in bfloat16, as vLLM keeps them in its default dtype, or in
+        ``kv_dtype`` int8 (the int8 mode) where the compiled pass serves the whole layer.
 
         Why bfloat16 keys and values: at 16 rows of 400 positions a decode step reads 295 MB of float32
         keys and values, more than SmolLM2-135M's bfloat16 weights, at about 11 GB/s a core on the 2-core
         Intel Xeon of bench/results; the kernel reads half the bytes in bfloat16 (its attention over
-        30 layers went from about 17 to 10 ms there). A key is rounded once, when it is written, so a
-        row's bits still do not depend on its batch or on the prefix cache. Call it before the first pass.
+        30 layers went from about 17 to 10 ms there). int8 with a float32 scale per position and head
+        reads 53% of bfloat16's bytes again. A key is rounded once, when it is written, so a row's bits
+        still do not depend on its batch or on the prefix cache. Call it before the first pass.
         """
         self.invariant = True
         native = self._native()
         if native is not None and native.kernel and not self.cache.keys:
-            self.cache.dtype = torch.bfloat16
+            int8 = kv_dtype == torch.int8 and native.layers() is not None  # only the compiled pass writes int8
+            self.cache.dtype = torch.int8 if int8 else torch.bfloat16
 
     def _native(self) -> llama_forward.LlamaForward | None:
         model = self.model
