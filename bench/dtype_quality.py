@@ -106,11 +106,12 @@ def evaluate(source: str, dtype: str, new_tokens: int, reference: dict | None, l
     engine.start()
     # After start, over the model as the engine prepared it, and in the engine's mode: the pass it serves.
     runner = ModelRunner(model, 1)
-    if engine.linear_dtype == "bfloat16":
-        runner.serve_invariant()
+    if engine.linear_dtype == "bfloat16":  # and the keys and values the engine keeps (int8 in the int8 mode)
+        runner.serve_invariant(engine.runner.cache.dtype or torch.bfloat16)
     text_nll, text_n = nll(runner, text_ids)
     kernel = "amx" if engine.linear_dtype == "bfloat16" and native.amx_linear() else engine.cpu_linear
     kernel += ", int8 weights" if engine.int8_weights else ""
+    kernel += f", {engine.info['kv_cache']} keys and values"
     out: dict = {"dtype": engine.info["dtype"], "cpu_linear": kernel, "linear_dtype": engine.linear_dtype}
     try:
         fact_prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q, _ in FACTS]
@@ -249,7 +250,7 @@ def main() -> None:
     runs["bfloat16 linear layers"] = evaluate(args.model, "float32", args.new_tokens, runs["float32"], "bfloat16")
     print("bfloat16 linear layers done", flush=True)
     if args.int8:
-        runs["int8 weights"] = evaluate(args.model, "float32", args.new_tokens, runs["float32"], "bfloat16", "int8")
+        runs["int8 weights, keys and values"] = evaluate(args.model, "float32", args.new_tokens, runs["float32"], "bfloat16", "int8")
         print("int8 weights done", flush=True)
     if not args.no_full_bf16:
         runs["bfloat16 model"] = evaluate(args.model, "bfloat16", args.new_tokens, runs["float32"])

@@ -13,6 +13,7 @@ PORT = "CHATSTREAM_PORT"
 DEVICE = "CHATSTREAM_DEVICE"                    # auto | cpu | cuda
 DTYPE = "CHATSTREAM_DTYPE"                      # auto | float32 | bfloat16 | float16
 CPU_LINEAR = "CHATSTREAM_CPU_LINEAR"            # onednn (prepacked weights) | torch
+KV_CACHE_DTYPE = "CHATSTREAM_KV_CACHE_DTYPE"    # auto | bfloat16 | int8 (the bfloat16 and int8 modes)
 THREADS = "CHATSTREAM_THREADS"                  # model threads; 0 = from the CPU limit, else the request (threads.py)
 CPU_REQUEST = "CHATSTREAM_CPU_REQUEST"          # the pod's CPU request in millicores (the operator: downward API)
 MAX_CONCURRENT = "CHATSTREAM_MAX_CONCURRENT"    # num_of_concurrent_executions

@@ -75,6 +75,11 @@ TABLE: tuple[Setting, ...] = (
       "int8 (bfloat16 with the weights, keys and values in int8 where the CPU has AMX: half the bytes a decode "
       "step reads)",
       choices=("auto", "onednn", "torch", "bfloat16", "int8"), library="cpu_linear"),
+    S("kv_cache_dtype", str, "auto", envvars.KV_CACHE_DTYPE,
+      "what the KV cache holds in the bfloat16 and int8 modes of --cpu-linear: auto (int8 with int8 weights, "
+      "else bfloat16), bfloat16, or int8 (a scale per position and head: half bfloat16's bytes, answers part "
+      "from float32's sooner); float32 serving keeps the model's dtype",
+      choices=("auto", "bfloat16", "int8"), library="kv_cache_dtype"),
     S("threads", int, 0, envvars.THREADS,
       "CPU threads for the model; 0 uses the schedulable CPUs, capped by the container's CPU limit", minimum=0),
     S("max_concurrent", int, 8, envvars.MAX_CONCURRENT,

@@ -53,7 +53,7 @@ class ChatStreamCore:
                  chat_prompt_clazz=None, too_many_request_as_http_error: bool = False,
                  seed: int | None = None, logger: logging.Logger | None = None, model_name: str | None = None,
                  retry_after_seconds: int = 1, telemetry: Telemetry | None = None,
-                 cpu_linear: str = _default("cpu_linear"),
+                 cpu_linear: str = _default("cpu_linear"), kv_cache_dtype: str = _default("kv_cache_dtype"),
                  prefix_cache_tokens: int = _default("prefix_cache_tokens"),
                  window_keep: float = _default("window_keep"), **_ignored_original_options):
         if model is None or tokenizer is None:
@@ -73,7 +73,8 @@ class ChatStreamCore:
         self.context_len = context_len
         self.admission = Admission(num_of_concurrent_executions, max_queue_size)
         self.engine = Engine(model, tokenizer, max_batch=num_of_concurrent_executions, max_context=context_len,
-                             cpu_linear=cpu_linear, prefix_cache_tokens=prefix_cache_tokens)
+                             cpu_linear=cpu_linear, prefix_cache_tokens=prefix_cache_tokens,
+                             kv_cache_dtype=kv_cache_dtype)
         self.engine.start()  # chooses and packs its linear kernels on its own thread, then serves
         # 503 with Retry-After by default (the original answered 200); 429 when asked for.
         self.client = EngineClient(self.engine, self.admission, 429 if too_many_request_as_http_error else 503,

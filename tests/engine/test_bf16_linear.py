@@ -203,3 +203,36 @@ def test_bf16_is_refused_where_the_engine_cannot_run_the_invariant_attention(cap
 def test_an_unknown_linear_dtype_is_refused():
     with pytest.raises(ValueError, match="linear_dtype"):
         Engine(torch.nn.Linear(2, 2), None, linear_dtype="int4")
+
+
+@needs_bf16
+@pytest.mark.skipif("native.load() is not None", reason="int8 keys and values need the compiled kernels")
+@pytest.mark.parametrize("cpu_linear,kv_cache_dtype,kept", [
+    ("bfloat16", "auto", torch.bfloat16), ("bfloat16", "int8", torch.int8),
+    pytest.param("int8", "bfloat16", torch.bfloat16, marks=pytest.mark.skipif(
+        "not native.amx_linear()", reason="int8 weights need the AMX products"))])
+def test_kv_cache_dtype_says_what_the_bf16_modes_keep_keys_and_values_in(cpu_linear, kv_cache_dtype, kept):
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    engine = Engine(model, tok, max_batch=2, cpu_linear=cpu_linear, kv_cache_dtype=kv_cache_dtype)
+    engine.start()
+    try:
+        assert engine.runner.cache.dtype == kept and engine.info["kv_cache"] == str(kept).removeprefix("torch.")
+        prompt = encode_chat(tok, [{"role": "user", "content": QUESTIONS[0]}], add_generation_prompt=True)
+        assert "Paris" in answers(engine, [prompt], together=False, tokens=16)[0]
+    finally:
+        engine.stop()
+
+
+def test_float32_serving_keeps_the_models_dtype_in_its_kv_cache_and_says_so(caplog):
+    model, tok = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    engine = Engine(model, tok, max_batch=2, cpu_linear="torch", kv_cache_dtype="int8")
+    with caplog.at_level(logging.WARNING, logger="chatstream.engine"):
+        engine.start()
+    engine.stop()
+    assert engine.runner.cache.dtype is None and engine.info["kv_cache"] == "float32"
+    assert "kv_cache_dtype applies to the bfloat16 and int8 modes" in caplog.text
+
+
+def test_an_unknown_kv_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        Engine(torch.nn.Linear(2, 2), None, kv_cache_dtype="fp8")

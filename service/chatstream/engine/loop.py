@@ -46,6 +46,8 @@ log = logging.getLogger("chatstream.engine")
 
 __all__ = ["Engine", "Sequence", "default_eos_ids"]
 
+KV_CACHE_DTYPES = ("auto", "bfloat16", "int8")
+
 
 class Engine:
     """Continuous batching over a slot KV cache, on a thread of its own.
@@ -65,14 +67,18 @@ class Engine:
     attention, "auto" (or ``cpu_linear="bfloat16"``) does so where this CPU passes bf16_linear.check;
     ``engine.linear_dtype`` says which serves. float32 (the default) equals transformers' ``generate``.
     ``cpu_linear="int8"`` is "bfloat16" with int8 weights where the CPU has AMX (``engine.int8_weights``).
-    """
+    ``kv_cache_dtype`` says what those two modes keep keys and values in: "auto" (int8 with int8 weights, else
+    bfloat16), "bfloat16" or "int8" (``engine.runner.cache.dtype``); float32 keeps the model's dtype."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_context: int = 2048,
                  prefill_tokens: int = 512, prefill_tokens_decoding: int = 128, eos_token_ids: list[int] | None = None,
                  cpu_linear: str = "auto", idle_shrink_seconds: float = 5.0, prefix_cache_tokens: int = 0,
-                 runner: ModelRunner | None = None, linear_dtype: str = "float32"):
+                 runner: ModelRunner | None = None, linear_dtype: str = "float32", kv_cache_dtype: str = "auto"):
         linear_kernels.check_request(cpu_linear)
         bf16_linear.check_request(linear_dtype)
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {kv_cache_dtype!r}")
+        self.kv_cache_dtype_request = kv_cache_dtype
         # "bfloat16" / "auto": products in bfloat16 with batch-invariant attention (bf16_linear.py)
         self.linear_dtype_request = linear_dtype
         self.linear_dtype = "float32"
@@ -191,8 +197,13 @@ class Engine:
         self.cpu_linear, self.linear_timings = choice.kernel, choice.timings
         self.packed_linears, self.fused_projections = choice.packed, choice.fused
         self.linear_dtype, self.int8_weights = choice.linear_dtype, choice.int8_weights
-        if self.linear_dtype == "bfloat16":  # the int8 mode keeps keys and values in int8 too
-            self.runner.serve_invariant(torch.int8 if self.int8_weights else torch.bfloat16)
+        kv = self.kv_cache_dtype_request
+        if self.linear_dtype == "bfloat16":  # auto: the int8 mode keeps keys and values in int8 too
+            int8 = kv == "int8" or (kv == "auto" and self.int8_weights)
+            self.runner.serve_invariant(torch.int8 if int8 else torch.bfloat16)
+        elif kv != "auto":
+            log.warning("the KV cache holds the model's dtype, not %s: kv_cache_dtype applies to the bfloat16 and "
+                        "int8 modes (--cpu-linear bfloat16 / int8)", kv)
 
     def _run(self) -> None:
         try:

@@ -54,7 +54,8 @@ def build_chat_stream(settings: Settings, telemetry=None):
                       context_len=settings.context_length, temperature=settings.temperature, top_p=settings.top_p,
                       too_many_request_as_http_error=settings.queue_full_status == 429,
                       prefix_cache_tokens=settings.prefix_cache_tokens, window_keep=settings.window_keep,
-                      model_name=settings.served_model_name, telemetry=telemetry, cpu_linear=settings.cpu_linear)
+                      model_name=settings.served_model_name, telemetry=telemetry, cpu_linear=settings.cpu_linear,
+                      kv_cache_dtype=settings.kv_cache_dtype)
 
 
 def session_store(settings: Settings):
