@@ -29,7 +29,7 @@ from lib.servers import (PEERS, CpuUse, RSSSampler, Server, note_start,
 
 VLLMS = ("vllm-2t-auto", "vllm", "vllm-2t")  # the first: vLLM as its users run it (bfloat16 on x86)
 # target -> (server, API driven): ours through both of its APIs, the peers through /v1 only
-OURS = {f"{server}-{api}": (server, api) for server in ("ours", "ours-bf16", "ours-int8")
+OURS = {f"{server}-{api}": (server, api) for server in ("ours", "ours-bf16", "ours-int8", "ours-int8-bf16kv")
         for api in ("v1", "chat_stream")}
 TARGETS = {**OURS, **{server: (server, "v1") for server in (*VLLMS, "transformers")}}
 DEFAULT_TARGETS = ",".join(TARGETS)
@@ -174,6 +174,18 @@ def bench_target(target: str, users: int, turns: int, args, model_path: str, tok
     return out
 
 
+def median_rounds(rounds: list[dict], targets: list[str]) -> dict:
+    """Per target, its round with the median tok/s (the lower middle one of an even count), with every
+    round's tok/s in ``rounds_tok_s``, in the order they ran."""
+    out = {}
+    for t in targets:
+        runs = [r[t] for r in rounds if r.get(t, {}).get("tok_s") is not None]
+        if runs:
+            out[t] = dict(sorted(runs, key=lambda run: run["tok_s"])[(len(runs) - 1) // 2],
+                          rounds_tok_s=[run["tok_s"] for run in runs])
+    return out
+
+
 def best_vllm(shape_results: dict) -> str | None:
     have = [k for k in VLLMS if shape_results.get(k, {}).get("tok_s") is not None]
     return max(have, key=lambda k: shape_results[k]["tok_s"]) if have else None
@@ -228,16 +240,19 @@ def render(report: dict) -> tuple[str, str]:
     for shape, res in report["results"].items():
         targets = [t for t in cfg["targets"] if t in res]
         vk = best_vllm(res)
-        summary = [["target", "tok/s", "TTFT p50 turn 1 (ms)", "TTFT p50 last (ms)", "TTFT p99 turn 1 (ms)",
+        several = cfg.get("rounds", 1) > 1
+        summary = [["target", "tok/s" + (" (median round)" if several else ""), "TTFT p50 turn 1 (ms)",
+                    "TTFT p50 last (ms)", "TTFT p99 turn 1 (ms)",
                     "TTFT p99 last (ms)", "hit rate", "prompt tok turn 1 / last", "tok/answer", "errors",
-                    "peak RSS (MiB)"]]
+                    "peak RSS (MiB)"] + (["tok/s of each round"] if several else [])]
         for t in targets:
             r = res[t]
             p = r["per_turn"]
             summary.append([t, fmt(r["tok_s"]), fmt(p[0]["ttft_p50_ms"], 0), fmt(p[-1]["ttft_p50_ms"], 0),
                             fmt(p[0]["ttft_p99_ms"], 0), fmt(p[-1]["ttft_p99_ms"], 0), fmt_pct(r["hit_rate"]),
                             f"{fmt(r['first_turn_prompt_tokens'], 0)} / {fmt(r['last_turn_prompt_tokens'], 0)}",
-                            fmt(r["mean_tokens_per_answer"]), str(r["errors"]), fmt(r["peak_rss_mb"], 0)])
+                            fmt(r["mean_tokens_per_answer"]), str(r["errors"]), fmt(r["peak_rss_mb"], 0)]
+                           + ([" / ".join(fmt(x) for x in r.get("rounds_tok_s", []))] if several else []))
         ratios = [["ratio", "tok/s", "TTFT p50 last", "TTFT p99 last"]]
         for o in OURS:
             if o not in res:
@@ -280,6 +295,10 @@ def main() -> None:
     ap.add_argument("--prefix-cache-tokens", type=int, default=4096,
                     help="ours' KV budget (--prefix-cache-tokens of chatstream serve; 4096 is its default)")
     ap.add_argument("--think", type=float, default=0.0, help="seconds a user waits between its turns")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs of every target per shape, in turn (the order reversed every other round); each "
+                         "target reports its median round: a shared machine's speed drifts by tens of percent "
+                         "within minutes, and a ratio of two single runs minutes apart measures the drift too")
     args = parse_run_args(ap, out="bench/results/<date>-<host-kind>-multiturn[-quick]",
                           quick="smoke run: 2 users x 3 turns, no waiting for quiet", quick_defaults={"shapes": "2x3"})
     shapes = []
@@ -288,7 +307,7 @@ def main() -> None:
         shapes.append((int(u), int(t)))
     targets = pick(args.targets, TARGETS, "target")
 
-    for key in ("ours", "ours-bf16", "ours-int8"):
+    for key in {server for server, _ in OURS.values()}:
         PEERS[key].prefix_cache_tokens = args.prefix_cache_tokens
     ensure_peers(sorted({TARGETS[t][0] for t in targets}))
     model_path, tokenizer = model_and_tokenizer(args.model)
@@ -297,13 +316,18 @@ def main() -> None:
                         "think_s": args.think, "quick": args.quick, "sampling": "greedy (temperature 0)",
                         "questions": {f"{u}x{t}": [[question(i, j) for j in range(t)] for i in range(u)]
                                       for u, t in shapes}}
+    report["config"]["rounds"] = args.rounds
     for users, turns in shapes:
         shape = f"{users}x{turns}"
-        report["results"][shape] = {}
-        for t in targets:
-            log(f"==> {shape}: {t} ({PEERS[TARGETS[t][0]].label}, {TARGETS[t][1]})")
-            attempt(report, report["results"][shape], t,
-                    lambda: bench_target(t, users, turns, args, model_path, tokenizer), f"{shape} {t}")
+        rounds: list[dict] = []
+        for r in range(args.rounds):
+            rounds.append({})
+            for t in (targets if r % 2 == 0 else targets[::-1]):
+                log(f"==> {shape}{f' round {r + 1}' if args.rounds > 1 else ''}: {t} "
+                    f"({PEERS[TARGETS[t][0]].label}, {TARGETS[t][1]})")
+                attempt(report, rounds[-1], t, lambda: bench_target(t, users, turns, args, model_path, tokenizer),
+                        f"{shape} {t}")
+        report["results"][shape] = median_rounds(rounds, targets)
     finish_report(report, before, args, goals(report["results"]), render, "-multiturn")
 
 

@@ -89,15 +89,17 @@ class OursCpuLinear(Ours):
     does without oneDNN prepacking), or ``bfloat16``, a float32 model whose products run in bfloat16 (where
     the CPU passes the engine's check at start; batch-invariant attention, bf16_linear.py)."""
 
-    def __init__(self, key: str, label: str, kernel: str, own_dtype: bool = False):
+    def __init__(self, key: str, label: str, kernel: str, own_dtype: bool = False, kv_cache_dtype: str = "auto"):
         Peer.__init__(self, key, label, "openai", "/readyz", PROJECT_PY, own_dtype=own_dtype)
-        self.kernel = kernel
+        self.kernel, self.kv_cache_dtype = kernel, kv_cache_dtype
 
     def command(self, model_dir, port, max_clients, new_tokens):
         if self.own_dtype:
             self.dtype = "float32"
-        cmd = super().command(model_dir, port, max_clients, new_tokens) + ["--cpu-linear", self.kernel]
-        self.notes = [self.notes[0].replace("--dtype", f"--cpu-linear {self.kernel} --dtype")]
+        flags = ["--cpu-linear", self.kernel] + (
+            ["--kv-cache-dtype", self.kv_cache_dtype] if self.kv_cache_dtype != "auto" else [])
+        cmd = super().command(model_dir, port, max_clients, new_tokens) + flags
+        self.notes = [self.notes[0].replace("--dtype", f"{' '.join(flags)} --dtype")]
         return cmd
 
 
@@ -280,7 +282,11 @@ PEERS = {p.key: p for p in (Ours(),
                             OursCpuLinear("ours-bf16", "this project, --cpu-linear bfloat16 (float32 model, "
                                           "bfloat16 products)", "bfloat16", own_dtype=True),
                             OursCpuLinear("ours-int8", "this project, --cpu-linear int8 (float32 model, bfloat16 "
-                                          "products of int8 weights on AMX)", "int8", own_dtype=True),
+                                          "products of int8 weights on AMX, int8 keys and values)", "int8",
+                                          own_dtype=True),
+                            OursCpuLinear("ours-int8-bf16kv", "this project, --cpu-linear int8 --kv-cache-dtype "
+                                          "bfloat16 (int8 weights, bfloat16 keys and values)", "int8",
+                                          own_dtype=True, kv_cache_dtype="bfloat16"),
                             OursCpuLinear("ours-torch-linear", "this project, --cpu-linear torch", "torch"),
                             ChatStream030(), TransformersServe(),
                             VLLM("vllm-2t-auto", "all", "auto"), VLLM("vllm", "auto"), VLLM("vllm-2t", "all"))}
