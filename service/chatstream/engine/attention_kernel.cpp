@@ -247,16 +247,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tens
   TORCH_CHECK(keys.scalar_type() == values.scalar_type() && keys.strides() == values.strides() &&
                   keys.sizes() == values.sizes(),
               "attend: keys and values must have one dtype, shape and layout");
-  const bool int8 = keys.scalar_type() == at::kChar;
-  TORCH_CHECK(keys.scalar_type() == at::kFloat || keys.scalar_type() == at::kBFloat16 || int8,
-              "attend: keys and values must be float32, bfloat16 or int8");
-  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()),
-              "attend: int8 keys and values, and only they, come with their scales");
-  if (int8)
-    TORCH_CHECK(key_scales->scalar_type() == at::kFloat && value_scales->scalar_type() == at::kFloat &&
-                    key_scales->sizes() == keys.sizes().slice(0, 3) && value_scales->sizes() == key_scales->sizes() &&
-                    value_scales->strides() == key_scales->strides() && key_scales->stride(2) == 1,
-                "attend: the scales must be float32 [B, H, L] of one layout, contiguous along L");
+  const bool int8 = int8_kv(keys, key_scales, value_scales, "attend");
   TORCH_CHECK(keys.stride(3) == 1, "attend: the keys' last dimension must be contiguous");
   TORCH_CHECK(mask_in.scalar_type() == at::kBool, "attend: mask must be bool");
   const at::Tensor q = q_in.contiguous();

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <type_traits>
 
 namespace chatstream {
@@ -132,6 +133,23 @@ inline float quantize_int8(const float* x, int64_t n, int8_t* q) {
   for (int64_t i = 0; i < n; ++i)
     q[i] = scale > 0.0f ? static_cast<int8_t>(std::clamp(std::nearbyint(x[i] / scale), -127.0f, 127.0f)) : 0;
   return scale;
+}
+
+// Whether keys and values (``kv``: [B, H, L, D] float32, bfloat16 or int8) are int8; int8 ones, and only
+// they, come with their scales ([B, H, L] float32, keys' and values' of one layout, contiguous along L).
+inline bool int8_kv(const at::Tensor& kv, const std::optional<at::Tensor>& key_scales,
+                    const std::optional<at::Tensor>& value_scales, const char* what) {
+  const bool int8 = kv.scalar_type() == at::kChar;
+  TORCH_CHECK(kv.scalar_type() == at::kFloat || kv.scalar_type() == at::kBFloat16 || int8, what,
+              ": keys and values must be float32, bfloat16 or int8");
+  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()), what,
+              ": int8 keys and values, and only they, come with their scales");
+  if (int8)
+    TORCH_CHECK(key_scales->scalar_type() == at::kFloat && value_scales->scalar_type() == at::kFloat &&
+                    key_scales->sizes() == kv.sizes().slice(0, 3) && value_scales->sizes() == key_scales->sizes() &&
+                    value_scales->strides() == key_scales->strides() && key_scales->stride(2) == 1,
+                what, ": the scales must be float32 [B, H, L] of one layout, contiguous along L");
+  return int8;
 }
 
 inline void put(float x, float* p) { *p = x; }

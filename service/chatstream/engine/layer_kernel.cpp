@@ -116,16 +116,7 @@ at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Ten
                   key_cache.strides() == value_cache.strides() && key_cache.scalar_type() == value_cache.scalar_type() &&
                   key_cache.size(1) == kv_heads && key_cache.size(3) == D && key_cache.stride(3) == 1,
               "rotary: the caches must be [rows, kv_heads, capacity, D] of one dtype and layout");
-  const bool int8 = key_cache.scalar_type() == at::kChar;
-  TORCH_CHECK(key_cache.scalar_type() == at::kFloat || key_cache.scalar_type() == at::kBFloat16 || int8,
-              "rotary: the caches must be float32, bfloat16 or int8");
-  TORCH_CHECK(int8 == (key_scales.has_value() && value_scales.has_value()),
-              "rotary: int8 caches, and only they, come with their scales");
-  if (int8)
-    TORCH_CHECK(key_scales->scalar_type() == at::kFloat && key_scales->sizes() == key_cache.sizes().slice(0, 3) &&
-                    value_scales->sizes() == key_scales->sizes() && value_scales->strides() == key_scales->strides() &&
-                    value_scales->scalar_type() == at::kFloat,
-                "rotary: the scales must be float32 [rows, kv_heads, capacity], of one layout");
+  const bool int8 = int8_kv(key_cache, key_scales, value_scales, "rotary");
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
