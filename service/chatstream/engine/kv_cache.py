@@ -106,10 +106,8 @@ class SlotKVCache:
     def layer(self, layer_idx: int, like: torch.Tensor) -> list[torch.Tensor]:
         """Layer ``layer_idx``'s buffers (:meth:`buffers`), and the keys' and values' scales where the cache
         is int8."""
-        kb, vb = self.buffers(layer_idx, like)
-        if self.dtype != torch.int8:
-            return [kb, vb]
-        return [kb, vb, self.key_scales[layer_idx], self.value_scales[layer_idx]]
+        self.buffers(layer_idx, like)  # allocates the layer
+        return [buffers[layer_idx] for buffers in self._lists()]
 
     def layers(self) -> list[list[torch.Tensor]]:
         """Every allocated layer's buffers, as :meth:`layer` gives them."""

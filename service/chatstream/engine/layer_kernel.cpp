@@ -109,7 +109,7 @@ at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Ten
   const at::Tensor cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
   const at::Tensor rows = rows_in.to(at::kLong).contiguous(), positions = positions_in.to(at::kLong).contiguous();
   const int64_t T = qkv.size(0), D = cos.size(-1);
-  TORCH_CHECK(D % 2 == 0 && D <= 256 && qkv.size(1) == (q_heads + 2 * kv_heads) * D && cos.numel() == T * D &&
+  TORCH_CHECK(D % 2 == 0 && qkv.size(1) == (q_heads + 2 * kv_heads) * D && cos.numel() == T * D &&
                   sin.numel() == T * D && rows.numel() == T && positions.numel() == T,
               "rotary: shapes disagree");
   TORCH_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
@@ -117,6 +117,7 @@ at::Tensor rotary(const at::Tensor& qkv, const at::Tensor& cos_in, const at::Ten
                   key_cache.size(1) == kv_heads && key_cache.size(3) == D && key_cache.stride(3) == 1,
               "rotary: the caches must be [rows, kv_heads, capacity, D] of one dtype and layout");
   const bool int8 = int8_kv(key_cache, key_scales, value_scales, "rotary");
+  TORCH_CHECK(!int8 || D <= 256, "rotary: int8 caches take heads of at most 256 values");  // quantized from f[256]
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
   for (int64_t t = 0; t < T; ++t)
