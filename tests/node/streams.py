@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -15,18 +17,54 @@ from support.kube import kubectl
 PROMPT = "Tell me a long story about a lighthouse keeper and a storm."
 
 
-def stream_and_force_delete(url: str, body: dict, pod_name: str, ns: str) -> tuple[ChatEvents, Exception | None,
-                                                                                     float | None]:
-    """Streams `body` from url's /v1/chat/completions and force-deletes the pod `pod_name` (no grace) once
-    three pieces have come. Returns the stream's events, the error that ended it (None: it just ended)
-    and when the pod was deleted (None: the stream ended first)."""
+def host_pids(pod: dict, comm: str | None = None) -> list[int]:
+    """The host PIDs of the processes named `comm` (any name: None) in `pod` (the real node is this
+    machine): found by the pod's UID in their cgroup path (cgroupfs writes it with dashes, the systemd
+    driver with underscores)."""
+    uid = pod["metadata"]["uid"]
+    marks = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{entry.name}/cgroup") as f:
+                cgroup = f.read()
+        except OSError:
+            continue
+        if (comm is None or name == comm) and any(m in cgroup for m in marks):
+            found.append(int(entry.name))
+    return found
+
+
+def stream_and_force_delete(url: str, body: dict, pod: dict, ns: str) -> tuple[ChatEvents, Exception | None,
+                                                                               float | None]:
+    """Streams `body` from url's /v1/chat/completions and, once three pieces have come, loses `pod` as a
+    crash does: SIGKILL to every process of it, then a force delete (no grace). Returns the stream's
+    events, the error that ended it (None: it just ended) and when the pod was lost (None: the stream
+    ended first).
+
+    Why the SIGKILL: a force delete only removes the API object; the kubelet stops the containers when
+    it gets to it, with its stop signal first and SIGKILL 2 s later at the earliest. The router and the
+    server both treat that stop signal as "finish what is in flight", so a slow kubelet let a
+    256-token stream end with a clean [DONE] in CI (2026-12-05), and the test then proved nothing
+    about a stream whose carrier dies."""
     stream, error, t_deleted = ChatEvents(), None, None
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=60)) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if stream.feed(line) and stream.events == 3:
-                    kubectl("delete", "pod", pod_name, "-n", ns, "--grace-period=0", "--force")
+                    pids = set(host_pids(pod)) - set(host_pids(pod, "pause"))
+                    assert pids, f"no process of pod {pod['metadata']['name']} on this node"
+                    for pid in pids:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                    kubectl("delete", "pod", pod["metadata"]["name"], "-n", ns, "--grace-period=0", "--force")
                     t_deleted = time.monotonic()
     except httpx.HTTPError as err:
         error = err

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from node_helpers import answered, csd_ready, deploy_with_redis, example, model_pods, record, report, service_url
-from streams import Load, stream_and_force_delete, stream_once
+from streams import Load, host_pids, stream_and_force_delete, stream_once
 from support.client import ChatEvents
 from support.kube import RELEASE_NS, apply, condition, get, get_list, kubectl, pod_ready, wait_for
 
@@ -100,7 +100,7 @@ def test_router_force_deleted_mid_stream(faulty):
 
         victim = router_pod(NAME, ns)
         body = {"model": MODEL, "stream": True, "max_tokens": 256, "messages": [{"role": "user", "content": STORY}]}
-        stream, error, t_deleted = stream_and_force_delete(url, body, victim["metadata"]["name"], ns)
+        stream, error, t_deleted = stream_and_force_delete(url, body, victim, ns)
         assert t_deleted is not None, "the stream ended before the router could be deleted"
         ended = time.monotonic() - t_deleted
         seen = f"{stream.events} pieces, then {type(error).__name__ if error else 'EOF without [DONE]'}"
@@ -132,27 +132,6 @@ def test_router_force_deleted_mid_stream(faulty):
 
 
 # -- 2. Redis stopped for 20 s ------------------------------------------------------------------------------
-
-def host_pids(pod: dict, comm: str) -> list[int]:
-    """The host PIDs of the processes named `comm` in `pod` (the real node is this machine): found by the
-    pod's UID in their cgroup path (cgroupfs writes it with dashes, the systemd driver with underscores)."""
-    uid = pod["metadata"]["uid"]
-    marks = (f"pod{uid}", f"pod{uid.replace('-', '_')}")
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/comm") as f:
-                name = f.read().strip()
-            with open(f"/proc/{entry.name}/cgroup") as f:
-                cgroup = f.read()
-        except OSError:
-            continue
-        if name == comm and any(m in cgroup for m in marks):
-            found.append(int(entry.name))
-    return found
-
 
 def error_code(r: httpx.Response) -> str | None:
     """The `code` of an error in the one shape; None for a success or a body of another shape."""

@@ -81,7 +81,7 @@ def test_pod_lost_mid_stream_ends_the_stream_and_the_next_request_is_answered(op
     (victim,) = pods(name, ns)
     body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 256,
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}]}
-    stream, error, t_deleted = stream_and_force_delete(url, body, victim["metadata"]["name"], ns)
+    stream, error, t_deleted = stream_and_force_delete(url, body, victim, ns)
     assert t_deleted is not None, "the stream ended before the pod could be deleted"
     ended_after = time.monotonic() - t_deleted
     record("force-deleted pod: stream end seen by the client after", ended_after)
