@@ -403,3 +403,45 @@ def test_bf16_layers_with_int8_weights_multiply_by_what_those_hold():
     x = torch.randn(4, 576)
     want = x.bfloat16().double() @ (q.double() * scales.double()[:, None]).T + linear.bias.detach().double()
     assert (layer(x).double() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@needs_amx
+@pytest.mark.parametrize("cpu_linear_mode", ["onednn", "int8"])
+def test_the_pass_in_one_call_gives_the_bits_of_the_layer_loop(cpu_linear_mode):
+    # pass_kernel.cpp runs llama_forward's loop over the layers in C++ (a quarter of a decode step was the
+    # loop's dispatch): a mixed step of decoding rows and two prompt chunks, and decode steps after it,
+    # must give the loop's logits bit for bit, in the bfloat16 mode and in the int8 one.
+    import types
+
+    from chatstream import load_model
+    from chatstream.engine import cpu_linear
+    from chatstream.engine.runner import ModelRunner
+    from chatstream.engine.scheduler import Chunk
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 20000, (70,), generator=gen).tolist() for _ in range(6)]
+    logits = {}
+    for one_call in (True, False):
+        model, _ = load_model("builtin:smollm2-135m-instruct", device="cpu")
+        cpu_linear.prepare_linears(model, cpu_linear_mode, "bfloat16")
+        runner = ModelRunner(model, 6)
+        runner.serve_invariant(torch.int8 if cpu_linear_mode == "int8" else torch.bfloat16)
+        forward = runner._native()
+        assert forward._weights(forward.layers()) is not None  # the one call serves this mode
+        if not one_call:
+            forward._weights = lambda layers: None
+        seqs = [types.SimpleNamespace(prompt_ids=ids, row=r, length=0, next_token=None) for r, ids in enumerate(prompts)]
+        out = []
+        with torch.inference_mode():
+            runner.reserve(128)
+            for s in seqs[:4]:
+                out.append(runner.prefill([Chunk(s, 0, 50)]))
+                s.length, s.next_token = 50, 1
+            # rows 0-3 decode while row 4 goes on from 0 and row 5 starts: chunks of 9 and 30 tokens
+            out.extend(runner.step([Chunk(seqs[4], 0, 9), Chunk(seqs[5], 0, 30)], seqs[:4]))
+            for step in range(3):
+                out.append(runner.decode(seqs[:4]))
+                for s in seqs[:4]:
+                    s.length, s.next_token = s.length + 1, 2 + step
+        logits[one_call] = out
+    assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "kernel_math.h"
+#include "kernels.h"
 
 namespace {
 
@@ -233,6 +234,10 @@ void attend_query_any(const float* q, const KV* keys, const KV* values, int64_t 
   for (int64_t i = 0; i < dim; ++i) out[i] /= total;
 }
 
+}  // namespace
+
+namespace chatstream {
+
 // q: [B, H, M, D] float32; keys, values: [B, H, L, D] (float32, bfloat16 or int8, last dimension
 // contiguous, views of longer rows allowed); int8 keys and values come with their scales, [B, H, L]
 // float32 (key j of a head is keys[..., j, :] * key_scales[..., j]); mask: [B, R, L] bool, query m of a
@@ -305,7 +310,7 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& keys, const at::Tens
   return out;
 }
 
-}  // namespace
+}  // namespace chatstream
 
 TORCH_LIBRARY(chatstream, m) {
   m.def("attend(Tensor q, Tensor keys, Tensor values, Tensor mask, float scale, Tensor? key_scales=None, "
@@ -313,5 +318,5 @@ TORCH_LIBRARY(chatstream, m) {
 }
 
 TORCH_LIBRARY_IMPL(chatstream, CPU, m) {
-  m.impl("attend", attend);
+  m.impl("attend", chatstream::attend);
 }

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "kernel_math.h"
+#include "kernels.h"
 
 namespace {
 
@@ -46,6 +47,10 @@ void check_input(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, what,
               " must be float32 or bfloat16");
 }
+
+}  // namespace
+
+namespace chatstream {
 
 // hidden ([T, H] float32, contiguous) += delta where given (in place: the residual stream), then
 // RMSNorm of each row: w * (x / sqrt(mean(x^2) + eps)), returned in bfloat16 for the next product.
@@ -206,7 +211,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-}  // namespace
+}  // namespace chatstream
 
 TORCH_LIBRARY_FRAGMENT(chatstream, m) {
   m.def("rms_norm(Tensor(a!) hidden, Tensor? delta, Tensor weight, float eps) -> Tensor");
@@ -216,7 +221,7 @@ TORCH_LIBRARY_FRAGMENT(chatstream, m) {
 }
 
 TORCH_LIBRARY_IMPL(chatstream, CPU, m) {
-  m.impl("rms_norm", rms_norm);
-  m.impl("rotary", rotary);
-  m.impl("silu_mul", silu_mul);
+  m.impl("rms_norm", chatstream::rms_norm);
+  m.impl("rotary", chatstream::rotary);
+  m.impl("silu_mul", chatstream::silu_mul);
 }

@@ -28,6 +28,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AMX_INT8__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -315,6 +317,10 @@ at::Tensor output_for(const at::Tensor& x, int64_t out_features, bool bf16_out) 
   return at::empty(shape, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
 }
 
+}  // namespace
+
+namespace chatstream {
+
 // x [..., K] bfloat16 times the packed weight of out_features outputs: [..., out_features], in bfloat16
 // (rounded once, from the float32 sum) or float32.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features, bool bf16_out) {
@@ -383,7 +389,7 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& packed, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace chatstream
 
 TORCH_LIBRARY_FRAGMENT(chatstream, m) {
   m.def("pack_linear(Tensor weight) -> Tensor");
@@ -395,7 +401,7 @@ TORCH_LIBRARY_FRAGMENT(chatstream, m) {
 
 TORCH_LIBRARY_IMPL(chatstream, CPU, m) {
   m.impl("pack_linear", pack);
-  m.impl("linear", linear);
-  m.impl("pack_linear_int8", pack_int8);
-  m.impl("linear_int8", linear_int8);
+  m.impl("linear", chatstream::linear);
+  m.impl("pack_linear_int8", chatstream::pack_int8);
+  m.impl("linear_int8", chatstream::linear_int8);
 }

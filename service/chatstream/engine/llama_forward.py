@@ -97,6 +97,7 @@ class LlamaForward:
         self.invariant = invariant
         self.kernel = invariant and native.load() is None
         self._layers_for = self._layers = None
+        self._weights_for = self._weights_cache = None
 
     def layers(self) -> list[Layer] | None:
         """The model's layers for the compiled row-wise steps (layer_kernel.cpp), or None where they do not
@@ -143,6 +144,16 @@ class LlamaForward:
         cos, sin = cos[0], sin[0]
         rows, positions = _destinations(p)
         like = torch.empty(0, layers[0].kv_heads, 0, self.head_dim)  # the cache's per-layer shape
+        weights = self._weights(layers)
+        if weights is not None:  # the same loop in C++ (pass_kernel.cpp): a quarter of a decode step was dispatch
+            cache.layer(len(layers) - 1, like)  # allocates every layer
+            (n, width), d = p.chunks, p.decode
+            decode = (d, p.decode_plan.view_len, p.decode_mask[:, 0]) if d else (0, 0, None)
+            prefill = (n, width, p.prefill_plan.rows[0], p.prefill_plan.view_len, p.prefill_mask[:, 0]) if n \
+                else (0, 0, 0, 0, None)
+            native.layers(hidden, cos, sin, rows, positions, weights, [t for kv in cache.layers() for t in kv],
+                          decode, prefill)
+            return self.model.lm_head(inner.norm(hidden[p.last]))
         x = native.rms_norm(hidden, None, layers[0].input_norm, layers[0].eps)
         for index, layer in enumerate(layers):
             kv = cache.layer(index, like)  # keys, values (and their scales in int8)
@@ -156,6 +167,21 @@ class LlamaForward:
             else:
                 hidden += down
         return self.model.lm_head(inner.norm(hidden[p.last]))
+
+    def _weights(self, layers: list[Layer]) -> tuple | None:
+        """native.layers' weights for ``layers``, or None where that one call cannot run them: a product
+        not in AMX blocks (oneDNN's column pieces), or norms' epsilons or head counts that differ."""
+        if self._weights_for is not layers:
+            self._weights_for, self._weights_cache = layers, None
+            products = [m for layer in layers for m in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj)]
+            first = layers[0]
+            if (all(m.packed is not None for m in products)
+                    and all((x.eps, x.q_heads, x.kv_heads) == (first.eps, first.q_heads, first.kv_heads) for x in layers)):
+                self._weights_cache = ([w for x in layers for w in (x.input_norm, x.post_norm)],
+                                       [m.packed for m in products], [m.scales for m in products],
+                                       [m.out_features for m in products], first.eps, first.q_heads, first.kv_heads,
+                                       self.scaling)
+        return self._weights_cache
 
     def _attention(self, index, attn, x, cos, sin, p: Pass, cache) -> torch.Tensor:
         tokens = x.shape[1]

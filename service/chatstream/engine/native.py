@@ -35,8 +35,8 @@ import torch
 log = logging.getLogger("chatstream.engine")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "attention_kernel.cpp", HERE / "layer_kernel.cpp", HERE / "linear_kernel.cpp"]
-HEADERS = [HERE / "kernel_math.h"]
+SOURCES = [HERE / "attention_kernel.cpp", HERE / "layer_kernel.cpp", HERE / "linear_kernel.cpp", HERE / "pass_kernel.cpp"]
+HEADERS = [HERE / "kernel_math.h", HERE / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-fPIC", "-shared",
          "-fopenmp"]
 
@@ -72,6 +72,19 @@ def rotary(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int
     scales going into ``key_scales``/``value_scales`` (``[rows, kv_heads, capacity]`` float32)."""
     return torch.ops.chatstream.rotary(qkv, cos, sin, q_heads, key_cache.shape[1], key_cache, value_cache,
                                        key_scales, value_scales, rows, positions)
+
+
+def layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+           weights: tuple, cache: list[torch.Tensor], decode: tuple[int, int, torch.Tensor | None],
+           prefill: tuple[int, int, int, int, torch.Tensor | None]) -> None:
+    """``hidden`` (``[T, hidden]`` float32, updated in place) through every decoder layer in one call
+    (pass_kernel.cpp), as llama_forward.py's loop of :func:`rms_norm`, products, :func:`rotary`,
+    :func:`attend` and :func:`silu_mul` runs them. ``weights``: (norms, packed, scales, out_features, eps,
+    q_heads, kv_heads, scale), two norms and four products a layer; ``cache``: each layer's keys and
+    values (and their scales, int8) in turn. ``decode``: (rows, view, mask ``[rows, 1, view]``), the
+    pass's first tokens; ``prefill``: (chunks, width, first row, view, mask ``[chunks, width, view]``),
+    the rest, right-aligned."""
+    torch.ops.chatstream.layers(hidden, cos, sin, rows, positions, *weights, cache, *decode, *prefill)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
