@@ -152,3 +152,19 @@ def test_sampling_survives_nan_and_inf_logits():
     assert picks[1] == 7
     alone = sample(logits[2:], params[2:], [None], [torch.Generator().manual_seed(1)])
     assert picks[2] == alone[0]
+
+
+def test_greedy_picks_the_first_of_equal_maxima_and_a_nan_as_argmax_does():
+    # greedy takes max's indices (faster than argmax): the same token as argmax, ties and NaN included
+    import torch
+
+    from chatstream.engine.sampling import sample
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 3, (6, 40), generator=gen).float()  # many equal maxima
+    logits[1, 9] = float("nan")
+    logits[2, 5] = logits[2, 30] = float("inf")
+    logits[3] = float("-inf")
+    params = [SamplingParams(temperature=0) for _ in range(6)]
+    picks = sample(logits, params, [None] * 6, [None] * 6)
+    assert picks == logits.argmax(dim=-1).tolist()
+    assert picks[1] == 9 and picks[2] == 5

@@ -445,3 +445,20 @@ def test_the_pass_in_one_call_gives_the_bits_of_the_layer_loop(cpu_linear_mode):
                     s.length, s.next_token = s.length + 1, 2 + step
         logits[one_call] = out
     assert all(torch.equal(a, b) for a, b in zip(logits[True], logits[False]))
+
+
+def test_the_compiled_pass_reads_cos_and_sin_from_a_table_that_grows_with_the_positions():
+    from chatstream import load_model
+    from chatstream.engine.llama_forward import LlamaForward
+
+    model, _ = load_model("builtin:smollm2-135m-instruct", device="cpu")
+    rope, forward = model.model.rotary_emb, LlamaForward(model, invariant=True)
+    hidden = torch.zeros(1, 576)
+    short = forward._rotary(rope, hidden, torch.tensor([3, 700]))
+    assert forward._rope[0].shape[0] == 1024
+    long = forward._rotary(rope, hidden, torch.tensor([2000, 700, 3, 5]))
+    assert forward._rope[0].shape[0] == 2048  # grown to the next 1024 past the longest position
+    # a position's values do not depend on the pass, and they are the model's rotary embedding's
+    assert torch.equal(short[0][1], long[0][1]) and torch.equal(short[1][0], long[1][2])
+    want = rope(hidden[None], position_ids=torch.tensor([[2000, 700, 3, 5]]))
+    assert all(torch.allclose(got, w[0], atol=1e-6) for got, w in zip(long, want))

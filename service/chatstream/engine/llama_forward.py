@@ -39,6 +39,11 @@ from .fused_linear import GROUPS, LinearSlice
 from .kv_cache import Plan
 
 
+# rotary embeddings whose frequencies do not depend on the sequence's length (transformers' "dynamic" and
+# "longrope" ones do)
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
 def unsupported(model) -> str | None:
     """None when :class:`LlamaForward` can run ``model``, else why not."""
     if type(model).__name__ != "LlamaForCausalLM":
@@ -98,6 +103,7 @@ class LlamaForward:
         self.kernel = invariant and native.load() is None
         self._layers_for = self._layers = None
         self._weights_for = self._weights_cache = None
+        self._rope_for = self._rope = None
 
     def layers(self) -> list[Layer] | None:
         """The model's layers for the compiled row-wise steps (layer_kernel.cpp), or None where they do not
@@ -140,8 +146,7 @@ class LlamaForward:
         activation and down_proj; the products take bfloat16 straight from the steps before them."""
         inner = self.model.model
         hidden = inner.embed_tokens(p.ids)  # [T, hidden], float32: the residual stream
-        cos, sin = inner.rotary_emb(hidden[None], position_ids=p.positions[None])
-        cos, sin = cos[0], sin[0]
+        cos, sin = self._rotary(inner.rotary_emb, hidden, p.positions)
         rows, positions = _destinations(p)
         like = torch.empty(0, layers[0].kv_heads, 0, self.head_dim)  # the cache's per-layer shape
         weights = self._weights(layers)
@@ -167,6 +172,21 @@ class LlamaForward:
             else:
                 hidden += down
         return self.model.lm_head(inner.norm(hidden[p.last]))
+
+    def _rotary(self, rope, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (``[T, head_dim]``) at ``positions``: rows of a table that the model's rotary embedding
+        computed once for every position up to the longest seen, where its frequencies do not change with
+        the length (3% of a decode step at 16 rows, computed anew each pass). A position's values are then
+        the same in every pass, whatever else the pass holds."""
+        if rope.rope_type not in STATIC_ROPE:
+            cos, sin = rope(hidden[None], position_ids=positions[None])
+            return cos[0], sin[0]
+        need = int(positions.max()) + 1
+        if self._rope_for is not rope or self._rope[0].shape[0] < need:
+            every = torch.arange(-(-need // 1024) * 1024, device=positions.device)[None]
+            cos, sin = rope(hidden[None], position_ids=every)
+            self._rope_for, self._rope = rope, (cos[0], sin[0])
+        return self._rope[0][positions], self._rope[1][positions]
 
     def _weights(self, layers: list[Layer]) -> tuple | None:
         """native.layers' weights for ``layers``, or None where that one call cannot run them: a product
