@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chatstream.engine import native
 from chatstream.engine.kv_cache import SlotKVCache
 
 
@@ -34,11 +35,25 @@ def test_an_int8_layer_holds_keys_values_and_a_scale_per_position_and_head():
     assert len(SlotKVCache(2, dtype=torch.bfloat16).layer(0, torch.empty(0, 2, 0, 16))) == 2
 
 
-def test_a_moved_or_swapped_row_takes_its_scales_along():
+@pytest.fixture(params=["one call", "python"])
+def copies(request, monkeypatch):
+    """Spans copied by the compiled rows_kernel.cpp (where the kernels are loaded), then by Python's loop."""
+    if request.param == "one call":
+        if native.load() is not None:
+            pytest.skip(f"no compiled kernels: {native.load()}")
+    else:
+        monkeypatch.setattr(native, "loaded", lambda: False)
+    return request.param
+
+
+def test_a_moved_or_swapped_row_takes_its_scales_along(copies):
     cache = filled()
     first, last = row(cache, 0, 40), row(cache, 2, 40)
+    rest = [t[1, :, 40:].clone() for t in cache.spans()]
     cache.move_row(2, 1, 40)
     assert all(torch.equal(a, b) for a, b in zip(row(cache, 1, 40), last))
+    assert all(torch.equal(t[1, :, 40:], r) for t, r in zip(cache.spans(), rest))  # nothing past the span
+    assert all(torch.equal(a, b) for a, b in zip(row(cache, 0, 40), first))
     cache.swap_rows(0, 1, 40)
     assert all(torch.equal(a, b) for a, b in zip(row(cache, 0, 40), last))
     assert all(torch.equal(a, b) for a, b in zip(row(cache, 1, 40), first))
@@ -60,3 +75,17 @@ def test_only_the_compiled_kernels_write_int8():
     plan = cache.plan_decode(1, torch.tensor([3]), 4)
     with pytest.raises(RuntimeError, match="compiled kernels only"):
         cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0, plan=plan)
+
+
+def test_the_prefix_cache_keeps_a_span_and_puts_it_back_into_another_row(copies):
+    from chatstream.engine.prefix_cache import Save
+    from chatstream.engine.runner import ModelRunner
+
+    runner = ModelRunner.__new__(ModelRunner)  # its cache and kept entries alone, no model
+    runner.cache, runner.kept = filled(), {}
+    saved = row(runner.cache, 0, 30)
+    runner.apply([Save(key=7, row=0, length=30)])
+    assert runner.kept_bytes == sum(t.numel() * t.element_size() for t in saved)
+    runner.cache.move_row(1, 0, 64)  # row 0 overwritten
+    runner.load(2, 7, 30)
+    assert all(torch.equal(a, b) for a, b in zip(row(runner.cache, 2, 30), saved))

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import native
+
 
 @dataclass
 class Plan:
@@ -113,6 +115,11 @@ class SlotKVCache:
         """Every allocated layer's buffers, as :meth:`layer` gives them."""
         return [list(t) for t in zip(*self._lists())]
 
+    def spans(self) -> list[torch.Tensor]:
+        """Every allocated buffer, layer after layer in :meth:`layer`'s order: what a row's span is copied
+        across."""
+        return [t for layer in self.layers() for t in layer]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._plan.view_len if self._plan else 0
 
@@ -153,6 +160,10 @@ class SlotKVCache:
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's first ``length`` positions from row ``src`` to ``dst``."""
         if src == dst or length <= 0:
+            return
+        if native.loaded():  # one call for every layer's buffers
+            every = self.spans()
+            native.copy_spans(every, src, every, dst, length)
             return
         for buffers in self._lists():
             for buf in buffers:

@@ -35,7 +35,8 @@ import torch
 log = logging.getLogger("chatstream.engine")
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "attention_kernel.cpp", HERE / "layer_kernel.cpp", HERE / "linear_kernel.cpp", HERE / "pass_kernel.cpp"]
+SOURCES = [HERE / "attention_kernel.cpp", HERE / "layer_kernel.cpp", HERE / "linear_kernel.cpp", HERE / "pass_kernel.cpp",
+           HERE / "rows_kernel.cpp"]
 HEADERS = [HERE / "kernel_math.h", HERE / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-fPIC", "-shared",
          "-fopenmp"]
@@ -45,6 +46,12 @@ FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off
 def load() -> str | None:
     """None once the ``torch.ops.chatstream`` kernels can be called, else why not (once per process)."""
     return _load()
+
+
+def loaded() -> bool:
+    """Whether :func:`load` has run and the kernels can be called; never builds them (a caller that only
+    saves time with them must not start a 20 s build)."""
+    return load.cache_info().currsize > 0 and load() is None
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float,
@@ -85,6 +92,18 @@ def layers(hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: tor
     pass's first tokens; ``prefill``: (chunks, width, first row, view, mask ``[chunks, width, view]``),
     the rest, right-aligned."""
     torch.ops.chatstream.layers(hidden, cos, sin, rows, positions, *weights, cache, *decode, *prefill)
+
+
+def copy_spans(src: list[torch.Tensor], src_row: int, dst: list[torch.Tensor], dst_row: int, length: int) -> None:
+    """Positions ``[0, length)`` of each ``src`` buffer's row ``src_row`` into each ``dst`` buffer's row
+    ``dst_row`` (buffers ``[rows, kv_heads, capacity(, D)]``; a row of -1: the buffer is one kept span,
+    ``[kv_heads, positions(, D)]``), in one call (rows_kernel.cpp)."""
+    torch.ops.chatstream.copy_spans(src, src_row, dst, dst_row, length)
+
+
+def clone_spans(buffers: list[torch.Tensor], row: int, length: int) -> list[torch.Tensor]:
+    """A copy of positions ``[0, length)`` of each buffer's row ``row``, in one call (rows_kernel.cpp)."""
+    return torch.ops.chatstream.clone_spans(buffers, row, length)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from . import attention, llama_forward
+from . import attention, llama_forward, native
 from .architectures import FULL, attention_windows
 from .kv_cache import SlotKVCache
 from .prefix_cache import Drop, Save
@@ -36,7 +36,7 @@ class ModelRunner:
         self.invariant = self._native_forward_invariant = False
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache(max_batch)
-        self.kept: dict[int, list[list[torch.Tensor]]] = {}  # prefix cache entries: per layer, SlotKVCache.layer's
+        self.kept: dict[int, list[torch.Tensor]] = {}  # prefix cache entries: each buffer of SlotKVCache.spans, its span
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # sdpa and flash attention take a boolean mask; eager attention wants an additive one.
         self._bool_mask = getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "flash_attention_2")
@@ -56,21 +56,25 @@ class ModelRunner:
                 else:
                     cache.move_row(order.src, order.dst, order.length)
             elif isinstance(order, Save):
-                row, n = order.row, order.length
-                self.kept[order.key] = [[t[row, :, :n].clone() for t in layer] for layer in cache.layers()]
+                row, n, every = order.row, order.length, cache.spans()
+                self.kept[order.key] = (native.clone_spans(every, row, n) if native.loaded()
+                                        else [t[row, :, :n].clone() for t in every])
             else:
                 self.kept.pop(order.key, None)
 
     def load(self, row: int, key: int, length: int) -> None:
         """Copy the first ``length`` positions of kept entry ``key`` into cache row ``row``."""
-        for kept, buffers in zip(self.kept[key], self.cache.layers()):
-            for t, buf in zip(kept, buffers):
-                buf[row, :, :length] = t[:, :length]
+        kept, every = self.kept[key], self.cache.spans()
+        if native.loaded():
+            native.copy_spans(kept, -1, every, row, length)
+            return
+        for t, buf in zip(kept, every):
+            buf[row, :, :length] = t[:, :length]
 
     @property
     def kept_bytes(self) -> int:
         entries = list(self.kept.values())  # read from other threads too
-        return sum(t.numel() * t.element_size() for entry in entries for layer in entry for t in layer)
+        return sum(t.numel() * t.element_size() for entry in entries for t in entry)
 
     def shrink(self) -> None:
         self.cache.shrink()
