@@ -1,6 +1,8 @@
 """The engine's compiled kernels, built on first use: the batch-invariant attention
 (attention_kernel.cpp), the row-wise steps of a layer between its products (layer_kernel.cpp) and,
-where the CPU has AMX, the bfloat16 products (linear_kernel.cpp, used by bf16_linear.py).
+where the CPU has AMX, the bfloat16 products (linear_kernel.cpp, used by bf16_linear.py); with those,
+the whole loop over a pass's layers in one call (pass_kernel.cpp), and a row's cached span copied
+across every layer in one call (rows_kernel.cpp).
 
 Why: attention.py gets its invariance out of PyTorch operators, about twenty of them a layer (a
 product per block of keys, masks, maxima, sums, padding to four query rows), and on the 2-core AMD
@@ -13,7 +15,7 @@ layer; layer_kernel.cpp makes them three.
 
 The kernels are compiled here with the machine's C++ compiler against the installed torch, for this
 CPU (``-march=native``), once, into the cache directory (19 s on the 2-core Intel Xeon of
-bench/results, the three files side by side; logged); later starts load them in well under a second. Where no compiler is found
+bench/results, the files side by side; logged); later starts load them in well under a second. Where no compiler is found
 or the build fails, :func:`load` says why and the engine keeps PyTorch's operators (attention.py's
 for attention), which are invariant too. ``CHATSTREAM_NATIVE_KERNELS=0`` turns the kernels off.
 """
