@@ -20,8 +20,19 @@ def test_a_model_that_cannot_load_turns_the_resource_degraded(operator_pod, name
     body["spec"]["model"] = {"source": MISSING, "device": "cpu", "dtype": "float32"}
     t0 = time.monotonic()
     apply(body, ns)
-    degraded = wait_for("Degraded=True", lambda: condition(get("csd", name, ns), "Degraded").get("status") == "True"
-                        and condition(get("csd", name, ns), "Degraded"), timeout=300, interval=2)
+    # Degraded with the loader's message. A busy kubelet may first fail to create the container for a
+    # while ("failed to sync secret cache: timed out waiting for the condition", CreateContainerConfigError,
+    # as in CI on 2026-12-06): the resource is rightly Degraded then too, with that message, and turns to
+    # the loader's once the container runs.
+    seen = []
+
+    def loader_said() -> dict | None:
+        degraded = condition(get("csd", name, ns), "Degraded")
+        if degraded.get("status") == "True" and degraded.get("reason") not in seen:
+            seen.append(degraded.get("reason"))
+        return degraded if degraded.get("status") == "True" and "no-such-model" in degraded["message"] else None
+
+    wait_for("Degraded=True with the loader's message", loader_said, timeout=300, interval=2)
     record("model that cannot load -> Degraded", time.monotonic() - t0)
-    assert "no-such-model" in degraded["message"], degraded
+    print(f"Degraded reasons in turn: {seen}")
     assert condition(get("csd", name, ns), "Ready").get("status") == "False"
