@@ -156,7 +156,7 @@ class LlamaForward:
             decode = (d, p.decode_plan.view_len, p.decode_mask[:, 0]) if d else (0, 0, None)
             prefill = (n, width, p.prefill_plan.rows[0], p.prefill_plan.view_len, p.prefill_mask[:, 0]) if n \
                 else (0, 0, 0, 0, None)
-            native.layers(hidden, cos, sin, rows, positions, weights, [t for kv in cache.layers() for t in kv],
+            native.layers(hidden, cos, sin, rows, positions, weights, cache.spans(),
                           decode, prefill)
             return self.model.lm_head(inner.norm(hidden[p.last]))
         x = native.rms_norm(hidden, None, layers[0].input_norm, layers[0].eps)
